@@ -1,0 +1,56 @@
+# qpu-gateway: `make run` to serve, `make test` to check everything. Both create .venv as needed.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+HOST   ?= 127.0.0.1
+PORT   ?= 8765
+
+.PHONY: run test lint typecheck pytest demo lock clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade "pip>=24"
+
+# Installs come from requirements.lock (exact versions) so an upstream release cannot break main.
+$(VENV)/.installed: $(PY) pyproject.toml requirements.lock
+	$(PIP) install -q -c requirements.lock -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PIP) install -q -c requirements.lock -e '.[test]'
+	touch $@
+
+run: $(VENV)/.installed
+	$(VENV)/bin/qpu-gateway init
+	$(VENV)/bin/qpu-gateway serve --transport http --host $(HOST) --port $(PORT) --show-key
+
+test: $(VENV)/.installed-test lint typecheck pytest
+
+lint: $(VENV)/.installed-test
+	$(VENV)/bin/ruff check server policy adapters tests bench
+	$(VENV)/bin/ruff format --check server policy adapters tests bench
+
+# mypy follows the import name `qpu_gateway`, which setuptools maps onto three folders; a tree of
+# symlinks in .typecheck/ gives mypy that same view of the sources.
+typecheck: $(VENV)/.installed-test
+	@rm -rf .typecheck && mkdir -p .typecheck/qpu_gateway
+	@for f in server/*; do ln -s "$$PWD/$$f" .typecheck/qpu_gateway/; done
+	@ln -s "$$PWD/policy" .typecheck/qpu_gateway/policy && ln -s "$$PWD/adapters" .typecheck/qpu_gateway/adapters
+	cd .typecheck && ../$(VENV)/bin/mypy --config-file ../pyproject.toml -p qpu_gateway
+
+pytest: $(VENV)/.installed-test
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/qpu-gateway demo
+
+# Refresh the lock after changing dependency ranges in pyproject.toml.
+lock:
+	rm -rf .lockenv && $(PYTHON) -m venv .lockenv && .lockenv/bin/pip install -q --upgrade pip
+	.lockenv/bin/pip install -q '.[test]'
+	.lockenv/bin/pip freeze --exclude qpu-gateway | grep -v '^-e' > requirements.lock
+	rm -rf .lockenv
+
+clean:
+	rm -rf $(VENV) .typecheck .mypy_cache .pytest_cache .ruff_cache build dist *.egg-info

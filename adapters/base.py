@@ -1,0 +1,108 @@
+"""The adapter contract and the job and result types every adapter shares.
+
+An adapter turns a `JobSpec` into a provider job and back: `backends`, `estimate`,
+`submit`, `status`, `result`, `cancel`. It classifies every provider failure as
+`TransientError` (safe to retry with backoff), `QuotaError` (the provider's own quota: surface,
+never retry) or `PermanentError` (the job can never succeed as sent).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Protocol
+
+# Per circuit: classical register name -> {bitstring: count}.
+RegisterCounts = dict[str, dict[str, int]]
+
+
+@dataclass(frozen=True, slots=True)
+class Backend:
+    """One device or simulator a provider offers."""
+
+    id: str  # "provider/name", the id agents use
+    provider: str
+    name: str
+    qubits: int | None
+    simulator: bool
+    status: str  # "online", "offline", "unavailable"
+    max_shots: int | None = None
+    basis_gates: tuple[str, ...] = ()
+    queue_depth: int | None = None
+    reason: str | None = None  # why a backend is unavailable, in words an operator can act on
+
+
+@dataclass(frozen=True, slots=True)
+class JobSpec:
+    """What an adapter runs: OpenQASM sources, shots per circuit, and our job id for deduplication."""
+
+    job_id: str
+    backend: str  # the backend id, "provider/name"
+    circuits: tuple[str, ...]
+    shots: int
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderRef:
+    """The provider's handle on a submitted job, stored so a restarted worker can poll it."""
+
+    provider_job_id: str
+
+
+class ProviderState(enum.StrEnum):
+    """Where the provider says a job is."""
+
+    QUEUED = "queued"  # accepted, waiting for the device
+    RUNNING = "running"  # executing
+    DONE = "done"  # finished; `result` will return the counts
+    FAILED = "failed"  # finished without a result
+    CANCELLED = "cancelled"  # cancelled at the provider
+    UNKNOWN = "unknown"  # the provider has no such job (e.g. a local run lost with its process)
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderStatus:
+    state: ProviderState
+    message: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """Counts per circuit, in the order the circuits were submitted, and what the run used."""
+
+    counts: tuple[RegisterCounts, ...]
+    qpu_seconds: float | None = None
+    cost_micro_usd: int | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+class AdapterError(Exception):
+    """A provider failure, already classified; the message is safe to show an agent."""
+
+
+class TransientError(AdapterError):
+    """Throttling, timeouts, 5xx, device offline: retry with backoff and jitter."""
+
+
+class QuotaError(AdapterError):
+    """The provider's own quota is exhausted: surface as `quota_exhausted`, do not retry."""
+
+
+class PermanentError(AdapterError):
+    """Invalid circuit, unsupported gate, auth failure: fail the job with this reason."""
+
+
+class Adapter(Protocol):
+    """One provider. Blocking SDK calls run in a worker thread, never on the event loop."""
+
+    provider: str
+
+    async def backends(self) -> list[Backend]: ...
+
+    async def submit(self, job: JobSpec) -> ProviderRef: ...
+
+    async def status(self, ref: ProviderRef) -> ProviderStatus: ...
+
+    async def result(self, ref: ProviderRef) -> Result: ...
+
+    async def cancel(self, ref: ProviderRef) -> None: ...

@@ -1,0 +1,99 @@
+"""OpenQASM 2 and 3 text to a Qiskit circuit, with includes restricted to the standard libraries.
+
+The include screen runs on the text before any parser sees it, so no file is ever opened on
+an agent's behalf, whatever the parser's own include search would do.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from qiskit import QuantumCircuit
+
+MAX_SOURCE_BYTES = 100 * 1024
+
+_STANDARD_INCLUDES = {2: {"qelib1.inc"}, 3: {"stdgates.inc"}}
+_BLOCK_COMMENT = re.compile(r"/\*.*?\*/", re.DOTALL)
+_LINE_COMMENT = re.compile(r"//[^\n]*")
+_HEADER = re.compile(r"\s*OPENQASM\s+(\d+)(?:\.(\d+))?\s*;")
+_INCLUDE_WORD = re.compile(r"\binclude\b")
+_INCLUDE_STMT = re.compile(r'\binclude\s*"([^"\n]*)"\s*;')
+# Register declarations, to refuse a huge register before the parser allocates it.
+_QREG2 = re.compile(r"\bqreg\s+\w+\s*\[\s*(\d+)\s*\]")
+_QUBIT3_ARRAY = re.compile(r"\bqubit\s*\[\s*(\d+)\s*\]")
+_QUBIT3_SINGLE = re.compile(r"\bqubit\s+[A-Za-z_]\w*\s*;")
+_HUGE = 10**9
+
+
+class CircuitSourceError(ValueError):
+    """The source is not a circuit we will run; the message says why and is safe to show."""
+
+
+def strip_comments(source: str) -> str:
+    return _LINE_COMMENT.sub("", _BLOCK_COMMENT.sub(" ", source))
+
+
+def qasm_version(code: str) -> int:
+    """2 or 3, from the `OPENQASM` header that must open the program (comments removed)."""
+    match = _HEADER.match(code)
+    if match is None:
+        raise CircuitSourceError("The program must start with 'OPENQASM 2.0;' or 'OPENQASM 3.0;'.")
+    major = int(match.group(1))
+    if major not in (2, 3):
+        raise CircuitSourceError(f"OpenQASM {major} is not supported; use OpenQASM 2.0 or 3.0.")
+    return major
+
+
+def check_includes(code: str, version: int) -> None:
+    """Refuse any include other than the version's standard gate library."""
+    allowed = _STANDARD_INCLUDES[version]
+    statements = _INCLUDE_STMT.findall(code)
+    if len(statements) != len(_INCLUDE_WORD.findall(code)) or any(name not in allowed for name in statements):
+        only = ", ".join(sorted(allowed))
+        raise CircuitSourceError(f"Only the standard library may be included in OpenQASM {version} ({only}).")
+
+
+def declared_qubits(code: str) -> int:
+    """Qubits declared by the program's registers, counted on the text before parsing."""
+
+    def size(digits: str) -> int:
+        return int(digits) if len(digits) <= 9 else _HUGE
+
+    total = sum(size(d) for d in _QREG2.findall(code))
+    total += sum(size(d) for d in _QUBIT3_ARRAY.findall(code))
+    total += len(_QUBIT3_SINGLE.findall(code))
+    return total
+
+
+def screen(source: str) -> tuple[int, str]:
+    """Size, header and include checks; returns the version and the comment-free text."""
+    if len(source.encode("utf-8", errors="replace")) > MAX_SOURCE_BYTES:
+        raise CircuitSourceError(f"The program is larger than {MAX_SOURCE_BYTES // 1024} KB.")
+    code = strip_comments(source)
+    version = qasm_version(code)
+    check_includes(code, version)
+    return version, code
+
+
+def load(source: str) -> QuantumCircuit:
+    """Parse screened OpenQASM into a circuit; parser errors become `CircuitSourceError`."""
+    version, _ = screen(source)
+    try:
+        if version == 2:
+            import qiskit.qasm2
+
+            return qiskit.qasm2.loads(source, include_path=())
+        import qiskit.qasm3
+
+        return qiskit.qasm3.loads(source)
+    except CircuitSourceError:
+        raise
+    except Exception as exc:  # the parsers raise several unrelated types for bad programs
+        raise CircuitSourceError(f"OpenQASM {version} parse error: {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().strip('"').splitlines()
+    return text[0][:300] if text else type(exc).__name__

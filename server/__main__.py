@@ -1,0 +1,3 @@
+from qpu_gateway.cli import main
+
+raise SystemExit(main())

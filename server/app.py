@@ -1,0 +1,272 @@
+"""The MCP surface: tools, resources and a prompt, each a thin handler over `server.service`."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+from mcp.server.auth.provider import TokenVerifier
+from mcp.server.auth.settings import AuthSettings
+from mcp.server.context import ServerRequestContext
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.shared.exceptions import MCPError
+from mcp_types import (
+    INVALID_PARAMS,
+    INVALID_REQUEST,
+    CallToolResult,
+    EmptyResult,
+    SubscribeRequestParams,
+    ToolAnnotations,
+    UnsubscribeRequestParams,
+)
+from pydantic import Field
+
+from qpu_gateway import __version__, models, service
+from qpu_gateway.adapters.aer import BACKEND_ID as DEFAULT_BACKEND
+from qpu_gateway.calls import STATIC_RESOURCES, Calls, KeySource, current_call
+from qpu_gateway.errors import GatewayError
+from qpu_gateway.events import job_id_of
+from qpu_gateway.runtime import Gateway
+
+INSTRUCTIONS = """\
+qpu-gateway runs quantum circuits for you on simulators and quantum hardware, within a policy
+set by its operator. Circuits are OpenQASM 2 or 3 text. Typical flow: list_backends, then
+estimate_job (free, checks the circuit and the cost), then submit_job, then wait_for_job (or
+subscribe to the job's resource) and read the counts. 'aer/simulator' is free and local: use
+it first. Refusals are results with isError and a structured body {code, message,
+retry_after_s?, job_id?}; read the message, it says what to do next.
+"""
+
+CircuitArg = Annotated[
+    str | None,
+    Field(description="One OpenQASM 2.0 or 3.0 program, starting with its OPENQASM header; it must measure. "
+                      "Only the standard include (qelib1.inc / stdgates.inc) is allowed."),
+]
+CircuitsArg = Annotated[
+    list[str] | None,
+    Field(description="Several programs run as one job (a parameter sweep), instead of `circuit`. "
+                      "Counts come back in the same order."),
+]
+BackendArg = Annotated[str, Field(description="Backend id from list_backends, 'provider/name'.")]
+ShotsArg = Annotated[int, Field(description="Shots per circuit, 1 up to the policy's max_shots.")]
+JobIdArg = Annotated[str, Field(description="The job_id submit_job returned.")]
+
+READ_ONLY = ToolAnnotations(read_only_hint=True, open_world_hint=False)
+
+
+def build_server(
+    gateway: Gateway,
+    key_source: KeySource,
+    *,
+    token_verifier: TokenVerifier | None = None,
+    auth: AuthSettings | None = None,
+) -> MCPServer[Gateway]:
+    """The gateway's MCP server. `key_source` yields the caller's key for each call."""
+    calls = Calls(gateway, key_source)
+
+    @asynccontextmanager
+    async def lifespan(_: MCPServer[Gateway]) -> AsyncIterator[Gateway]:
+        async with gateway.ensure_running():
+            yield gateway
+
+    mcp: MCPServer[Gateway] = MCPServer(
+        "qpu-gateway",
+        title="QPU gateway",
+        version=__version__,
+        instructions=INSTRUCTIONS,
+        lifespan=lifespan,
+        subscriptions=gateway.bus,
+        middleware=[calls.middleware],
+        token_verifier=token_verifier,
+        auth=auth,
+        log_level="WARNING",
+    )
+
+    # -- tools ------------------------------------------------------------------------------
+
+    @mcp.tool(title="List quantum backends", annotations=READ_ONLY)
+    async def list_backends() -> Annotated[CallToolResult, models.BackendList]:
+        """List the simulators and quantum computers this gateway can run circuits on.
+
+        Use it first to pick a `backend` id. Each entry says its qubits, whether it is a simulator,
+        its status, its price model, and whether your policy allows it. Costs nothing.
+        """
+        return await calls.tool("estimate", lambda who, _: service.list_backends(gateway, who))
+
+    @mcp.tool(title="Estimate a job", annotations=READ_ONLY)
+    async def estimate_job(
+        circuit: CircuitArg = None,
+        circuits: CircuitsArg = None,
+        backend: BackendArg = DEFAULT_BACKEND,
+        shots: ShotsArg = 1024,
+    ) -> Annotated[CallToolResult, models.Estimate]:
+        """Check a circuit and price it without running it: qubits, depth, two-qubit gates, cost.
+
+        Says whether submit_job would admit it now and, if not, the refusal code and reason.
+        Costs nothing and queues nothing; call it before submitting to hardware.
+        """
+
+        async def run(who: Any, _: Any) -> models.Estimate:
+            sources = service.circuit_sources(circuit, circuits)
+            return await service.estimate_job(gateway, who, sources, backend, shots)
+
+        return await calls.tool("estimate", run)
+
+    @mcp.tool(title="Submit a job", annotations=ToolAnnotations(destructive_hint=False, idempotent_hint=False,
+                                                                open_world_hint=True))
+    async def submit_job(
+        circuit: CircuitArg = None,
+        circuits: CircuitsArg = None,
+        backend: BackendArg = DEFAULT_BACKEND,
+        shots: ShotsArg = 1024,
+        name: Annotated[str | None, Field(description="A label for you and the operator.")] = None,
+    ) -> Annotated[CallToolResult, models.Submitted]:
+        """Queue a circuit (or a sweep of circuits) to run on a backend; returns at once with a job_id.
+
+        The job is stored durably before this returns. It may cost money on hardware backends:
+        estimate_job first. Then call wait_for_job (or read or subscribe to the returned `uri`) for
+        the counts. 'aer/simulator' is free.
+        """
+
+        async def run(who: Any, state: Any) -> models.Submitted:
+            sources = service.circuit_sources(circuit, circuits)
+            state.audited = False
+            result = await service.submit_job(gateway, who, sources, backend, shots, name, state.entry())
+            state.audited, state.job_id = True, result.job_id
+            return result
+
+        return await calls.tool("submit", run)
+
+    @mcp.tool(title="Get a job", annotations=READ_ONLY)
+    async def get_job(job_id: JobIdArg) -> Annotated[CallToolResult, models.JobView]:
+        """Read one of your jobs now: state, timestamps, attempts, error, and the counts once it succeeded.
+
+        Large results are summarised to the most frequent outcomes, with `full_result_uri` for all.
+        """
+        current_call().job_id = job_id[:64]
+        return await calls.tool("read", lambda who, _: service.get_job(gateway, who, job_id))
+
+    @mcp.tool(title="Wait for a job", annotations=READ_ONLY)
+    async def wait_for_job(
+        job_id: JobIdArg,
+        ctx: Context,
+        timeout_s: Annotated[float, Field(description="Seconds to wait, 0 to 600.")] = 60,
+    ) -> Annotated[CallToolResult, models.JobView]:
+        """Wait until one of your jobs ends or `timeout_s` passes, then return it like get_job.
+
+        Sends a progress notification at each state change while it waits. If it returns with
+        `terminal` false, the job is still going: call again.
+        """
+        current_call().job_id = job_id[:64]
+
+        async def progress(step: float, message: str) -> None:
+            await ctx.report_progress(step, None, message)
+
+        return await calls.tool(
+            "read", lambda who, _: service.wait_for_job(gateway, who, job_id, timeout_s, progress)
+        )
+
+    @mcp.tool(title="Cancel a job", annotations=ToolAnnotations(destructive_hint=True, idempotent_hint=False,
+                                                                open_world_hint=True))
+    async def cancel_job(job_id: JobIdArg) -> Annotated[CallToolResult, models.JobView]:
+        """Cancel one of your jobs. A queued job stops at once; a running one is cancelled at the provider.
+
+        A job that already ended answers `conflict`.
+        """
+        current_call().job_id = job_id[:64]
+        return await calls.tool("cancel", lambda who, _: service.cancel_job(gateway, who, job_id))
+
+    @mcp.tool(title="List your jobs", annotations=READ_ONLY)
+    async def list_jobs(
+        state: Annotated[str | None, Field(description="Only jobs in this state, e.g. 'running'.")] = None,
+        limit: Annotated[int, Field(description="Jobs per page, 1 to 100.")] = 20,
+        cursor: Annotated[str | None, Field(description="`next_cursor` from the previous page.")] = None,
+    ) -> Annotated[CallToolResult, models.JobPage]:
+        """List your jobs, newest first, a page at a time."""
+        return await calls.tool("read", lambda who, _: service.list_jobs(gateway, who, state, limit, cursor))
+
+    @mcp.tool(title="Your usage", annotations=READ_ONLY)
+    async def get_usage() -> Annotated[CallToolResult, models.Usage]:
+        """Your jobs and shots so far, by job state."""
+        return await calls.tool("read", lambda who, _: service.get_usage(gateway, who))
+
+    # -- resources --------------------------------------------------------------------------
+
+    @mcp.resource("qpu://jobs/{job_id}", name="job", mime_type="application/json")
+    async def job_resource(job_id: str) -> str:
+        """One of your jobs, with every count once it succeeded. Subscribe to hear of each state change."""
+
+        async def run(who: Any) -> models.JobView:
+            return service.job_view(await service.owned_job(gateway, who, job_id), full=True)
+
+        current_call().job_id = job_id[:64]
+        return await calls.resource("read", f"qpu://jobs/{job_id}", run)
+
+    @mcp.resource("qpu://backends", name="backends", mime_type="application/json")
+    async def backends_resource() -> str:
+        """The backends list_backends returns."""
+        return await calls.resource("read", "qpu://backends", lambda who: service.list_backends(gateway, who))
+
+    @mcp.resource("qpu://usage", name="usage", mime_type="application/json")
+    async def usage_resource() -> str:
+        """Your usage, as get_usage returns it."""
+        return await calls.resource("read", "qpu://usage", lambda who: service.get_usage(gateway, who))
+
+    @mcp.resource("qpu://policy", name="policy", mime_type="application/json")
+    async def policy_resource() -> str:
+        """The policy that applies to you: allowed backends and per-job caps, so you can plan within it."""
+
+        async def run(who: Any) -> models.PolicyView:
+            return service.policy_view(gateway, who)
+
+        return await calls.resource("read", "qpu://policy", run)
+
+    # -- prompt -----------------------------------------------------------------------------
+
+    @mcp.prompt(title="Run a circuit safely")
+    def run_circuit(goal: str = "prepare and measure a Bell pair") -> str:
+        """Walk through estimate -> simulate -> read counts for a circuit you describe."""
+        return (
+            f"Goal: {goal}.\n"
+            "1. Write the circuit as OpenQASM 2.0 (include \"qelib1.inc\") or 3.0 (include \"stdgates.inc\"), "
+            "and measure every qubit whose value you need.\n"
+            "2. Call estimate_job with it on backend 'aer/simulator'. If `admitted` is false, read "
+            "`refusal.message` and fix the circuit or the shots.\n"
+            "3. Call submit_job with the same arguments; keep the job_id.\n"
+            "4. Call wait_for_job with that job_id; repeat while `terminal` is false.\n"
+            "5. Read `result.counts`: one entry per circuit, classical register -> {bitstring: count}. "
+            "Explain what the counts say about the goal.\n"
+            "Only after the simulation looks right, consider a hardware backend: estimate_job it first, "
+            "because hardware costs money."
+        )
+
+    # -- 2025-era resource subscriptions --------------------------------------------------------
+
+    async def subscribe(ctx: ServerRequestContext[Any, Any], params: SubscribeRequestParams) -> EmptyResult:
+        job_id = job_id_of(params.uri)
+        state = current_call()
+        state.ran, state.job_id = True, job_id
+        try:
+            who = state.require("read")
+            if job_id is None:
+                if params.uri not in STATIC_RESOURCES:
+                    raise MCPError(INVALID_PARAMS, f"Unknown resource: {params.uri[:200]}")
+                return EmptyResult()
+            job = await service.owned_job(gateway, who, job_id)
+        except GatewayError as exc:
+            state.refuse(exc)
+            code = INVALID_PARAMS if exc.code == "not_found" else INVALID_REQUEST
+            raise MCPError(code, f"{exc.code}: {exc.message}", data=exc.body()) from None
+        gateway.events.subscribe_legacy(params.uri, ctx.session, job.version)
+        return EmptyResult()
+
+    async def unsubscribe(ctx: ServerRequestContext[Any, Any], params: UnsubscribeRequestParams) -> EmptyResult:
+        current_call().ran = True
+        gateway.events.unsubscribe_legacy(params.uri, ctx.session)
+        return EmptyResult()
+
+    lowlevel = mcp._lowlevel_server  # the SDK's MCPServer has no public hook for resources/subscribe
+    lowlevel.add_request_handler("resources/subscribe", SubscribeRequestParams, subscribe)
+    lowlevel.add_request_handler("resources/unsubscribe", UnsubscribeRequestParams, unsubscribe)
+    return mcp

@@ -1,0 +1,265 @@
+"""The one place MCP calls meet the gateway: authenticate, audit, and map errors.
+
+A middleware wraps every tool call, resource read and subscription: it resolves the caller's
+key to a `Principal` (checked against the store on every call, so a revoked key stops at
+once), and writes exactly one audit row when the call ends, admitted or refused. Handlers run
+their service function through `tool()` or `resource()`, which turn a `GatewayError` into
+the agent-facing result: `isError` with the body `{code, message, retry_after_s?, job_id?}`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
+from mcp.server.mcpserver.exceptions import ResourceNotFoundError
+from mcp.shared.exceptions import MCPError
+from mcp_types import INVALID_PARAMS, INVALID_REQUEST, CallToolResult, TextContent
+from pydantic import BaseModel
+
+from qpu_gateway.errors import Forbidden, GatewayError, InternalError, InvalidArguments, NotFound, Unauthorized
+from qpu_gateway.events import job_id_of
+from qpu_gateway.keys import Principal, authenticate
+from qpu_gateway.logs import redact
+from qpu_gateway.records import AuditEntry
+from qpu_gateway.runtime import Gateway
+from qpu_gateway.store import StoreError
+
+log = logging.getLogger(__name__)
+
+KeySource = Callable[[], str | None]
+AUDITED_METHODS = frozenset(
+    {"tools/call", "resources/read", "resources/subscribe", "resources/unsubscribe", "subscriptions/listen",
+     "prompts/get"}
+)
+STATIC_RESOURCES = frozenset({"qpu://backends", "qpu://usage", "qpu://policy"})
+_UNEXPECTED = "The gateway failed unexpectedly; the operator's log has the details. Try again later."
+
+
+@dataclass
+class CallState:
+    """One call as the middleware and the handler share it."""
+
+    method: str
+    name: str
+    args_hash: str | None
+    principal: Principal | None = None
+    auth_error: GatewayError | None = None
+    ran: bool = False
+    decision: str = "ok"
+    error_code: str | None = None
+    job_id: str | None = None
+    audited: bool = False  # the service wrote the row inside its own transaction
+
+    def require(self, scope: str) -> Principal:
+        if self.principal is None:
+            raise self.auth_error or Unauthorized("No gateway key was given.")
+        if scope not in self.principal.scopes:
+            raise Forbidden(
+                f"Your key lacks the '{scope}' scope this call needs. Ask the operator for a key with it "
+                f"(`qpu-gateway keys create --scopes ...`)."
+            )
+        return self.principal
+
+    def refuse(self, error: GatewayError) -> None:
+        self.decision = "refused" if not isinstance(error, InternalError) else "error"
+        self.error_code = error.code
+        self.job_id = self.job_id or error.job_id
+
+    def entry(self) -> AuditEntry:
+        who = self.principal
+        return AuditEntry(
+            tool=self.name,
+            decision=self.decision,
+            agent=who.agent if who else None,
+            project=who.project if who else None,
+            key_id=who.key_id if who else None,
+            error_code=self.error_code,
+            args_hash=self.args_hash,
+            job_id=self.job_id,
+        )
+
+
+_CURRENT: ContextVar[CallState | None] = ContextVar("qpu_gateway_call", default=None)
+
+
+def current_call() -> CallState:
+    state = _CURRENT.get()
+    if state is None:  # only reachable if a handler runs without the middleware installed
+        raise RuntimeError("gateway call state missing: the gateway middleware is not installed")
+    return state
+
+
+def args_hash(value: Any) -> str:
+    """sha256 of the canonical JSON of a call's arguments: what was asked, without storing it."""
+    canonical = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return hashlib.sha256(canonical.encode("utf-8", errors="replace")).hexdigest()
+
+
+def error_result(error: GatewayError) -> CallToolResult:
+    body = error.body()
+    return CallToolResult(
+        content=[TextContent(type="text", text=json.dumps(body, ensure_ascii=False))],
+        structured_content=body,
+        is_error=True,
+    )
+
+
+def ok_result(model: BaseModel) -> CallToolResult:
+    return CallToolResult(
+        content=[TextContent(type="text", text=model.model_dump_json(indent=1))],
+        structured_content=model.model_dump(mode="json"),
+    )
+
+
+class Calls:
+    """Authentication, audit and error mapping for one gateway's MCP server."""
+
+    def __init__(self, gateway: Gateway, key_source: KeySource) -> None:
+        self.gateway = gateway
+        self.key_source = key_source
+
+    # -- middleware -------------------------------------------------------------------------
+
+    async def middleware(self, ctx: ServerRequestContext[Any, Any], call_next: CallNext) -> HandlerResult:
+        if ctx.method not in AUDITED_METHODS or ctx.request_id is None:
+            return await call_next(ctx)
+        params = dict(ctx.params or {})
+        if ctx.method in ("tools/call", "prompts/get"):
+            name, hashed = str(params.get("name", ""))[:100], args_hash(params.get("arguments") or {})
+        elif ctx.method == "subscriptions/listen":
+            name, hashed = ctx.method, args_hash(params.get("notifications") or {})
+        else:
+            name, hashed = f"{ctx.method}:{str(params.get('uri', ''))[:200]}", args_hash({"uri": params.get("uri")})
+        state = CallState(method=ctx.method, name=name, args_hash=hashed)
+        try:
+            state.principal = await authenticate(self.gateway.store, self.key_source())
+        except GatewayError as exc:
+            state.auth_error = exc
+        except StoreError as exc:
+            state.auth_error = InternalError(str(exc))
+        token = _CURRENT.set(state)
+        watched: list[str] = []
+        try:
+            if ctx.method == "subscriptions/listen":
+                watched = await self._gate_listen(state, params)
+            result = await call_next(ctx)
+            if ctx.method == "tools/call" and not state.ran and isinstance(result, dict) and result.get("isError"):
+                result = self._coded_sdk_refusal(state, result)
+            return result
+        except MCPError as exc:
+            state.decision = "refused" if state.decision == "ok" else state.decision
+            state.error_code = state.error_code or _code_of(exc)
+            raise
+        except Exception:
+            state.decision, state.error_code = "error", state.error_code or "internal_error"
+            raise
+        finally:
+            _CURRENT.reset(token)
+            for job_id in watched:
+                self.gateway.events.unwatch(job_id)
+            if not state.audited:
+                with anyio.CancelScope(shield=True):
+                    await self._audit(state)
+
+    async def _gate_listen(self, state: CallState, params: dict[str, Any]) -> list[str]:
+        """Let a 2026-era client watch only its own jobs; returns the job ids it now watches.
+
+        The refusal names no URI, so it never confirms which job ids exist.
+        """
+        state.ran = True
+        try:
+            who = state.require("read")
+        except GatewayError as exc:
+            state.refuse(exc)
+            raise MCPError(INVALID_REQUEST, f"{exc.code}: {exc.message}", data=exc.body()) from None
+        notifications = params.get("notifications") or {}
+        uris = notifications.get("resourceSubscriptions") or [] if isinstance(notifications, dict) else []
+        jobs = []
+        for uri in uris if isinstance(uris, list) else []:
+            job_id = job_id_of(str(uri))
+            job = await self.gateway.store.get_job(job_id) if job_id else None
+            if job_id is None and uri in STATIC_RESOURCES:
+                continue
+            if job is None or job.agent != who.agent:
+                error = NotFound("Not permitted to watch the requested resources; watch only your own jobs.")
+                state.refuse(error)
+                raise MCPError(INVALID_REQUEST, f"{error.code}: {error.message}", data=error.body())
+            jobs.append(job)
+        for job in jobs:
+            self.gateway.events.watch(job.id, job.version)
+        return [job.id for job in jobs]
+
+    def _coded_sdk_refusal(self, state: CallState, result: dict[str, Any]) -> dict[str, Any]:
+        """Give the SDK's own refusals (bad arguments, unknown tool) our coded body."""
+        texts = [c.get("text", "") for c in result.get("content") or [] if isinstance(c, dict)]
+        text = redact(" ".join(texts))[:600]
+        error: GatewayError
+        if text.startswith("Unknown tool"):
+            error = NotFound(f"{text}. Call tools/list for the gateway's tools.")
+        else:
+            error = InvalidArguments(f"{text.removeprefix('Error executing tool ')} Check the tool's input schema.")
+        state.refuse(error)
+        wire = error_result(error).model_dump(mode="json", by_alias=True, exclude_none=True)
+        return {**result, "content": wire["content"], "structuredContent": wire["structuredContent"]}
+
+    async def _audit(self, state: CallState) -> None:
+        try:
+            await self.gateway.store.append_audit(state.entry(), time.time())
+        except StoreError as exc:
+            log.error("could not write the audit row for %s: %s", state.name, exc)
+
+    # -- handler wrappers -------------------------------------------------------------------
+
+    async def tool(self, scope: str, run: Callable[[Principal, CallState], Awaitable[BaseModel]]) -> CallToolResult:
+        """Run one tool's service function and map its outcome to the agent-facing result."""
+        state = current_call()
+        state.ran = True
+        try:
+            return ok_result(await run(state.require(scope), state))
+        except GatewayError as exc:
+            state.refuse(exc)
+            return error_result(exc)
+        except StoreError as exc:
+            error = InternalError(str(exc))
+            state.refuse(error)
+            return error_result(error)
+        except Exception:
+            log.exception("tool %s failed", state.name)
+            error = InternalError(_UNEXPECTED)
+            state.refuse(error)
+            return error_result(error)
+
+    async def resource(self, scope: str, uri: str, run: Callable[[Principal], Awaitable[BaseModel]]) -> str:
+        """Run one resource read; refusals become protocol errors (resources have no isError)."""
+        state = current_call()
+        state.ran = True
+        try:
+            model = await run(state.require(scope))
+        except NotFound as exc:
+            state.refuse(exc)
+            raise ResourceNotFoundError(exc.message) from None
+        except GatewayError as exc:
+            state.refuse(exc)
+            raise MCPError(INVALID_REQUEST, f"{exc.code}: {exc.message}", data=exc.body()) from None
+        except StoreError as exc:
+            state.refuse(InternalError(str(exc)))
+            raise MCPError(INVALID_REQUEST, f"internal_error: {exc}") from None
+        return model.model_dump_json(indent=1)
+
+
+def _code_of(exc: MCPError) -> str:
+    data = getattr(exc, "data", None)
+    if isinstance(data, dict) and isinstance(data.get("code"), str):
+        return str(data["code"])
+    if getattr(exc, "code", None) == INVALID_PARAMS:
+        return "not_found"
+    return "invalid_request"

@@ -1,0 +1,106 @@
+"""Circuit intake: screen OpenQASM text, parse it with Qiskit, and measure what policy needs.
+
+Cheap text checks (size, header, includes, declared register sizes) run before the parser,
+so a hostile program is refused before anything heavy happens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from qpu_gateway.adapters import qasm
+from qpu_gateway.errors import InvalidCircuit, LimitExceeded
+
+if TYPE_CHECKING:
+    from qiskit import QuantumCircuit
+
+_NOT_GATES = frozenset({"measure", "barrier", "reset", "delay", "store"})
+
+
+@dataclass(frozen=True, slots=True)
+class CircuitFacts:
+    version: int
+    qubits: int
+    clbits: int
+    depth: int
+    two_qubit_gates: int
+    measurements: int
+    registers: tuple[str, ...]
+    fingerprint: str
+
+
+def inspect_sources(sources: list[str], *, max_qubits: int) -> list[CircuitFacts]:
+    """Facts for each source, in order; raises a coded error naming the first bad circuit.
+
+    Blocking (the parser runs here): call it from a worker thread.
+    """
+    facts = []
+    for index, source in enumerate(sources):
+        where = f"circuit {index}: " if len(sources) > 1 else ""
+        facts.append(_inspect(source, max_qubits=max_qubits, where=where))
+    return facts
+
+
+def _inspect(source: str, *, max_qubits: int, where: str) -> CircuitFacts:
+    if len(source.encode("utf-8", errors="replace")) > qasm.MAX_SOURCE_BYTES:
+        raise LimitExceeded(f"{where}the program is larger than {qasm.MAX_SOURCE_BYTES // 1024} KB.")
+    try:
+        version, code = qasm.screen(source)
+        declared = qasm.declared_qubits(code)
+        if declared > max_qubits:
+            raise LimitExceeded(
+                f"{where}the program declares {declared} qubits; the policy allows at most {max_qubits}."
+            )
+        circuit = qasm.load(source)
+    except qasm.CircuitSourceError as exc:
+        raise InvalidCircuit(f"{where}{exc}") from None
+    measurements = sum(1 for inst in circuit.data if inst.operation.name == "measure")
+    if measurements == 0:
+        raise InvalidCircuit(f"{where}the circuit measures nothing, so it would return no counts. Add measure.")
+    two_qubit = sum(
+        1 for inst in circuit.data if len(inst.qubits) == 2 and inst.operation.name not in _NOT_GATES
+    )
+    return CircuitFacts(
+        version=version,
+        qubits=circuit.num_qubits,
+        clbits=circuit.num_clbits,
+        depth=circuit.depth(),
+        two_qubit_gates=two_qubit,
+        measurements=measurements,
+        registers=tuple(creg.name for creg in circuit.cregs),
+        fingerprint=fingerprint(circuit),
+    )
+
+
+def fingerprint(circuit: QuantumCircuit) -> str:
+    """sha256 of the parsed circuit's canonical form: the same program hashes the same however written.
+
+    Whitespace, comments and gate spelling in the source do not change it; register layout,
+    operations, their parameters and their wiring do.
+    """
+    digest = hashlib.sha256()
+    digest.update(f"q{circuit.num_qubits};".encode())
+    for creg in circuit.cregs:
+        digest.update(f"c {creg.name} {creg.size};".encode())
+    for inst in circuit.data:
+        qubits = ",".join(str(circuit.find_bit(q).index) for q in inst.qubits)
+        clbits = ",".join(str(circuit.find_bit(c).index) for c in inst.clbits)
+        params = ",".join(_param(p) for p in inst.operation.params)
+        digest.update(f"{inst.operation.name}({params}) {qubits} -> {clbits};".encode())
+    return digest.hexdigest()
+
+
+def _param(value: object) -> str:
+    try:
+        return repr(float(value))  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def combined_fingerprint(facts: list[CircuitFacts]) -> str:
+    """One fingerprint for a job: the circuit's, or a hash over a sweep's in order."""
+    if len(facts) == 1:
+        return facts[0].fingerprint
+    return hashlib.sha256("".join(f.fingerprint for f in facts).encode()).hexdigest()

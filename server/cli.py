@@ -1,0 +1,333 @@
+"""The `qpu-gateway` command: init, serve, keys, jobs, audit, demo.
+
+Exit codes: 0 ok, 1 runtime error, 2 usage error (argparse's own). Output meant for scripts
+(`keys create`) goes to stdout alone; logs go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import anyio
+
+from qpu_gateway import __version__, logs
+from qpu_gateway.config import Config
+from qpu_gateway.jobs import JobState
+from qpu_gateway.keys import SCOPES, create_key, parse_scopes
+from qpu_gateway.policy.file import PolicyFileError, default_policy_text
+from qpu_gateway.store import Store, StoreError, open_store
+
+T = TypeVar("T")
+LOCAL_AGENT = "local"
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8765
+
+
+class CliError(Exception):
+    """A runtime failure to report in one line (exit 1)."""
+
+
+def local_key_path(config: Config) -> Path:
+    """Where `init` keeps the `local` agent's key for `make run` (mode 0600, beside the database)."""
+    return config.db_path.with_name("local.key")
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+
+def _config(args: argparse.Namespace) -> Config:
+    return Config.resolve(db=getattr(args, "db", None), policy=getattr(args, "policy", None))
+
+
+def _with_store(config: Config, action: Callable[[Store], Awaitable[T]]) -> T:
+    async def main() -> T:
+        store = await open_store(config.db_path)
+        try:
+            return await action(store)
+        finally:
+            await store.close()
+
+    return anyio.run(main)
+
+
+def _when(ts: float | None) -> str:
+    return "-" if ts is None else time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ts)) + "Z"
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=False)]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=False)).rstrip()
+             for row in [header, *rows]]
+    return "\n".join(lines)
+
+
+def _ttl(text: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if len(text) < 2 or text[-1] not in units or not text[:-1].isdigit() or int(text[:-1]) <= 0:
+        raise argparse.ArgumentTypeError("TTL is a positive number with a unit: 30m, 24h, 30d")
+    return int(text[:-1]) * units[text[-1]]
+
+
+# -- commands ----------------------------------------------------------------------------------
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    config = _config(args)
+    created_policy = False
+    if not config.policy_path.exists():
+        config.policy_path.parent.mkdir(parents=True, exist_ok=True)
+        config.policy_path.write_text(default_policy_text(), encoding="utf-8")
+        created_policy = True
+
+    async def action(store: Store) -> tuple[list[str], str | None]:
+        applied = await store.migrate()
+        if any(k.agent == LOCAL_AGENT for k in await store.list_keys()):
+            return applied, None
+        record, key = await create_key(store, agent=LOCAL_AGENT, project="default", scopes=frozenset(SCOPES))
+        return applied, key
+
+    store_existed = config.db_path.exists()
+    applied, key = _with_store(config, action)
+    if key is None and not created_policy and (store_existed and not applied):
+        print(f"Already initialised: {config.db_path} and {config.policy_path}; nothing changed.")
+        return 0
+    print(f"Database: {config.db_path}" + (" (created)" if not store_existed else ""))
+    print(f"Policy:   {config.policy_path}" + (" (default written)" if created_policy else " (kept)"))
+    if key is not None:
+        path = local_key_path(config)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(key + "\n")
+        print(f"Agent '{LOCAL_AGENT}' key (shown once; a copy for `make run` is in {path}, mode 0600):")
+        print(key)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from qpu_gateway import transports
+    from qpu_gateway.runtime import Gateway
+
+    config = _config(args)
+    try:
+        gateway = Gateway(config)
+    except PolicyFileError as exc:
+        raise CliError(str(exc)) from None
+    if args.transport != "stdio":
+        _print_connect(config, args)
+    transports.run(gateway, transport=args.transport, host=args.host, port=args.port)
+    return 0
+
+
+def _print_connect(config: Config, args: argparse.Namespace) -> None:
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    path = "/mcp" if args.transport == "http" else "/sse"
+    url = f"http://{host}:{args.port}{path}"
+    kind = "Streamable HTTP" if args.transport == "http" else "SSE"
+    key = None
+    if args.show_key and local_key_path(config).exists():
+        key = local_key_path(config).read_text(encoding="utf-8").strip()
+    shown = key or "<your key: qpu-gateway keys create --agent NAME>"
+    client = {"mcpServers": {"qpu-gateway": {"type": "http" if args.transport == "http" else "sse", "url": url,
+                                             "headers": {"Authorization": f"Bearer {shown}"}}}}
+    print(f"qpu-gateway {__version__} serving {kind} at {url}")
+    print(f"Key for agent '{LOCAL_AGENT}': {shown}")
+    print("Claude Code (user-wide):")
+    print(f"  claude mcp add --scope user --transport {client['mcpServers']['qpu-gateway']['type']} qpu-gateway "
+          f"{url} --header \"Authorization: Bearer {shown}\"")
+    print("Client config (mcp.json, Claude Desktop, the MCP Inspector's 'Authorization' header):")
+    print(json.dumps(client, indent=2))
+    print("Press Ctrl-C to stop.", flush=True)
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    config = _config(args)
+    scopes = parse_scopes(args.scopes)
+
+    async def action(store: Store) -> str:
+        _, key = await create_key(store, agent=args.agent, project=args.project, scopes=scopes, ttl_s=args.ttl)
+        return key
+
+    print(_with_store(config, action))
+    return 0
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    keys = _with_store(_config(args), lambda store: store.list_keys())
+    if args.json:
+        print(json.dumps([{"id": k.id, "agent": k.agent, "project": k.project, "scopes": sorted(k.scopes),
+                           "created_at": k.created_at, "expires_at": k.expires_at, "revoked_at": k.revoked_at}
+                          for k in keys], indent=1))
+        return 0
+    now = time.time()
+    rows = [[k.id, k.agent, k.project, ",".join(sorted(k.scopes)), _when(k.created_at), _when(k.expires_at),
+             "revoked" if k.revoked_at else ("expired" if k.expires_at and k.expires_at <= now else "active")]
+            for k in keys]
+    print(_table(rows, ["id", "agent", "project", "scopes", "created", "expires", "status"]))
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    revoked = _with_store(_config(args), lambda store: store.revoke_key(args.id, time.time()))
+    if not revoked:
+        raise CliError(f"No active key with id {args.id!r} (see `qpu-gateway keys list`).")
+    print(f"Revoked key {args.id}; calls with it are refused from now on, in every process.")
+    return 0
+
+
+def cmd_jobs_list(args: argparse.Namespace) -> int:
+    state = JobState(args.state) if args.state else None
+
+    async def action(store: Store) -> Any:
+        return await store.list_jobs(agent=args.agent, state=state, limit=args.limit, before_seq=None)
+
+    jobs = _with_store(_config(args), action)
+    rows = [[j.id, j.agent, j.backend, j.state.value, str(j.shots), str(j.n_circuits), str(j.attempts),
+             _when(j.created_at), j.name or ""] for j in jobs]
+    print(_table(rows, ["id", "agent", "backend", "state", "shots", "circuits", "attempts", "created", "name"]))
+    return 0
+
+
+def cmd_jobs_show(args: argparse.Namespace) -> int:
+    from qpu_gateway.service import job_view
+
+    async def action(store: Store) -> Any:
+        job = await store.get_job(args.id)
+        if job is None:
+            return None
+        return job, await store.audit_tail(limit=1000, job_id=job.id)
+
+    found = _with_store(_config(args), action)
+    if found is None:
+        raise CliError(f"No job {args.id!r}.")
+    job, audit = found
+    view = job_view(job, full=True).model_dump(mode="json")
+    view.update(agent=job.agent, project=job.project, key_id=job.key_id, runs=job.runs,
+                audit=[{"at": _when(a.at), "tool": a.tool, "decision": a.decision, "code": a.error_code,
+                        "detail": a.detail} for a in audit])
+    print(json.dumps(view, indent=1))
+    return 0
+
+
+def cmd_audit_tail(args: argparse.Namespace) -> int:
+    config = _config(args)
+    last: int | None = None
+    while True:
+        rows = _with_store(config, lambda store: store.audit_tail(
+            limit=args.lines, job_id=args.job, agent=args.agent, after_seq=last))
+        for r in rows:
+            print(f"{r.seq:>6} {_when(r.at)} agent={r.agent or '-'} key={r.key_id or '-'} {r.tool} "
+                  f"{r.decision}{' ' + r.error_code if r.error_code else ''}"
+                  f"{' job=' + r.job_id if r.job_id else ''}{' args=' + r.args_hash[:12] if r.args_hash else ''}"
+                  f"{' ' + repr(r.detail) if r.detail else ''}", flush=True)
+            last = r.seq
+        if not args.follow:
+            return 0
+        if last is None:
+            last = 0
+        time.sleep(1.0)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from qpu_gateway.demo import run_demo
+
+    return run_demo(keep=args.keep)
+
+
+# -- parser ------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--db", default=argparse.SUPPRESS,
+                        help="SQLite database (default: $QPU_GATEWAY_DB or $XDG_DATA_HOME/qpu-gateway/gateway.db)")
+    common.add_argument("--policy", default=argparse.SUPPRESS,
+                        help="policy TOML (default: $QPU_GATEWAY_POLICY or policy.toml beside the database)")
+    common.add_argument("--log-level", default=argparse.SUPPRESS,
+                        choices=["debug", "info", "warning", "error"], help="log level on stderr (default info)")
+
+    parser = argparse.ArgumentParser(
+        prog="qpu-gateway", parents=[common],
+        description="An MCP server that gives agents safe, budgeted, audited access to quantum computers.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("init", parents=[common], help="create the database, default policy and the 'local' key")
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("serve", parents=[common], help="serve MCP over stdio, Streamable HTTP or SSE")
+    p.add_argument("--transport", choices=["stdio", "http", "sse"], default="stdio")
+    p.add_argument("--host", default=DEFAULT_HOST, help=f"HTTP/SSE bind address (default {DEFAULT_HOST})")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"HTTP/SSE port (default {DEFAULT_PORT})")
+    p.add_argument("--show-key", action="store_true",
+                   help="print the 'local' agent's key from local.key in the connection banner")
+    p.set_defaults(func=cmd_serve)
+
+    keys = sub.add_parser("keys", parents=[common], help="create, list and revoke agent keys")
+    ksub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    p = ksub.add_parser("create", parents=[common], help="create a key; prints only the key")
+    p.add_argument("--agent", required=True)
+    p.add_argument("--project", default="default")
+    p.add_argument("--scopes", default=",".join(SCOPES), help=f"comma-separated subset of {','.join(SCOPES)}")
+    p.add_argument("--ttl", type=_ttl, default=None, help="expire after e.g. 24h or 30d (default: never)")
+    p.set_defaults(func=cmd_keys_create)
+    p = ksub.add_parser("list", parents=[common], help="list keys (never their secrets)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_keys_list)
+    p = ksub.add_parser("revoke", parents=[common], help="revoke a key at once, in every process")
+    p.add_argument("id")
+    p.set_defaults(func=cmd_keys_revoke)
+
+    jobs = sub.add_parser("jobs", parents=[common], help="list and inspect jobs")
+    jsub = jobs.add_subparsers(dest="jobs_command", required=True, metavar="ACTION")
+    p = jsub.add_parser("list", parents=[common], help="newest jobs first")
+    p.add_argument("--agent")
+    p.add_argument("--state", choices=[s.value for s in JobState])
+    p.add_argument("--limit", type=int, default=50)
+    p.set_defaults(func=cmd_jobs_list)
+    p = jsub.add_parser("show", parents=[common], help="one job, its result and its audit trail")
+    p.add_argument("id")
+    p.set_defaults(func=cmd_jobs_show)
+
+    audit = sub.add_parser("audit", parents=[common], help="read the audit log")
+    asub = audit.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
+    p = asub.add_parser("tail", parents=[common], help="the latest audit rows")
+    p.add_argument("-n", "--lines", type=int, default=20)
+    p.add_argument("--job")
+    p.add_argument("--agent")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing new rows")
+    p.set_defaults(func=cmd_audit_tail)
+
+    p = sub.add_parser("demo", parents=[common],
+                       help="a scripted agent session over stdio against a throw-away database")
+    p.add_argument("--keep", action="store_true", help="keep the throw-away directory and print its path")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logs.setup(getattr(args, "log_level", "info"))
+    try:
+        result: int = args.func(args)
+        return result
+    except (CliError, StoreError, PolicyFileError) as exc:
+        print(f"qpu-gateway: error: {logs.redact(str(exc))}", file=sys.stderr)
+        return 1
+    except ValueError as exc:  # bad names or scopes from the command line
+        print(f"qpu-gateway: error: {logs.redact(str(exc))}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

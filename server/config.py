@@ -1,0 +1,49 @@
+"""Where the gateway keeps its state and how it runs: flags, then environment, then defaults."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ENV_DB = "QPU_GATEWAY_DB"
+ENV_POLICY = "QPU_GATEWAY_POLICY"
+ENV_KEY = "QPU_GATEWAY_KEY"
+ENV_FAULTS = "QPU_GATEWAY_FAULTS"
+ENV_LEASE = "QPU_GATEWAY_LEASE_S"
+
+
+def default_db_path() -> Path:
+    """`$XDG_DATA_HOME/qpu-gateway/gateway.db`, with XDG's default of `~/.local/share`."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "qpu-gateway" / "gateway.db"
+
+
+@dataclass(frozen=True)
+class Config:
+    db_path: Path
+    policy_path: Path
+    # A claimed job's lease: a worker that stops heartbeating for this long (its process died)
+    # loses the job to any other process. 30 s keeps a crashed job's delay short while leaving
+    # many missed heartbeats (every lease/3) before a slow-but-alive worker is overtaken.
+    lease_s: float = 30.0
+    poll_interval_s: float = 0.5  # how often workers look for jobs queued by other processes
+    per_backend_concurrency: int = 2
+    retry_max_tries: int = 5
+    retry_max_time_s: float = 120.0
+    retry_base_s: float = 0.5
+    faults: str | None = None  # enables the fault-injecting adapter (tests only)
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def resolve(cls, *, db: str | None = None, policy: str | None = None, **overrides: object) -> Config:
+        """Build from explicit flags, falling back to the environment and then the defaults."""
+        db_path = Path(db or os.environ.get(ENV_DB) or default_db_path()).expanduser()
+        policy_path = Path(policy or os.environ.get(ENV_POLICY) or db_path.with_name("policy.toml")).expanduser()
+        env: dict[str, object] = {}
+        if os.environ.get(ENV_FAULTS):
+            env["faults"] = os.environ[ENV_FAULTS]
+        if os.environ.get(ENV_LEASE):
+            env["lease_s"] = float(os.environ[ENV_LEASE])
+        env.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(db_path=db_path, policy_path=policy_path, **env)  # type: ignore[arg-type]

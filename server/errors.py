@@ -1,0 +1,104 @@
+"""Errors an agent can see: one type per meaning, each with a stable code.
+
+Every refusal reaches the agent as a tool result with `isError` and the body
+`{code, message, retry_after_s?, job_id?}`; the mapping to MCP happens once, in `server.calls`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from qpu_gateway.policy.decisions import Refusal
+
+
+class GatewayError(Exception):
+    """Base of every coded error; `message` says what to do next and never holds a secret."""
+
+    code: ClassVar[str] = "internal_error"
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None, job_id: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after_s = retry_after_s
+        self.job_id = job_id
+
+    def body(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.retry_after_s is not None:
+            body["retry_after_s"] = round(self.retry_after_s, 3)
+        if self.job_id is not None:
+            body["job_id"] = self.job_id
+        return body
+
+
+class Unauthorized(GatewayError):
+    code = "unauthorized"
+
+
+class Forbidden(GatewayError):
+    code = "forbidden"
+
+
+class InvalidArguments(GatewayError):
+    code = "invalid_arguments"
+
+
+class InvalidCircuit(GatewayError):
+    code = "invalid_circuit"
+
+
+class UnsupportedBackend(GatewayError):
+    code = "unsupported_backend"
+
+
+class LimitExceeded(GatewayError):
+    code = "limit_exceeded"
+
+
+class RateLimited(GatewayError):
+    code = "rate_limited"
+
+
+class QuotaExhausted(GatewayError):
+    code = "quota_exhausted"
+
+
+class NotFound(GatewayError):
+    code = "not_found"
+
+
+class Conflict(GatewayError):
+    code = "conflict"
+
+
+class ProviderError(GatewayError):
+    code = "provider_error"
+
+
+class InternalError(GatewayError):
+    code = "internal_error"
+
+
+BY_CODE: dict[str, type[GatewayError]] = {
+    cls.code: cls
+    for cls in (
+        Unauthorized,
+        Forbidden,
+        InvalidArguments,
+        InvalidCircuit,
+        UnsupportedBackend,
+        LimitExceeded,
+        RateLimited,
+        QuotaExhausted,
+        NotFound,
+        Conflict,
+        ProviderError,
+        InternalError,
+    )
+}
+
+
+def from_refusal(refusal: Refusal, *, job_id: str | None = None) -> GatewayError:
+    """The agent-facing error for a policy refusal."""
+    cls = BY_CODE.get(refusal.code, Forbidden)
+    return cls(refusal.message, retry_after_s=refusal.retry_after_s, job_id=job_id)

@@ -1,0 +1,118 @@
+"""Job change fan-out: wake waiters, and tell subscribed clients of both protocol eras.
+
+A change made in this process is announced at once. A change made by another process on the
+same database (a job run by another Claude Code session's server) is found by `watch`, which
+polls the versions of the jobs someone here is waiting on or subscribed to.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Protocol
+
+import anyio
+from mcp.server.subscriptions import ResourceUpdated, SubscriptionBus
+
+from qpu_gateway.store import Store, StoreError
+
+log = logging.getLogger(__name__)
+
+JOB_URI_PREFIX = "qpu://jobs/"
+
+
+def job_uri(job_id: str) -> str:
+    return f"{JOB_URI_PREFIX}{job_id}"
+
+
+def job_id_of(uri: str) -> str | None:
+    return uri[len(JOB_URI_PREFIX):] if uri.startswith(JOB_URI_PREFIX) else None
+
+
+class LegacySession(Protocol):
+    """The part of a 2025-era session we use: the `notifications/resources/updated` sender."""
+
+    async def send_resource_updated(self, uri: str) -> None: ...
+
+
+class JobEvents:
+    def __init__(self, bus: SubscriptionBus) -> None:
+        self._bus = bus
+        self._changed: dict[str, anyio.Event] = {}
+        self._watchers: Counter[str] = Counter()  # job id -> waiters and subscribers in this process
+        self._legacy: dict[str, list[LegacySession]] = {}  # uri -> 2025-era subscribed sessions
+        self._versions: dict[str, int] = {}  # last version announced, per watched job
+
+    # -- who is interested ------------------------------------------------------------------
+
+    def watch(self, job_id: str, version: int) -> None:
+        """Count one more interested party; `version` is the job as they last saw it."""
+        self._watchers[job_id] += 1
+        self._versions[job_id] = max(self._versions.get(job_id, 0), version)
+
+    def unwatch(self, job_id: str) -> None:
+        self._watchers[job_id] -= 1
+        if self._watchers[job_id] <= 0:
+            del self._watchers[job_id]
+            self._versions.pop(job_id, None)
+
+    def subscribe_legacy(self, uri: str, session: LegacySession, version: int) -> None:
+        sessions = self._legacy.setdefault(uri, [])
+        if session not in sessions:
+            sessions.append(session)
+            job_id = job_id_of(uri)
+            if job_id:
+                self.watch(job_id, version)
+
+    def unsubscribe_legacy(self, uri: str, session: LegacySession) -> None:
+        sessions = self._legacy.get(uri, [])
+        if session in sessions:
+            sessions.remove(session)
+            job_id = job_id_of(uri)
+            if job_id:
+                self.unwatch(job_id)
+        if not sessions:
+            self._legacy.pop(uri, None)
+
+    def changed_event(self, job_id: str) -> anyio.Event:
+        """An event set at the job's next change; take it before re-reading the job."""
+        event = self._changed.get(job_id)
+        if event is None:
+            event = self._changed[job_id] = anyio.Event()
+        return event
+
+    # -- announcing -------------------------------------------------------------------------
+
+    async def job_changed(self, job_id: str, version: int) -> None:
+        """Announce one change (once per version, whichever path found it first)."""
+        if self._versions.get(job_id, 0) >= version:
+            return
+        if job_id in self._watchers:
+            self._versions[job_id] = version
+        event = self._changed.pop(job_id, None)
+        if event is not None:
+            event.set()
+        uri = job_uri(job_id)
+        await self._bus.publish(ResourceUpdated(uri=uri))
+        for session in list(self._legacy.get(uri, ())):
+            try:
+                await session.send_resource_updated(uri)
+            except Exception:  # a closed session: forget it rather than fail the worker
+                log.info("dropping a closed subscriber", extra={"uri": uri})
+                self.unsubscribe_legacy(uri, session)
+
+    async def watch_foreign_changes(self, store: Store, interval_s: float) -> None:
+        """Poll the versions of watched jobs, announcing changes other processes made."""
+        while True:
+            await anyio.sleep(interval_s)
+            ids = list(self._watchers)
+            if not ids:
+                continue
+            try:
+                versions = await store.job_versions(ids)
+            except StoreError as exc:
+                log.warning("cannot poll job versions: %s", exc)
+                continue
+            for job_id, version in versions.items():
+                if version > self._versions.get(job_id, 0):
+                    await self.job_changed(job_id, version)

@@ -1,0 +1,94 @@
+"""Gateway keys: random, shown once, stored as a hash, each naming one principal.
+
+A key reads `qpg_<id>_<secret>`. The id is public (listings, audit rows) and finds the row;
+the whole key's sha256 is compared in constant time. 32 random bytes make a slow hash
+unnecessary: there is nothing to brute-force.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+import time
+from dataclasses import dataclass
+
+from qpu_gateway.errors import Unauthorized
+from qpu_gateway.records import KeyRecord
+from qpu_gateway.store import Store
+
+SCOPES = ("submit", "read", "cancel", "estimate")
+_KEY = re.compile(r"^qpg_([a-z0-9]{12})_([A-Za-z0-9_\-]{43})$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+
+HOW_TO_GET_A_KEY = (
+    "Ask the gateway's operator for a key (`qpu-gateway keys create --agent NAME`), then set it as "
+    "QPU_GATEWAY_KEY in this server's environment (stdio, e.g. the `env` of mcp.json) or send it as "
+    "`Authorization: Bearer KEY` (HTTP)."
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling: the agent, its project, what it may do, and the key it used."""
+
+    agent: str
+    project: str
+    scopes: frozenset[str]
+    key_id: str
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def validate_name(kind: str, value: str) -> str:
+    if not _NAME.match(value):
+        raise ValueError(f"{kind} must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
+    return value
+
+
+def parse_scopes(text: str) -> frozenset[str]:
+    scopes = frozenset(s.strip() for s in text.split(",") if s.strip())
+    unknown = scopes - set(SCOPES)
+    if unknown or not scopes:
+        raise ValueError(f"scopes must be a comma-separated subset of {','.join(SCOPES)}")
+    return scopes
+
+
+async def create_key(
+    store: Store, *, agent: str, project: str, scopes: frozenset[str], ttl_s: float | None = None
+) -> tuple[KeyRecord, str]:
+    """Store a new key's hash and return the record and the key itself (shown once, never stored)."""
+    validate_name("agent", agent)
+    validate_name("project", project)
+    key_id = secrets.token_hex(6)
+    key = f"qpg_{key_id}_{secrets.token_urlsafe(32)}"
+    now = time.time()
+    record = KeyRecord(
+        id=key_id,
+        secret_hash=hash_key(key),
+        agent=agent,
+        project=project,
+        scopes=scopes,
+        created_at=now,
+        expires_at=None if ttl_s is None else now + ttl_s,
+    )
+    await store.insert_key(record)
+    return record, key
+
+
+async def authenticate(store: Store, key: str | None) -> Principal:
+    """The principal for `key`, checked against the store on every call so revocation is immediate."""
+    if not key:
+        raise Unauthorized(f"No gateway key was given. {HOW_TO_GET_A_KEY}")
+    match = _KEY.match(key.strip())
+    record = await store.key_by_id(match.group(1)) if match else None
+    if record is None or not hmac.compare_digest(record.secret_hash, hash_key(key.strip())):
+        raise Unauthorized(f"The gateway key is not valid. {HOW_TO_GET_A_KEY}")
+    if record.revoked_at is not None:
+        raise Unauthorized(f"The gateway key {record.id} has been revoked. {HOW_TO_GET_A_KEY}")
+    if record.expires_at is not None and record.expires_at <= time.time():
+        raise Unauthorized(f"The gateway key {record.id} has expired. {HOW_TO_GET_A_KEY}")
+    return Principal(agent=record.agent, project=record.project, scopes=record.scopes, key_id=record.id)

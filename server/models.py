@@ -1,0 +1,140 @@
+"""What the tools return: pydantic models, so every tool publishes its output schema."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class ErrorBody(BaseModel):
+    """The structured body of every refusal (`isError` results)."""
+
+    code: str = Field(description="Stable error code; see the README for what to do on each.")
+    message: str = Field(description="What went wrong and what to do next.")
+    retry_after_s: float | None = Field(default=None, description="Wait this long before retrying.")
+    job_id: str | None = None
+
+
+class BackendInfo(BaseModel):
+    id: str = Field(description="Backend id to pass as `backend`, 'provider/name'.")
+    provider: str
+    name: str
+    qubits: int | None = Field(description="Qubits available; None if unknown.")
+    simulator: bool
+    status: str = Field(description="'online', 'offline' or 'unavailable'.")
+    max_shots: int | None = None
+    queue_depth: int | None = None
+    price_model: str = Field(description="How the backend charges, e.g. 'free'.")
+    allowed: bool = Field(description="Whether your policy lets you submit to this backend.")
+    reason: str | None = Field(default=None, description="Why the backend is unavailable or not allowed.")
+
+
+class BackendList(BaseModel):
+    backends: list[BackendInfo]
+    default_backend: str
+
+
+class Refused(BaseModel):
+    code: str
+    message: str
+
+
+class Estimate(BaseModel):
+    backend: str
+    circuits: int = Field(description="Circuits in the job (more than one for a sweep).")
+    qubits: int = Field(description="Most qubits any circuit uses.")
+    depth: int = Field(description="Greatest depth of any circuit.")
+    two_qubit_gates: int = Field(description="Two-qubit gates over all circuits.")
+    shots: int = Field(description="Shots per circuit.")
+    total_shots: int = Field(description="shots x circuits: what quotas count.")
+    cost_micro_usd: int = Field(description="Estimated cost in micro-dollars (1 USD = 1,000,000).")
+    cost_usd: str = Field(description="The same cost for people, e.g. '$0.00'.")
+    fingerprint: str = Field(description="sha256 of the parsed circuit(s); equal for equal circuits.")
+    admitted: bool = Field(description="Whether submit_job would accept this job now.")
+    refusal: Refused | None = Field(default=None, description="When not admitted: the code and reason.")
+
+
+class Submitted(BaseModel):
+    job_id: str
+    state: str
+    uri: str = Field(description="Resource with the job's state; subscribe to it for updates.")
+    estimate: Estimate
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+
+
+class JobResult(BaseModel):
+    counts: list[dict[str, dict[str, int]]] = Field(
+        description="Per circuit, in submission order: classical register name -> {bitstring: count}."
+    )
+    truncated: bool = Field(
+        default=False, description="True when only the most frequent outcomes are shown; read `full_result_uri`."
+    )
+    full_result_uri: str | None = None
+
+
+class JobView(BaseModel):
+    job_id: str
+    name: str | None
+    backend: str
+    state: str = Field(description="pending_approval, queued, submitting, running, succeeded, failed, "
+                       "cancelled, rejected or expired.")
+    terminal: bool = Field(description="True once the job can no longer change.")
+    shots: int
+    circuits: int
+    qubits: int
+    depth: int
+    fingerprint: str
+    estimate_micro_usd: int
+    created_at: str
+    updated_at: str
+    started_at: str | None
+    finished_at: str | None
+    attempts: int = Field(description="Provider submissions tried, retries included.")
+    error: JobError | None = None
+    result: JobResult | None = None
+    uri: str
+
+
+class JobSummary(BaseModel):
+    job_id: str
+    name: str | None
+    backend: str
+    state: str
+    shots: int
+    circuits: int
+    created_at: str
+    uri: str
+
+
+class JobPage(BaseModel):
+    jobs: list[JobSummary]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next (older) page; None at the end.")
+
+
+class StateCount(BaseModel):
+    state: str
+    jobs: int
+    shots: int = Field(description="shots x circuits over those jobs.")
+
+
+class Usage(BaseModel):
+    agent: str
+    project: str
+    by_state: list[StateCount]
+    total_jobs: int
+    total_shots: int
+
+
+class PolicyView(BaseModel):
+    agent: str
+    project: str
+    scopes: list[str]
+    allowed_backends: list[str]
+    max_qubits: int
+    max_depth: int
+    max_shots: int
+    max_circuits: int
+    max_source_kb: int

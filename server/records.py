@@ -1,0 +1,120 @@
+"""The rows the store keeps, as typed records shared by the service, the worker and the CLI."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from qpu_gateway.jobs import JobState
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRecord:
+    id: str
+    secret_hash: str
+    agent: str
+    project: str
+    scopes: frozenset[str]
+    created_at: float
+    expires_at: float | None = None
+    revoked_at: float | None = None
+    last_used_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NewJob:
+    """A job as admission builds it, before the store gives it a queue position."""
+
+    id: str
+    agent: str
+    project: str
+    key_id: str
+    name: str | None
+    backend: str
+    shots: int
+    circuits: tuple[str, ...]
+    qubits: int
+    depth: int
+    two_qubit_gates: int
+    fingerprint: str
+    estimate_micro_usd: int
+    state: JobState
+
+
+@dataclass(frozen=True, slots=True)
+class JobRecord:
+    seq: int
+    id: str
+    agent: str
+    project: str
+    key_id: str
+    name: str | None
+    backend: str
+    shots: int
+    circuits: tuple[str, ...]
+    n_circuits: int
+    qubits: int
+    depth: int
+    two_qubit_gates: int
+    fingerprint: str
+    estimate_micro_usd: int
+    state: JobState
+    version: int
+    attempts: int
+    runs: int
+    created_at: float
+    updated_at: float
+    started_at: float | None
+    finished_at: float | None
+    lease_owner: str | None
+    lease_expires: float | None
+    provider_ref: str | None
+    result: tuple[dict[str, dict[str, int]], ...] | None
+    error_code: str | None
+    error_message: str | None
+
+    @classmethod
+    def from_row(cls, row: Any) -> JobRecord:
+        data = dict(row)
+        data["circuits"] = tuple(json.loads(data["circuits"]))
+        data["state"] = JobState(data["state"])
+        data["result"] = None if data["result"] is None else tuple(json.loads(data["result"]))
+        return cls(**data)
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    """One decision: who, what, with which arguments (hashed), and how it ended."""
+
+    tool: str
+    decision: str  # ok | refused | error | event
+    agent: str | None = None
+    project: str | None = None
+    key_id: str | None = None
+    error_code: str | None = None
+    args_hash: str | None = None
+    job_id: str | None = None
+    detail: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRecord:
+    seq: int
+    at: float
+    agent: str | None
+    project: str | None
+    key_id: str | None
+    tool: str
+    decision: str
+    error_code: str | None
+    args_hash: str | None
+    job_id: str | None
+    detail: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class StateUsage:
+    state: JobState
+    jobs: int
+    shots: int

@@ -1,0 +1,371 @@
+"""The gateway's operations, one function per tool: what an agent can do, with policy applied.
+
+Handlers in `server.app` stay thin: they parse arguments, call one function here with the
+caller's `Principal`, and return its model. Errors are raised as coded `GatewayError`s.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import anyio
+
+from qpu_gateway import models
+from qpu_gateway.adapters import qasm, sdk_thread
+from qpu_gateway.adapters.aer import BACKEND_ID as DEFAULT_BACKEND
+from qpu_gateway.adapters.base import AdapterError, ProviderRef
+from qpu_gateway.circuits import CircuitFacts, combined_fingerprint, inspect_sources
+from qpu_gateway.errors import Conflict, InvalidArguments, NotFound, UnsupportedBackend, from_refusal
+from qpu_gateway.events import job_uri
+from qpu_gateway.jobs import TERMINAL, JobState
+from qpu_gateway.keys import Principal
+from qpu_gateway.policy.admission import JobFacts, backend_allowed, check_job
+from qpu_gateway.policy.decisions import Refusal
+from qpu_gateway.policy.pricing import estimate_cost_micro_usd, format_usd
+from qpu_gateway.providers import price_of
+from qpu_gateway.records import AuditEntry, JobRecord, NewJob
+from qpu_gateway.runtime import Gateway
+
+_JOB_ID = re.compile(r"^job_[0-9a-f]{20}$")
+# Results bigger than this are summarised in get_job; the job resource always has every count.
+MAX_INLINE_CIRCUITS = 20
+MAX_INLINE_OUTCOMES = 64
+MAX_LIST_LIMIT = 100
+Progress = Callable[[float, str], Awaitable[None]]
+
+
+def iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+# -- backends ---------------------------------------------------------------------------------
+
+
+async def list_backends(gw: Gateway, who: Principal) -> models.BackendList:
+    rules = gw.policy.rules_for(agent=who.agent, project=who.project)
+    infos = []
+    for backend in await gw.providers.backends():
+        price = price_of(backend.id)
+        allowed = backend_allowed(rules, backend.id)
+        infos.append(
+            models.BackendInfo(
+                id=backend.id,
+                provider=backend.provider,
+                name=backend.name,
+                qubits=backend.qubits,
+                simulator=backend.simulator,
+                status=backend.status,
+                max_shots=backend.max_shots,
+                queue_depth=backend.queue_depth,
+                price_model=price.describe() if price else "unknown",
+                allowed=allowed,
+                reason=backend.reason or (None if allowed else "not allowed by your policy"),
+            )
+        )
+    return models.BackendList(backends=infos, default_backend=DEFAULT_BACKEND)
+
+
+# -- estimate and submit ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Assessment:
+    backend: str
+    shots: int
+    sources: tuple[str, ...]
+    facts: list[CircuitFacts]
+    cost_micro_usd: int
+    refusal: Refusal | None
+
+    def estimate(self) -> models.Estimate:
+        return models.Estimate(
+            backend=self.backend,
+            circuits=len(self.facts),
+            qubits=max(f.qubits for f in self.facts),
+            depth=max(f.depth for f in self.facts),
+            two_qubit_gates=sum(f.two_qubit_gates for f in self.facts),
+            shots=self.shots,
+            total_shots=self.shots * len(self.facts),
+            cost_micro_usd=self.cost_micro_usd,
+            cost_usd=format_usd(self.cost_micro_usd),
+            fingerprint=combined_fingerprint(self.facts),
+            admitted=self.refusal is None,
+            refusal=None if self.refusal is None else models.Refused(code=self.refusal.code,
+                                                                      message=self.refusal.message),
+        )
+
+
+def circuit_sources(circuit: str | None, circuits: list[str] | None) -> tuple[str, ...]:
+    """Exactly one of `circuit` (one program) or `circuits` (a sweep) must be given."""
+    if (circuit is None) == (circuits is None):
+        raise InvalidArguments("Pass exactly one of `circuit` (one OpenQASM program) or `circuits` (a list).")
+    sources = (circuit,) if circuit is not None else tuple(circuits or ())
+    if not sources:
+        raise InvalidArguments("`circuits` is empty; pass at least one OpenQASM program.")
+    return sources
+
+
+async def assess(gw: Gateway, who: Principal, sources: tuple[str, ...], backend: str, shots: int) -> Assessment:
+    """Validate and price a job; a refusal by the per-job caps is returned, not raised."""
+    rules = gw.policy.rules_for(agent=who.agent, project=who.project)
+    target = await gw.providers.backend(backend) if len(backend) <= 200 else None
+    if target is None or target.status == "unavailable":
+        known = ", ".join(b.id for b in await gw.providers.backends() if b.status != "unavailable")
+        raise UnsupportedBackend(f"Unknown or unavailable backend {backend[:200]!r}. Available: {known}.")
+    price = price_of(backend)
+    if price is None:
+        raise UnsupportedBackend(f"No price is known for {backend}, so it cannot be admitted.")
+    early = check_job(
+        rules,
+        JobFacts(backend=backend, shots=shots, circuits=len(sources), max_qubits=0, max_depth=0,
+                 backend_qubits=None, backend_max_shots=target.max_shots),
+    )
+    if early is not None and early.rule in ("allowed_backends", "max_circuits", "max_shots"):
+        raise from_refusal(early)
+    qubit_cap = min(rules.max_qubits, target.qubits or rules.max_qubits)
+    facts = await sdk_thread.run_sync(lambda: inspect_sources(list(sources), max_qubits=qubit_cap))
+    refusal = check_job(
+        rules,
+        JobFacts(backend=backend, shots=shots, circuits=len(facts), max_qubits=max(f.qubits for f in facts),
+                 max_depth=max(f.depth for f in facts), backend_qubits=target.qubits,
+                 backend_max_shots=target.max_shots),
+    )
+    cost = estimate_cost_micro_usd(price, shots=shots, circuits=len(facts))
+    return Assessment(backend, shots, sources, facts, cost, refusal)
+
+
+async def estimate_job(
+    gw: Gateway, who: Principal, sources: tuple[str, ...], backend: str, shots: int
+) -> models.Estimate:
+    return (await assess(gw, who, sources, backend, shots)).estimate()
+
+
+async def submit_job(
+    gw: Gateway, who: Principal, sources: tuple[str, ...], backend: str, shots: int, name: str | None,
+    audit: AuditEntry,
+) -> models.Submitted:
+    """Admit and durably queue a job; the job row and its audit row are one transaction."""
+    if name is not None and len(name) > 200:
+        raise InvalidArguments("`name` is limited to 200 characters.")
+    assessment = await assess(gw, who, sources, backend, shots)
+    if assessment.refusal is not None:
+        raise from_refusal(assessment.refusal)
+    facts = assessment.facts
+    job = NewJob(
+        id=f"job_{secrets.token_hex(10)}",
+        agent=who.agent,
+        project=who.project,
+        key_id=who.key_id,
+        name=name,
+        backend=backend,
+        shots=shots,
+        circuits=assessment.sources,
+        qubits=max(f.qubits for f in facts),
+        depth=max(f.depth for f in facts),
+        two_qubit_gates=sum(f.two_qubit_gates for f in facts),
+        fingerprint=combined_fingerprint(facts),
+        estimate_micro_usd=assessment.cost_micro_usd,
+        state=JobState.QUEUED,
+    )
+    stored = await gw.store.insert_job(job, _with_job(audit, job.id), time.time())
+    gw.workers.wake()
+    await gw.events.job_changed(stored.id, stored.version)
+    return models.Submitted(
+        job_id=stored.id, state=stored.state.value, uri=job_uri(stored.id), estimate=assessment.estimate()
+    )
+
+
+def _with_job(audit: AuditEntry, job_id: str) -> AuditEntry:
+    return AuditEntry(
+        tool=audit.tool, decision="ok", agent=audit.agent, project=audit.project, key_id=audit.key_id,
+        args_hash=audit.args_hash, job_id=job_id, detail=audit.detail,
+    )
+
+
+# -- reading jobs -----------------------------------------------------------------------------
+
+
+async def owned_job(gw: Gateway, who: Principal, job_id: str) -> JobRecord:
+    """The caller's job; another agent's job answers exactly like one that never existed."""
+    job = await gw.store.get_job(job_id) if _JOB_ID.match(job_id) else None
+    if job is None or job.agent != who.agent:
+        raise NotFound(f"No job {job_id[:64]!r} among yours. list_jobs shows the jobs you own.")
+    return job
+
+
+def job_view(job: JobRecord, *, full: bool = False) -> models.JobView:
+    result = None
+    if job.result is not None:
+        result = _result_view(job, full=full)
+    error = None
+    if job.error_code is not None:
+        error = models.JobError(code=job.error_code, message=job.error_message or "")
+    return models.JobView(
+        job_id=job.id,
+        name=job.name,
+        backend=job.backend,
+        state=job.state.value,
+        terminal=job.state in TERMINAL,
+        shots=job.shots,
+        circuits=job.n_circuits,
+        qubits=job.qubits,
+        depth=job.depth,
+        fingerprint=job.fingerprint,
+        estimate_micro_usd=job.estimate_micro_usd,
+        created_at=iso(job.created_at) or "",
+        updated_at=iso(job.updated_at) or "",
+        started_at=iso(job.started_at),
+        finished_at=iso(job.finished_at),
+        attempts=job.attempts,
+        error=error,
+        result=result,
+        uri=job_uri(job.id),
+    )
+
+
+def _result_view(job: JobRecord, *, full: bool) -> models.JobResult:
+    counts = [dict(c) for c in job.result or ()]
+    too_big = len(counts) > MAX_INLINE_CIRCUITS or any(
+        len(outcomes) > MAX_INLINE_OUTCOMES for circuit in counts for outcomes in circuit.values()
+    )
+    if full or not too_big:
+        return models.JobResult(counts=counts)
+    summary = [
+        {
+            register: dict(sorted(outcomes.items(), key=lambda kv: (-kv[1], kv[0]))[:MAX_INLINE_OUTCOMES])
+            for register, outcomes in circuit.items()
+        }
+        for circuit in counts[:MAX_INLINE_CIRCUITS]
+    ]
+    return models.JobResult(counts=summary, truncated=True, full_result_uri=job_uri(job.id))
+
+
+async def get_job(gw: Gateway, who: Principal, job_id: str) -> models.JobView:
+    return job_view(await owned_job(gw, who, job_id))
+
+
+async def wait_for_job(
+    gw: Gateway, who: Principal, job_id: str, timeout_s: float, progress: Progress
+) -> models.JobView:
+    """Return once the job is terminal or `timeout_s` passes, reporting each state change."""
+    if not 0 <= timeout_s <= 600:
+        raise InvalidArguments("timeout_s must be between 0 and 600 seconds; call again to keep waiting.")
+    job = await owned_job(gw, who, job_id)
+    deadline = anyio.current_time() + timeout_s
+    changes = 0
+    last_state: JobState | None = None
+    gw.events.watch(job.id, job.version)
+    try:
+        while True:
+            if job.state != last_state:
+                changes += 1
+                last_state = job.state
+                await progress(changes, f"job {job.id} is {job.state.value}")
+            remaining = deadline - anyio.current_time()
+            if job.state in TERMINAL or remaining <= 0:
+                return job_view(job)
+            changed = gw.events.changed_event(job.id)
+            # Re-read at least every poll interval: another process may have moved the job.
+            with anyio.move_on_after(min(remaining, max(gw.config.poll_interval_s, 0.05))):
+                await changed.wait()
+            job = await owned_job(gw, who, job_id)
+    finally:
+        gw.events.unwatch(job.id)
+
+
+async def cancel_job(gw: Gateway, who: Principal, job_id: str) -> models.JobView:
+    job = await owned_job(gw, who, job_id)
+    if job.state in TERMINAL:
+        raise Conflict(f"Job {job.id} already ended ({job.state.value}); there is nothing to cancel.",
+                       job_id=job.id)
+    moved = await gw.store.transition(
+        job.id, JobState.CANCELLED, time.time(),
+        fields={"finished_at": time.time(), "lease_owner": None, "lease_expires": None},
+        audit=AuditEntry(tool="job.cancelled", decision="event", key_id=who.key_id, detail="cancelled by its agent"),
+    )
+    if moved is None:  # it ended between our read and the update
+        latest = await owned_job(gw, who, job_id)
+        raise Conflict(f"Job {job.id} already ended ({latest.state.value}).", job_id=job.id)
+    gw.workers.stop_local(job.id)
+    if job.provider_ref is not None:
+        adapter = gw.providers.adapter_for(job.backend)
+        if adapter is not None:
+            try:
+                await adapter.cancel(ProviderRef(job.provider_ref))
+            except AdapterError:
+                pass  # the job is cancelled on our side; the provider may still finish it
+    await gw.events.job_changed(moved.id, moved.version)
+    return job_view(moved)
+
+
+def _encode_cursor(seq: int) -> str:
+    return base64.urlsafe_b64encode(f"seq:{seq}".encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> int:
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        if text.startswith("seq:"):
+            return int(text[4:])
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        pass
+    raise InvalidArguments("`cursor` is not one list_jobs returned; omit it to start from the newest job.")
+
+
+async def list_jobs(
+    gw: Gateway, who: Principal, state: str | None, limit: int, cursor: str | None
+) -> models.JobPage:
+    if not 1 <= limit <= MAX_LIST_LIMIT:
+        raise InvalidArguments(f"limit must be between 1 and {MAX_LIST_LIMIT}.")
+    try:
+        state_filter = JobState(state) if state is not None else None
+    except ValueError:
+        raise InvalidArguments(
+            f"Unknown state; use one of {', '.join(s.value for s in JobState)}."
+        ) from None
+    before = _decode_cursor(cursor) if cursor else None
+    rows = await gw.store.list_jobs(agent=who.agent, state=state_filter, limit=limit + 1, before_seq=before)
+    page = rows[:limit]
+    jobs = [
+        models.JobSummary(
+            job_id=j.id, name=j.name, backend=j.backend, state=j.state.value, shots=j.shots,
+            circuits=j.n_circuits, created_at=iso(j.created_at) or "", uri=job_uri(j.id),
+        )
+        for j in page
+    ]
+    return models.JobPage(jobs=jobs, next_cursor=_encode_cursor(page[-1].seq) if len(rows) > limit else None)
+
+
+async def get_usage(gw: Gateway, who: Principal) -> models.Usage:
+    rows = await gw.store.usage_by_state(who.agent)
+    return models.Usage(
+        agent=who.agent,
+        project=who.project,
+        by_state=[models.StateCount(state=r.state.value, jobs=r.jobs, shots=r.shots) for r in rows],
+        total_jobs=sum(r.jobs for r in rows),
+        total_shots=sum(r.shots for r in rows),
+    )
+
+
+def policy_view(gw: Gateway, who: Principal) -> models.PolicyView:
+    rules = gw.policy.rules_for(agent=who.agent, project=who.project)
+    return models.PolicyView(
+        agent=who.agent,
+        project=who.project,
+        scopes=sorted(who.scopes),
+        allowed_backends=list(rules.allowed_backends),
+        max_qubits=rules.max_qubits,
+        max_depth=rules.max_depth,
+        max_shots=rules.max_shots,
+        max_circuits=rules.max_circuits,
+        max_source_kb=qasm.MAX_SOURCE_BYTES // 1024,
+    )

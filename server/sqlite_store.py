@@ -1,0 +1,414 @@
+"""The SQLite store: one aiosqlite connection per process, WAL, short IMMEDIATE transactions.
+
+Several gateway processes may share one database file (every Claude Code session starts its
+own stdio server). Every write takes SQLite's write lock up front (`BEGIN IMMEDIATE`), so a
+claim is a single guarded UPDATE that two processes can never both win.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Iterable, Mapping
+from contextlib import asynccontextmanager
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+import anyio
+
+from qpu_gateway.jobs import JobState, sources_of
+from qpu_gateway.records import AuditEntry, AuditRecord, JobRecord, KeyRecord, NewJob, StateUsage
+from qpu_gateway.store import StoreError
+
+_JOB_COLUMNS = (
+    "seq, id, agent, project, key_id, name, backend, shots, circuits, n_circuits, qubits, depth, "
+    "two_qubit_gates, fingerprint, estimate_micro_usd, state, version, attempts, runs, created_at, "
+    "updated_at, started_at, finished_at, lease_owner, lease_expires, provider_ref, result, "
+    "error_code, error_message"
+)
+# Columns a transition may set besides the state; anything else is a programming error.
+_SETTABLE = frozenset(
+    {"started_at", "finished_at", "provider_ref", "result", "error_code", "error_message", "lease_owner",
+     "lease_expires"}
+)
+_BUSY_TIMEOUT_MS = 10_000
+
+
+def _store_error(exc: sqlite3.Error) -> StoreError:
+    text = str(exc).lower()
+    if "locked" in text or "busy" in text:
+        return StoreError("The gateway database is busy (another process holds its write lock); try again shortly.")
+    if "readonly" in text or "read-only" in text:
+        return StoreError("The gateway database is read-only; the operator must fix its file permissions.")
+    if "full" in text:
+        return StoreError("The disk holding the gateway database is full; nothing was written.")
+    return StoreError(f"database error: {exc}")
+
+
+class SqliteStore:
+    def __init__(self, conn: aiosqlite.Connection) -> None:
+        self._conn = conn
+        # One connection per process: statements of one transaction must not interleave with
+        # another task's, so every use of the connection holds this lock.
+        self._lock = anyio.Lock()
+
+    @classmethod
+    async def open(cls, path: Path) -> SqliteStore:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            conn = await aiosqlite.connect(str(path), isolation_level=None, timeout=_BUSY_TIMEOUT_MS / 1000)
+            conn.row_factory = aiosqlite.Row
+            await conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+            await conn.execute("PRAGMA journal_mode = WAL")
+            # FULL: a job reported as queued survives power loss, not only a process crash.
+            await conn.execute("PRAGMA synchronous = FULL")
+        except sqlite3.Error as exc:
+            raise _store_error(exc) from None
+        return cls(conn)
+
+    async def close(self) -> None:
+        await self._conn.close()
+
+    @asynccontextmanager
+    async def _read(self) -> AsyncIterator[aiosqlite.Connection]:
+        async with self._lock:
+            try:
+                yield self._conn
+            except sqlite3.Error as exc:
+                raise _store_error(exc) from None
+
+    @asynccontextmanager
+    async def _write(self) -> AsyncIterator[aiosqlite.Connection]:
+        """A write transaction: all or nothing, holding SQLite's write lock from the start."""
+        async with self._lock:
+            try:
+                await self._conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise _store_error(exc) from None
+            try:
+                yield self._conn
+            except BaseException as exc:
+                with anyio.CancelScope(shield=True):
+                    await self._conn.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.Error):
+                    raise _store_error(exc) from None
+                raise
+            else:
+                try:
+                    with anyio.CancelScope(shield=True):
+                        await self._conn.execute("COMMIT")
+                except sqlite3.Error as exc:
+                    await self._conn.execute("ROLLBACK")
+                    raise _store_error(exc) from None
+
+    # -- migrations -------------------------------------------------------------------------
+
+    async def migrate(self) -> list[str]:
+        applied: list[str] = []
+        scripts = sorted(
+            (entry.name, entry.read_text(encoding="utf-8"))
+            for entry in resources.files("qpu_gateway.migrations").iterdir()
+            if entry.name.endswith(".sql")
+        )
+        async with self._write() as db:
+            await db.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations (name TEXT PRIMARY KEY, applied_at REAL NOT NULL)"
+            )
+            done = {row[0] for row in await db.execute_fetchall("SELECT name FROM schema_migrations")}
+            for name, script in scripts:
+                if name in done:
+                    continue
+                for statement in _statements(script):
+                    await db.execute(statement)
+                await db.execute(
+                    "INSERT INTO schema_migrations (name, applied_at) VALUES (?, ?)", (name, time.time())
+                )
+                applied.append(name)
+        return applied
+
+    # -- keys -------------------------------------------------------------------------------
+
+    async def insert_key(self, key: KeyRecord) -> None:
+        async with self._write() as db:
+            await db.execute(
+                "INSERT INTO keys (id, secret_hash, agent, project, scopes, created_at, expires_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (key.id, key.secret_hash, key.agent, key.project, ",".join(sorted(key.scopes)), key.created_at,
+                 key.expires_at),
+            )
+
+    async def key_by_id(self, key_id: str) -> KeyRecord | None:
+        async with self._read() as db:
+            rows = list(await db.execute_fetchall("SELECT * FROM keys WHERE id = ?", (key_id,)))
+        return _key(rows[0]) if rows else None
+
+    async def list_keys(self) -> list[KeyRecord]:
+        async with self._read() as db:
+            rows = await db.execute_fetchall("SELECT * FROM keys ORDER BY created_at, id")
+        return [_key(row) for row in rows]
+
+    async def revoke_key(self, key_id: str, now: float) -> bool:
+        async with self._write() as db:
+            cursor = await db.execute(
+                "UPDATE keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL", (now, key_id)
+            )
+            return cursor.rowcount == 1
+
+    async def key_count(self) -> int:
+        async with self._read() as db:
+            rows = list(await db.execute_fetchall("SELECT count(*) FROM keys"))
+        return int(rows[0][0])
+
+    # -- jobs -------------------------------------------------------------------------------
+
+    async def insert_job(self, job: NewJob, audit: AuditEntry, now: float) -> JobRecord:
+        async with self._write() as db:
+            cursor = await db.execute(
+                "INSERT INTO jobs (id, agent, project, key_id, name, backend, shots, circuits, n_circuits, "
+                "qubits, depth, two_qubit_gates, fingerprint, estimate_micro_usd, state, created_at, updated_at) "
+                f"VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING {_JOB_COLUMNS}",
+                (job.id, job.agent, job.project, job.key_id, job.name, job.backend, job.shots,
+                 json.dumps(list(job.circuits)), len(job.circuits), job.qubits, job.depth, job.two_qubit_gates,
+                 job.fingerprint, job.estimate_micro_usd, job.state.value, now, now),
+            )
+            row = await cursor.fetchone()
+            await _insert_audit(db, audit, now)
+        assert row is not None
+        return JobRecord.from_row(row)
+
+    async def get_job(self, job_id: str) -> JobRecord | None:
+        async with self._read() as db:
+            rows = list(await db.execute_fetchall(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)))
+        return JobRecord.from_row(rows[0]) if rows else None
+
+    async def list_jobs(
+        self, *, agent: str | None, state: JobState | None, limit: int, before_seq: int | None
+    ) -> list[JobRecord]:
+        clauses, params = [], []
+        if agent is not None:
+            clauses.append("agent = ?")
+            params.append(agent)
+        if state is not None:
+            clauses.append("state = ?")
+            params.append(state.value)
+        if before_seq is not None:
+            clauses.append("seq < ?")
+            params.append(before_seq)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        async with self._read() as db:
+            rows = await db.execute_fetchall(
+                f"SELECT {_JOB_COLUMNS} FROM jobs {where} ORDER BY seq DESC LIMIT ?", (*params, limit)
+            )
+        return [JobRecord.from_row(row) for row in rows]
+
+    async def claim(
+        self, providers: Iterable[str], busy_backends: Iterable[str], owner: str, lease_s: float, now: float
+    ) -> JobRecord | None:
+        prefixes = [f"{p}/" for p in sorted(set(providers))]
+        if not prefixes:
+            return None
+        busy = sorted(set(busy_backends))
+        match_provider = " OR ".join("substr(backend, 1, ?) = ?" for _ in prefixes)
+        provider_params = [x for p in prefixes for x in (len(p), p)]
+        skip_busy = f"AND backend NOT IN ({', '.join('?' for _ in busy)})" if busy else ""
+        async with self._write() as db:
+            # A queued job becomes `submitting`; a job whose worker stopped heartbeating keeps
+            # its state (submitting or running) and changes hands, so a provider job already
+            # accepted is polled again rather than sent twice.
+            cursor = await db.execute(
+                f"""
+                UPDATE jobs SET
+                    state = CASE WHEN state = 'queued' THEN 'submitting' ELSE state END,
+                    lease_owner = ?, lease_expires = ?, version = version + 1, updated_at = ?,
+                    runs = runs + 1, started_at = COALESCE(started_at, ?)
+                WHERE seq = (
+                    SELECT seq FROM jobs
+                    WHERE (state = 'queued' OR (state IN ('submitting', 'running') AND lease_expires < ?))
+                      AND ({match_provider}) {skip_busy}
+                    ORDER BY seq LIMIT 1)
+                RETURNING {_JOB_COLUMNS}
+                """,
+                (owner, now + lease_s, now, now, now, *provider_params, *busy),
+            )
+            row = await cursor.fetchone()
+            if row is not None:
+                job = JobRecord.from_row(row)
+                await _insert_audit(
+                    db,
+                    AuditEntry(tool="job.claimed", decision="event", agent=job.agent, project=job.project,
+                               job_id=job.id, detail=f"worker {owner}, run {job.runs}"),
+                    now,
+                )
+                return job
+        return None
+
+    async def heartbeat(self, job_ids: Iterable[str], owner: str, until: float) -> set[str]:
+        ids = list(job_ids)
+        if not ids:
+            return set()
+        marks = ", ".join("?" for _ in ids)
+        async with self._write() as db:
+            cursor = await db.execute(
+                f"UPDATE jobs SET lease_expires = ? WHERE lease_owner = ? AND id IN ({marks}) "
+                "AND state IN ('submitting', 'running') RETURNING id",
+                (until, owner, *ids),
+            )
+            rows = await cursor.fetchall()
+        return {row[0] for row in rows}
+
+    async def record_attempt(self, job_id: str, owner: str) -> None:
+        async with self._write() as db:
+            await db.execute(
+                "UPDATE jobs SET attempts = attempts + 1 WHERE id = ? AND lease_owner = ?", (job_id, owner)
+            )
+
+    async def transition(
+        self,
+        job_id: str,
+        new: JobState,
+        now: float,
+        *,
+        owner: str | None = None,
+        fields: Mapping[str, Any] | None = None,
+        audit: AuditEntry | None = None,
+    ) -> JobRecord | None:
+        values = dict(fields or {})
+        unknown = set(values) - _SETTABLE
+        if unknown:
+            raise ValueError(f"transition cannot set {sorted(unknown)}")
+        if "result" in values and values["result"] is not None:
+            values["result"] = json.dumps(values["result"])
+        sets = "".join(f", {name} = ?" for name in values)
+        sources = sorted(s.value for s in sources_of(new))
+        marks = ", ".join("?" for _ in sources)
+        owner_clause = " AND lease_owner = ?" if owner is not None else ""
+        async with self._write() as db:
+            cursor = await db.execute(
+                f"UPDATE jobs SET state = ?, version = version + 1, updated_at = ?{sets} "
+                f"WHERE id = ? AND state IN ({marks}){owner_clause} RETURNING {_JOB_COLUMNS}",
+                (new.value, now, *values.values(), job_id, *sources, *([owner] if owner is not None else [])),
+            )
+            row = await cursor.fetchone()
+            if row is None:
+                return None
+            job = JobRecord.from_row(row)
+            entry = audit or AuditEntry(tool=f"job.{new.value}", decision="event")
+            await _insert_audit(
+                db,
+                AuditEntry(
+                    tool=entry.tool, decision=entry.decision, agent=entry.agent or job.agent,
+                    project=entry.project or job.project, key_id=entry.key_id, error_code=entry.error_code
+                    or job.error_code, args_hash=entry.args_hash, job_id=job.id, detail=entry.detail,
+                ),
+                now,
+            )
+        return job
+
+    async def release_lease(self, job_id: str, owner: str, *, requeue: bool, now: float) -> bool:
+        async with self._write() as db:
+            if requeue:
+                cursor = await db.execute(
+                    "UPDATE jobs SET state = 'queued', lease_owner = NULL, lease_expires = NULL, "
+                    "provider_ref = NULL, version = version + 1, updated_at = ? "
+                    "WHERE id = ? AND lease_owner = ? AND state IN ('submitting', 'running')",
+                    (now, job_id, owner),
+                )
+            else:
+                cursor = await db.execute(
+                    "UPDATE jobs SET lease_owner = NULL, lease_expires = NULL WHERE id = ? AND lease_owner = ?",
+                    (job_id, owner),
+                )
+            return cursor.rowcount == 1
+
+    async def hand_back(self, owner: str, now: float) -> int:
+        async with self._write() as db:
+            # Not yet at the provider: back in the queue. Already at the provider: keep the
+            # reference and drop the lease, so the next worker polls instead of resubmitting.
+            first = await db.execute(
+                "UPDATE jobs SET state = 'queued', lease_owner = NULL, lease_expires = NULL, "
+                "version = version + 1, updated_at = ? "
+                "WHERE lease_owner = ? AND state IN ('submitting', 'running') AND provider_ref IS NULL",
+                (now, owner),
+            )
+            second = await db.execute(
+                "UPDATE jobs SET lease_owner = NULL, lease_expires = 0, version = version + 1, updated_at = ? "
+                "WHERE lease_owner = ? AND state IN ('submitting', 'running')",
+                (now, owner),
+            )
+            return (first.rowcount or 0) + (second.rowcount or 0)
+
+    async def job_versions(self, job_ids: Iterable[str]) -> dict[str, int]:
+        ids = list(job_ids)
+        if not ids:
+            return {}
+        marks = ", ".join("?" for _ in ids)
+        async with self._read() as db:
+            rows = await db.execute_fetchall(f"SELECT id, version FROM jobs WHERE id IN ({marks})", ids)
+        return {row[0]: int(row[1]) for row in rows}
+
+    async def usage_by_state(self, agent: str) -> list[StateUsage]:
+        async with self._read() as db:
+            rows = await db.execute_fetchall(
+                "SELECT state, count(*), coalesce(sum(shots * n_circuits), 0) FROM jobs WHERE agent = ? "
+                "GROUP BY state ORDER BY state",
+                (agent,),
+            )
+        return [StateUsage(JobState(row[0]), int(row[1]), int(row[2])) for row in rows]
+
+    # -- audit ------------------------------------------------------------------------------
+
+    async def append_audit(self, entry: AuditEntry, now: float) -> None:
+        async with self._write() as db:
+            await _insert_audit(db, entry, now)
+
+    async def audit_tail(
+        self, *, limit: int, job_id: str | None = None, agent: str | None = None, after_seq: int | None = None
+    ) -> list[AuditRecord]:
+        clauses, params = [], []
+        for column, value in (("job_id", job_id), ("agent", agent)):
+            if value is not None:
+                clauses.append(f"{column} = ?")
+                params.append(value)
+        if after_seq is not None:
+            clauses.append("seq > ?")
+            params.append(after_seq)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        async with self._read() as db:
+            rows = await db.execute_fetchall(
+                f"SELECT * FROM (SELECT * FROM audit {where} ORDER BY seq DESC LIMIT ?) ORDER BY seq",
+                (*params, limit),
+            )
+        return [AuditRecord(**dict(row)) for row in rows]
+
+
+async def _insert_audit(db: aiosqlite.Connection, entry: AuditEntry, now: float) -> None:
+    await db.execute(
+        "INSERT INTO audit (at, agent, project, key_id, tool, decision, error_code, args_hash, job_id, detail) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (now, entry.agent, entry.project, entry.key_id, entry.tool, entry.decision, entry.error_code,
+         entry.args_hash, entry.job_id, entry.detail),
+    )
+
+
+def _key(row: Any) -> KeyRecord:
+    data = dict(row)
+    data["scopes"] = frozenset(s for s in data["scopes"].split(",") if s)
+    return KeyRecord(**data)
+
+
+def _statements(script: str) -> list[str]:
+    """Split a migration into statements, keeping trigger bodies (which hold ';') whole."""
+    statements, buffer = [], ""
+    for line in script.splitlines(keepends=True):
+        if not buffer and (not line.strip() or line.lstrip().startswith("--")):
+            continue
+        buffer += line
+        if sqlite3.complete_statement(buffer):
+            statements.append(buffer.strip())
+            buffer = ""
+    if buffer.strip():
+        raise ValueError("migration ends in an incomplete statement")
+    return statements

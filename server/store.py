@@ -1,0 +1,106 @@
+"""The storage seam: one interface the service, worker and CLI use, whatever database is behind it.
+
+SQLite (`server.sqlite_store`) is the embedded default; PostgreSQL can serve the same schema
+later behind this same interface (claiming with `FOR UPDATE SKIP LOCKED`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+from qpu_gateway.jobs import JobState
+from qpu_gateway.records import AuditEntry, AuditRecord, JobRecord, KeyRecord, NewJob, StateUsage
+
+
+class StoreError(Exception):
+    """The database could not do what was asked (locked, read-only, full); safe to show."""
+
+
+class Store(Protocol):
+    async def close(self) -> None: ...
+
+    async def migrate(self) -> list[str]:
+        """Apply pending migrations; return the names applied."""
+        ...
+
+    # keys
+    async def insert_key(self, key: KeyRecord) -> None: ...
+    async def key_by_id(self, key_id: str) -> KeyRecord | None: ...
+    async def list_keys(self) -> list[KeyRecord]: ...
+    async def revoke_key(self, key_id: str, now: float) -> bool: ...
+    async def key_count(self) -> int: ...
+
+    # jobs
+    async def insert_job(self, job: NewJob, audit: AuditEntry, now: float) -> JobRecord:
+        """Store the job and its admission audit row in one transaction."""
+        ...
+
+    async def get_job(self, job_id: str) -> JobRecord | None: ...
+
+    async def list_jobs(
+        self, *, agent: str | None, state: JobState | None, limit: int, before_seq: int | None
+    ) -> list[JobRecord]: ...
+
+    async def claim(
+        self, providers: Iterable[str], busy_backends: Iterable[str], owner: str, lease_s: float, now: float
+    ) -> JobRecord | None:
+        """Take the oldest claimable job for one of `providers`, skipping `busy_backends`.
+
+        Claimable: queued, or leased by a worker that stopped heartbeating.
+        """
+        ...
+
+    async def heartbeat(self, job_ids: Iterable[str], owner: str, until: float) -> set[str]:
+        """Extend leases; return the ids this owner still holds."""
+        ...
+
+    async def record_attempt(self, job_id: str, owner: str) -> None: ...
+
+    async def transition(
+        self,
+        job_id: str,
+        new: JobState,
+        now: float,
+        *,
+        owner: str | None = None,
+        fields: Mapping[str, Any] | None = None,
+        audit: AuditEntry | None = None,
+    ) -> JobRecord | None:
+        """Move a job to `new` if the transition table allows it from its current state.
+
+        With `owner`, only while that worker holds the lease. Returns the updated job, or None
+        when the job was not in a state (or lease) that allows the move.
+        """
+        ...
+
+    async def release_lease(self, job_id: str, owner: str, *, requeue: bool, now: float) -> bool: ...
+
+    async def hand_back(self, owner: str, now: float) -> int:
+        """Give back every job `owner` holds (graceful shutdown): nothing is lost."""
+        ...
+
+    async def job_versions(self, job_ids: Iterable[str]) -> dict[str, int]: ...
+
+    async def usage_by_state(self, agent: str) -> list[StateUsage]: ...
+
+    # audit
+    async def append_audit(self, entry: AuditEntry, now: float) -> None: ...
+
+    async def audit_tail(
+        self, *, limit: int, job_id: str | None = None, agent: str | None = None, after_seq: int | None = None
+    ) -> list[AuditRecord]: ...
+
+
+async def open_store(path: Path) -> Store:
+    """Open (creating if needed) the SQLite store at `path` and bring its schema up to date."""
+    from qpu_gateway.sqlite_store import SqliteStore
+
+    store = await SqliteStore.open(path)
+    try:
+        await store.migrate()
+    except BaseException:
+        await store.close()
+        raise
+    return store

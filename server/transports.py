@@ -1,0 +1,97 @@
+"""Serving the gateway over stdio, Streamable HTTP or SSE, with the key each one carries.
+
+stdio: the key is `QPU_GATEWAY_KEY` in the server's environment (mcp.json's `env`).
+HTTP and SSE: `Authorization: Bearer KEY` on every request, checked by the SDK's token-verifier
+hook before any MCP work, and again per call by the gateway middleware.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import anyio
+from mcp.server.auth.middleware.auth_context import get_access_token
+from mcp.server.auth.provider import AccessToken
+from mcp.server.auth.settings import AuthSettings
+
+from qpu_gateway.app import build_server
+from qpu_gateway.config import ENV_KEY
+from qpu_gateway.errors import GatewayError
+from qpu_gateway.keys import authenticate
+from qpu_gateway.records import AuditEntry
+from qpu_gateway.runtime import Gateway
+from qpu_gateway.store import StoreError
+
+log = logging.getLogger(__name__)
+
+
+class GatewayTokenVerifier:
+    """The SDK's `TokenVerifier` over gateway keys: a bearer token is a gateway key."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    async def verify_token(self, token: str) -> AccessToken | None:
+        try:
+            who = await authenticate(self.gateway.store, token)
+        except (GatewayError, StoreError) as exc:
+            reason = exc.code if isinstance(exc, GatewayError) else "store_error"
+            try:
+                await self.gateway.store.append_audit(
+                    AuditEntry(tool="http.auth", decision="refused", error_code="unauthorized", detail=reason),
+                    time.time(),
+                )
+            except StoreError:
+                log.error("could not audit a refused HTTP request")
+            return None
+        return AccessToken(token=token, client_id=who.key_id, scopes=sorted(who.scopes), subject=who.agent)
+
+
+def bearer_key() -> str | None:
+    token = get_access_token()
+    return token.token if token is not None else None
+
+
+def stdio_key() -> str | None:
+    return os.environ.get(ENV_KEY)
+
+
+async def serve_stdio(gateway: Gateway) -> None:
+    mcp = build_server(gateway, stdio_key)
+    async with gateway.running():
+        await mcp.run_stdio_async()
+
+
+async def serve_http(gateway: Gateway, *, transport: str, host: str, port: int) -> None:
+    """Serve Streamable HTTP (`/mcp`) or SSE (`/sse`) on host:port until interrupted."""
+    import uvicorn
+
+    base = f"http://{_url_host(host)}:{port}"
+    path = "/mcp" if transport == "http" else "/sse"
+    auth = AuthSettings(
+        issuer_url=base,  # type: ignore[arg-type]  # pydantic parses the URL string
+        resource_server_url=f"{base}{path}",  # type: ignore[arg-type]
+        validate_token_resource=False,  # our tokens are gateway keys, not audience-bound OAuth tokens
+    )
+    mcp = build_server(gateway, bearer_key, token_verifier=GatewayTokenVerifier(gateway), auth=auth)
+    if transport == "http":
+        app = mcp.streamable_http_app(host=host)
+    else:
+        app = mcp.sse_app(host=host)
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", log_config=None, lifespan="on")
+    server = uvicorn.Server(config)
+    async with gateway.running():
+        await server.serve()
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def run(gateway: Gateway, *, transport: str, host: str, port: int) -> None:
+    if transport == "stdio":
+        anyio.run(serve_stdio, gateway)
+    else:
+        anyio.run(lambda: serve_http(gateway, transport=transport, host=host, port=port))

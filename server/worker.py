@@ -1,0 +1,233 @@
+"""Workers: claim queued jobs with a lease, run them through their adapter, settle the outcome.
+
+The verbs are the queue's: `claim` (a guarded UPDATE any process may win, never two),
+`heartbeat` (extend the lease every lease/3 while the job runs), `settle` (store the result or
+the failure, clear the lease). A worker that stops heartbeating (its process died) loses its
+jobs to any other process once the lease lapses.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import anyio
+import backoff
+
+from qpu_gateway.adapters.base import (
+    Adapter,
+    JobSpec,
+    PermanentError,
+    ProviderRef,
+    ProviderState,
+    QuotaError,
+    Result,
+    TransientError,
+)
+from qpu_gateway.config import Config
+from qpu_gateway.events import JobEvents
+from qpu_gateway.jobs import JobState
+from qpu_gateway.providers import Providers
+from qpu_gateway.records import AuditEntry, JobRecord
+from qpu_gateway.store import Store, StoreError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+POLL_START_S = 0.05
+POLL_MAX_S = 5.0
+
+
+class Workers:
+    def __init__(self, config: Config, store: Store, providers: Providers, events: JobEvents) -> None:
+        self.config = config
+        self.store = store
+        self.providers = providers
+        self.events = events
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        self._wake = anyio.Event()
+        self._in_flight: dict[str, anyio.CancelScope] = {}
+        self._per_backend: Counter[str] = Counter()
+
+    def wake(self) -> None:
+        """Look for work now (a job was just queued here) instead of at the next poll."""
+        self._wake.set()
+
+    def stop_local(self, job_id: str) -> bool:
+        """Stop running `job_id` in this process (it was cancelled); True if it was running here."""
+        scope = self._in_flight.get(job_id)
+        if scope is not None:
+            scope.cancel()
+        return scope is not None
+
+    async def run(self) -> None:
+        """Dispatch and heartbeat until cancelled; on the way out, hand every held job back."""
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._heartbeat_loop)
+                await self._dispatch_loop(tg)
+        finally:
+            with anyio.CancelScope(shield=True):
+                try:
+                    handed = await self.store.hand_back(self.owner, time.time())
+                except StoreError as exc:
+                    log.error("could not hand jobs back on shutdown: %s", exc)
+                else:
+                    if handed:
+                        log.info("handed %d job(s) back to the queue", handed)
+
+    async def _dispatch_loop(self, tg: anyio.abc.TaskGroup) -> None:
+        while True:
+            self._wake = anyio.Event()
+            while (job := await self._claim()) is not None:
+                scope = anyio.CancelScope()
+                self._in_flight[job.id] = scope
+                self._per_backend[job.backend] += 1
+                tg.start_soon(self._run, job, scope)
+            with anyio.move_on_after(self.config.poll_interval_s):
+                await self._wake.wait()
+
+    async def _claim(self) -> JobRecord | None:
+        busy = [b for b, n in self._per_backend.items() if n >= self.config.per_backend_concurrency]
+        try:
+            job = await self.store.claim(
+                self.providers.adapters, busy, self.owner, self.config.lease_s, time.time()
+            )
+        except StoreError as exc:
+            log.warning("cannot claim jobs: %s", exc)
+            return None
+        if job is not None:
+            await self.events.job_changed(job.id, job.version)
+        return job
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await anyio.sleep(self.config.lease_s / 3)
+            held = list(self._in_flight)
+            if not held:
+                continue
+            try:
+                still = await self.store.heartbeat(held, self.owner, time.time() + self.config.lease_s)
+            except StoreError as exc:
+                log.warning("heartbeat failed: %s", exc)
+                continue
+            for job_id in set(held) - still:
+                # Cancelled, or the lease went to another worker: stop without settling.
+                self.stop_local(job_id)
+
+    async def _run(self, job: JobRecord, scope: anyio.CancelScope) -> None:
+        try:
+            with scope:
+                await self._drive(job)
+        except Exception:
+            log.exception("worker failed on job %s", job.id)
+            with anyio.CancelScope(shield=True):
+                await self._settle_failure(job, "internal_error", "The gateway failed while running this job.")
+        finally:
+            self._in_flight.pop(job.id, None)
+            self._per_backend[job.backend] -= 1
+            if self._per_backend[job.backend] <= 0:
+                del self._per_backend[job.backend]
+            self.wake()
+
+    async def _drive(self, job: JobRecord) -> None:
+        adapter = self.providers.adapter_for(job.backend)
+        if adapter is None:
+            await self._settle_failure(job, "unsupported_backend", f"No adapter serves {job.backend} here.")
+            return
+        spec = JobSpec(job_id=job.id, backend=job.backend, circuits=job.circuits, shots=job.shots)
+        try:
+            if job.provider_ref is None:
+                ref = await self._with_retries(job, lambda: adapter.submit(spec), count_attempts=True)
+                moved = await self._move(job, JobState.RUNNING, provider_ref=ref.provider_job_id)
+                if moved is None:  # cancelled while it was being submitted
+                    await adapter.cancel(ref)
+                    return
+            else:
+                ref = ProviderRef(job.provider_ref)
+            outcome = await self._poll(job, adapter, ref)
+            if outcome is None:
+                return
+            await self._settle_success(job, outcome)
+        except QuotaError as exc:
+            await self._settle_failure(job, "quota_exhausted", f"The provider's quota is exhausted: {exc}")
+        except PermanentError as exc:
+            await self._settle_failure(job, "provider_error", str(exc))
+        except TransientError as exc:
+            await self._settle_failure(
+                job, "provider_error", f"Gave up after {self.config.retry_max_tries} attempts: {exc}"
+            )
+
+    async def _poll(self, job: JobRecord, adapter: Adapter, ref: ProviderRef) -> Result | None:
+        delay = POLL_START_S
+        while True:
+            status = await self._with_retries(job, lambda: adapter.status(ref), count_attempts=False)
+            if status.state is ProviderState.DONE:
+                return await self._with_retries(job, lambda: adapter.result(ref), count_attempts=False)
+            if status.state is ProviderState.FAILED:
+                raise PermanentError(status.message or "the provider reports the job failed")
+            if status.state is ProviderState.CANCELLED:
+                await self._move(job, JobState.CANCELLED, finished_at=time.time(), lease_owner=None)
+                return None
+            if status.state is ProviderState.UNKNOWN:
+                # The run was lost with the process that held it (local simulators only): queue again.
+                if await self.store.release_lease(job.id, self.owner, requeue=True, now=time.time()):
+                    version = await self.store.job_versions([job.id])
+                    await self.events.job_changed(job.id, version.get(job.id, 0))
+                    self.wake()
+                return None
+            await anyio.sleep(delay)
+            delay = min(delay * 2, POLL_MAX_S)
+
+    async def _with_retries(self, job: JobRecord, call: Callable[[], Awaitable[T]], *, count_attempts: bool) -> T:
+        """Retry `TransientError` with exponential backoff and full jitter, within the caps."""
+
+        @backoff.on_exception(
+            backoff.expo,
+            TransientError,
+            max_tries=self.config.retry_max_tries,
+            max_time=self.config.retry_max_time_s,
+            jitter=backoff.full_jitter,
+            factor=self.config.retry_base_s,
+            max_value=30,
+            on_backoff=lambda details: log.info(
+                "transient provider failure, retrying",
+                extra={"job_id": job.id, "try": details["tries"], "wait_s": round(details.get("wait", 0), 3)},
+            ),
+            logger=None,
+        )
+        async def attempt() -> T:
+            if count_attempts:
+                await self.store.record_attempt(job.id, self.owner)
+            return await call()
+
+        result: T = await attempt()
+        return result
+
+    async def _move(self, job: JobRecord, state: JobState, **fields: Any) -> JobRecord | None:
+        moved = await self.store.transition(job.id, state, time.time(), owner=self.owner, fields=fields)
+        if moved is not None:
+            await self.events.job_changed(moved.id, moved.version)
+        return moved
+
+    async def _settle_success(self, job: JobRecord, result: Result) -> None:
+        await self._move(
+            job, JobState.SUCCEEDED, result=[dict(c) for c in result.counts], finished_at=time.time(),
+            lease_owner=None, lease_expires=None,
+        )
+
+    async def _settle_failure(self, job: JobRecord, code: str, message: str) -> None:
+        moved = await self.store.transition(
+            job.id, JobState.FAILED, time.time(), owner=self.owner,
+            fields={"error_code": code, "error_message": message, "finished_at": time.time(),
+                    "lease_owner": None, "lease_expires": None},
+            audit=AuditEntry(tool="job.failed", decision="event", error_code=code, detail=message[:500]),
+        )
+        if moved is not None:
+            await self.events.job_changed(moved.id, moved.version)

@@ -1,0 +1,156 @@
+"""Test helpers: circuits, keys, and MCP clients over real transports (in-memory, stdio, HTTP)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx2
+from mcp import Client, StdioServerParameters
+from mcp.client.streamable_http import streamable_http_client
+
+from qpu_gateway.app import build_server
+from qpu_gateway.config import Config
+from qpu_gateway.keys import SCOPES, create_key
+from qpu_gateway.runtime import Gateway
+from qpu_gateway.store import open_store
+
+BELL2 = """OPENQASM 2.0;
+include "qelib1.inc";
+qreg q[2];
+creg c[2];
+h q[0];
+cx q[0], q[1];
+measure q -> c;
+"""
+
+BELL3 = """OPENQASM 3.0;
+include "stdgates.inc";
+qubit[2] q;
+bit[2] c;
+h q[0];
+cx q[0], q[1];
+c = measure q;
+"""
+
+ERAS = ["legacy", "2026-07-28"]
+
+
+async def new_key(
+    db_path: Path, agent: str, *, project: str = "default", scopes: str = ",".join(SCOPES)
+) -> str:
+    store = await open_store(db_path)
+    try:
+        _, key = await create_key(store, agent=agent, project=project, scopes=frozenset(scopes.split(",")))
+    finally:
+        await store.close()
+    return key
+
+
+@asynccontextmanager
+async def in_memory(gateway: Gateway, key: str | None, *, mode: str = "auto") -> AsyncIterator[Client]:
+    """A real MCP client session to the gateway's server object, in-process."""
+    server = build_server(gateway, lambda: key)
+    async with Client(server, mode=mode) as client:  # type: ignore[arg-type]
+        yield client
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def gateway_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "qpu_gateway", *args]
+
+
+def stdio_params(config: Config, key: str | None, **env: str) -> StdioServerParameters:
+    environment = {"QPU_GATEWAY_LEASE_S": str(config.lease_s), **env}
+    if key is not None:
+        environment["QPU_GATEWAY_KEY"] = key
+    return StdioServerParameters(
+        command=sys.executable,
+        args=[
+            "-m",
+            "qpu_gateway",
+            "serve",
+            "--transport",
+            "stdio",
+            "--db",
+            str(config.db_path),
+            "--policy",
+            str(config.policy_path),
+            "--log-level",
+            "warning",
+        ],
+        env=environment,
+    )
+
+
+@dataclass
+class HttpServer:
+    url: str
+    process: subprocess.Popen[bytes]
+    port: int
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_http_server(config: Config, transport: str = "http", **env: str) -> HttpServer:
+    """`qpu-gateway serve` as a real subprocess on a free loopback port; waits until it accepts."""
+    port = free_port()
+    process = subprocess.Popen(
+        gateway_cmd(
+            "serve",
+            "--transport",
+            transport,
+            "--port",
+            str(port),
+            "--db",
+            str(config.db_path),
+            "--policy",
+            str(config.policy_path),
+            "--log-level",
+            "warning",
+        ),
+        env={**os.environ, "QPU_GATEWAY_LEASE_S": str(config.lease_s), **env},
+        stdout=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                break
+        except OSError:
+            time.sleep(0.1)
+    else:
+        process.kill()
+        raise RuntimeError("server did not start listening")
+    path = "/mcp" if transport == "http" else "/sse"
+    return HttpServer(url=f"http://127.0.0.1:{port}{path}", process=process, port=port)
+
+
+@asynccontextmanager
+async def http_client(url: str, key: str | None, *, mode: str = "auto") -> AsyncIterator[Client]:
+    """A real MCP client over Streamable HTTP with the key as a bearer token."""
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    async with httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(30, read=300)) as http:
+        async with Client(streamable_http_client(url, http_client=http), mode=mode) as client:  # type: ignore[arg-type]
+            yield client

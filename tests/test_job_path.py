@@ -1,0 +1,40 @@
+"""The whole path of one job through a real MCP client session, on both protocol eras."""
+
+from __future__ import annotations
+
+import pytest
+
+from qpu_gateway.runtime import Gateway
+
+from .support import BELL2, BELL3, ERAS, in_memory
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.mark.parametrize("mode", ERAS)
+@pytest.mark.parametrize("source", [BELL2, BELL3], ids=["qasm2", "qasm3"])
+async def test_bell_circuit_is_estimated_submitted_run_and_counted(
+    gateway: Gateway, alice_key: str, mode: str, source: str
+) -> None:
+    async with in_memory(gateway, alice_key, mode=mode) as client:
+        backends = await client.call_tool("list_backends", {})
+        assert not backends.is_error
+        ids = [b["id"] for b in backends.structured_content["backends"]]
+        assert "aer/simulator" in ids
+
+        estimate = await client.call_tool("estimate_job", {"circuit": source, "shots": 500})
+        est = estimate.structured_content
+        assert (est["qubits"], est["depth"], est["two_qubit_gates"], est["cost_micro_usd"]) == (2, 3, 1, 0)
+        assert est["admitted"] is True and est["total_shots"] == 500
+
+        submitted = await client.call_tool("submit_job", {"circuit": source, "shots": 500, "name": "bell"})
+        assert not submitted.is_error, submitted.content
+        job_id = submitted.structured_content["job_id"]
+        assert submitted.structured_content["uri"] == f"qpu://jobs/{job_id}"
+
+        done = await client.call_tool("wait_for_job", {"job_id": job_id, "timeout_s": 60})
+        view = done.structured_content
+        assert view["state"] == "succeeded" and view["terminal"] is True
+        counts = view["result"]["counts"][0]["c"]
+        assert set(counts) <= {"00", "11"} and sum(counts.values()) == 500
+        assert view["attempts"] == 1
