@@ -40,13 +40,17 @@ retry_after_s?, job_id?}; read the message, it says what to do next.
 
 CircuitArg = Annotated[
     str | None,
-    Field(description="One OpenQASM 2.0 or 3.0 program, starting with its OPENQASM header; it must measure. "
-                      "Only the standard include (qelib1.inc / stdgates.inc) is allowed."),
+    Field(
+        description="One OpenQASM 2.0 or 3.0 program, starting with its OPENQASM header; it must measure. "
+        "Only the standard include (qelib1.inc / stdgates.inc) is allowed."
+    ),
 ]
 CircuitsArg = Annotated[
     list[str] | None,
-    Field(description="Several programs run as one job (a parameter sweep), instead of `circuit`. "
-                      "Counts come back in the same order."),
+    Field(
+        description="Several programs run as one job (a parameter sweep), instead of `circuit`. "
+        "Counts come back in the same order."
+    ),
 ]
 BackendArg = Annotated[str, Field(description="Backend id from list_backends, 'provider/name'.")]
 ShotsArg = Annotated[int, Field(description="Shots per circuit, 1 up to the policy's max_shots.")]
@@ -113,8 +117,10 @@ def build_server(
 
         return await calls.tool("estimate", run)
 
-    @mcp.tool(title="Submit a job", annotations=ToolAnnotations(destructive_hint=False, idempotent_hint=False,
-                                                                open_world_hint=True))
+    @mcp.tool(
+        title="Submit a job",
+        annotations=ToolAnnotations(destructive_hint=False, idempotent_hint=False, open_world_hint=True),
+    )
     async def submit_job(
         circuit: CircuitArg = None,
         circuits: CircuitsArg = None,
@@ -163,12 +169,12 @@ def build_server(
         async def progress(step: float, message: str) -> None:
             await ctx.report_progress(step, None, message)
 
-        return await calls.tool(
-            "read", lambda who, _: service.wait_for_job(gateway, who, job_id, timeout_s, progress)
-        )
+        return await calls.tool("read", lambda who, _: service.wait_for_job(gateway, who, job_id, timeout_s, progress))
 
-    @mcp.tool(title="Cancel a job", annotations=ToolAnnotations(destructive_hint=True, idempotent_hint=False,
-                                                                open_world_hint=True))
+    @mcp.tool(
+        title="Cancel a job",
+        annotations=ToolAnnotations(destructive_hint=True, idempotent_hint=False, open_world_hint=True),
+    )
     async def cancel_job(job_id: JobIdArg) -> Annotated[CallToolResult, models.JobView]:
         """Cancel one of your jobs. A queued job stops at once; a running one is cancelled at the provider.
 
@@ -229,7 +235,7 @@ def build_server(
         """Walk through estimate -> simulate -> read counts for a circuit you describe."""
         return (
             f"Goal: {goal}.\n"
-            "1. Write the circuit as OpenQASM 2.0 (include \"qelib1.inc\") or 3.0 (include \"stdgates.inc\"), "
+            '1. Write the circuit as OpenQASM 2.0 (include "qelib1.inc") or 3.0 (include "stdgates.inc"), '
             "and measure every qubit whose value you need.\n"
             "2. Call estimate_job with it on backend 'aer/simulator'. If `admitted` is false, read "
             "`refusal.message` and fix the circuit or the shots.\n"

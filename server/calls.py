@@ -37,8 +37,14 @@ log = logging.getLogger(__name__)
 
 KeySource = Callable[[], str | None]
 AUDITED_METHODS = frozenset(
-    {"tools/call", "resources/read", "resources/subscribe", "resources/unsubscribe", "subscriptions/listen",
-     "prompts/get"}
+    {
+        "tools/call",
+        "resources/read",
+        "resources/subscribe",
+        "resources/unsubscribe",
+        "subscriptions/listen",
+        "prompts/get",
+    }
 )
 STATIC_RESOURCES = frozenset({"qpu://backends", "qpu://usage", "qpu://policy"})
 _UNEXPECTED = "The gateway failed unexpectedly; the operator's log has the details. Try again later."

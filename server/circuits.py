@@ -59,9 +59,7 @@ def _inspect(source: str, *, max_qubits: int, where: str) -> CircuitFacts:
     measurements = sum(1 for inst in circuit.data if inst.operation.name == "measure")
     if measurements == 0:
         raise InvalidCircuit(f"{where}the circuit measures nothing, so it would return no counts. Add measure.")
-    two_qubit = sum(
-        1 for inst in circuit.data if len(inst.qubits) == 2 and inst.operation.name not in _NOT_GATES
-    )
+    two_qubit = sum(1 for inst in circuit.data if len(inst.qubits) == 2 and inst.operation.name not in _NOT_GATES)
     return CircuitFacts(
         version=version,
         qubits=circuit.num_qubits,

@@ -63,8 +63,7 @@ def _when(ts: float | None) -> str:
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=False)]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=False)).rstrip()
-             for row in [header, *rows]]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=False)).rstrip() for row in [header, *rows]]
     return "\n".join(lines)
 
 
@@ -90,7 +89,7 @@ def cmd_init(args: argparse.Namespace) -> int:
         applied = await store.migrate()
         if any(k.agent == LOCAL_AGENT for k in await store.list_keys()):
             return applied, None
-        record, key = await create_key(store, agent=LOCAL_AGENT, project="default", scopes=frozenset(SCOPES))
+        _, key = await create_key(store, agent=LOCAL_AGENT, project="default", scopes=frozenset(SCOPES))
         return applied, key
 
     store_existed = config.db_path.exists()
@@ -134,13 +133,22 @@ def _print_connect(config: Config, args: argparse.Namespace) -> None:
     if args.show_key and local_key_path(config).exists():
         key = local_key_path(config).read_text(encoding="utf-8").strip()
     shown = key or "<your key: qpu-gateway keys create --agent NAME>"
-    client = {"mcpServers": {"qpu-gateway": {"type": "http" if args.transport == "http" else "sse", "url": url,
-                                             "headers": {"Authorization": f"Bearer {shown}"}}}}
+    client = {
+        "mcpServers": {
+            "qpu-gateway": {
+                "type": "http" if args.transport == "http" else "sse",
+                "url": url,
+                "headers": {"Authorization": f"Bearer {shown}"},
+            }
+        }
+    }
     print(f"qpu-gateway {__version__} serving {kind} at {url}")
     print(f"Key for agent '{LOCAL_AGENT}': {shown}")
     print("Claude Code (user-wide):")
-    print(f"  claude mcp add --scope user --transport {client['mcpServers']['qpu-gateway']['type']} qpu-gateway "
-          f"{url} --header \"Authorization: Bearer {shown}\"")
+    print(
+        f"  claude mcp add --scope user --transport {client['mcpServers']['qpu-gateway']['type']} qpu-gateway "
+        f'{url} --header "Authorization: Bearer {shown}"'
+    )
     print("Client config (mcp.json, Claude Desktop, the MCP Inspector's 'Authorization' header):")
     print(json.dumps(client, indent=2))
     print("Press Ctrl-C to stop.", flush=True)
@@ -161,14 +169,37 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
 def cmd_keys_list(args: argparse.Namespace) -> int:
     keys = _with_store(_config(args), lambda store: store.list_keys())
     if args.json:
-        print(json.dumps([{"id": k.id, "agent": k.agent, "project": k.project, "scopes": sorted(k.scopes),
-                           "created_at": k.created_at, "expires_at": k.expires_at, "revoked_at": k.revoked_at}
-                          for k in keys], indent=1))
+        print(
+            json.dumps(
+                [
+                    {
+                        "id": k.id,
+                        "agent": k.agent,
+                        "project": k.project,
+                        "scopes": sorted(k.scopes),
+                        "created_at": k.created_at,
+                        "expires_at": k.expires_at,
+                        "revoked_at": k.revoked_at,
+                    }
+                    for k in keys
+                ],
+                indent=1,
+            )
+        )
         return 0
     now = time.time()
-    rows = [[k.id, k.agent, k.project, ",".join(sorted(k.scopes)), _when(k.created_at), _when(k.expires_at),
-             "revoked" if k.revoked_at else ("expired" if k.expires_at and k.expires_at <= now else "active")]
-            for k in keys]
+    rows = [
+        [
+            k.id,
+            k.agent,
+            k.project,
+            ",".join(sorted(k.scopes)),
+            _when(k.created_at),
+            _when(k.expires_at),
+            "revoked" if k.revoked_at else ("expired" if k.expires_at and k.expires_at <= now else "active"),
+        ]
+        for k in keys
+    ]
     print(_table(rows, ["id", "agent", "project", "scopes", "created", "expires", "status"]))
     return 0
 
@@ -188,8 +219,20 @@ def cmd_jobs_list(args: argparse.Namespace) -> int:
         return await store.list_jobs(agent=args.agent, state=state, limit=args.limit, before_seq=None)
 
     jobs = _with_store(_config(args), action)
-    rows = [[j.id, j.agent, j.backend, j.state.value, str(j.shots), str(j.n_circuits), str(j.attempts),
-             _when(j.created_at), j.name or ""] for j in jobs]
+    rows = [
+        [
+            j.id,
+            j.agent,
+            j.backend,
+            j.state.value,
+            str(j.shots),
+            str(j.n_circuits),
+            str(j.attempts),
+            _when(j.created_at),
+            j.name or "",
+        ]
+        for j in jobs
+    ]
     print(_table(rows, ["id", "agent", "backend", "state", "shots", "circuits", "attempts", "created", "name"]))
     return 0
 
@@ -208,29 +251,40 @@ def cmd_jobs_show(args: argparse.Namespace) -> int:
         raise CliError(f"No job {args.id!r}.")
     job, audit = found
     view = job_view(job, full=True).model_dump(mode="json")
-    view.update(agent=job.agent, project=job.project, key_id=job.key_id, runs=job.runs,
-                audit=[{"at": _when(a.at), "tool": a.tool, "decision": a.decision, "code": a.error_code,
-                        "detail": a.detail} for a in audit])
+    view.update(
+        agent=job.agent,
+        project=job.project,
+        key_id=job.key_id,
+        runs=job.runs,
+        audit=[
+            {"at": _when(a.at), "tool": a.tool, "decision": a.decision, "code": a.error_code, "detail": a.detail}
+            for a in audit
+        ],
+    )
     print(json.dumps(view, indent=1))
     return 0
 
 
 def cmd_audit_tail(args: argparse.Namespace) -> int:
     config = _config(args)
-    last: int | None = None
+    after: int | None = None
     while True:
-        rows = _with_store(config, lambda store: store.audit_tail(
-            limit=args.lines, job_id=args.job, agent=args.agent, after_seq=last))
-        for r in rows:
-            print(f"{r.seq:>6} {_when(r.at)} agent={r.agent or '-'} key={r.key_id or '-'} {r.tool} "
-                  f"{r.decision}{' ' + r.error_code if r.error_code else ''}"
-                  f"{' job=' + r.job_id if r.job_id else ''}{' args=' + r.args_hash[:12] if r.args_hash else ''}"
-                  f"{' ' + repr(r.detail) if r.detail else ''}", flush=True)
-            last = r.seq
+
+        async def read(store: Store, after: int | None = after) -> list[Any]:
+            return await store.audit_tail(limit=args.lines, job_id=args.job, agent=args.agent, after_seq=after)
+
+        for r in _with_store(config, read):
+            print(
+                f"{r.seq:>6} {_when(r.at)} agent={r.agent or '-'} key={r.key_id or '-'} {r.tool} "
+                f"{r.decision}{' ' + r.error_code if r.error_code else ''}"
+                f"{' job=' + r.job_id if r.job_id else ''}{' args=' + r.args_hash[:12] if r.args_hash else ''}"
+                f"{' ' + repr(r.detail) if r.detail else ''}",
+                flush=True,
+            )
+            after = r.seq
         if not args.follow:
             return 0
-        if last is None:
-            last = 0
+        after = after or 0
         time.sleep(1.0)
 
 
@@ -245,15 +299,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--db", default=argparse.SUPPRESS,
-                        help="SQLite database (default: $QPU_GATEWAY_DB or $XDG_DATA_HOME/qpu-gateway/gateway.db)")
-    common.add_argument("--policy", default=argparse.SUPPRESS,
-                        help="policy TOML (default: $QPU_GATEWAY_POLICY or policy.toml beside the database)")
-    common.add_argument("--log-level", default=argparse.SUPPRESS,
-                        choices=["debug", "info", "warning", "error"], help="log level on stderr (default info)")
+    common.add_argument(
+        "--db",
+        default=argparse.SUPPRESS,
+        help="SQLite database (default: $QPU_GATEWAY_DB or $XDG_DATA_HOME/qpu-gateway/gateway.db)",
+    )
+    common.add_argument(
+        "--policy",
+        default=argparse.SUPPRESS,
+        help="policy TOML (default: $QPU_GATEWAY_POLICY or policy.toml beside the database)",
+    )
+    common.add_argument(
+        "--log-level",
+        default=argparse.SUPPRESS,
+        choices=["debug", "info", "warning", "error"],
+        help="log level on stderr (default info)",
+    )
 
     parser = argparse.ArgumentParser(
-        prog="qpu-gateway", parents=[common],
+        prog="qpu-gateway",
+        parents=[common],
         description="An MCP server that gives agents safe, budgeted, audited access to quantum computers.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -266,8 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--transport", choices=["stdio", "http", "sse"], default="stdio")
     p.add_argument("--host", default=DEFAULT_HOST, help=f"HTTP/SSE bind address (default {DEFAULT_HOST})")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"HTTP/SSE port (default {DEFAULT_PORT})")
-    p.add_argument("--show-key", action="store_true",
-                   help="print the 'local' agent's key from local.key in the connection banner")
+    p.add_argument(
+        "--show-key", action="store_true", help="print the 'local' agent's key from local.key in the connection banner"
+    )
     p.set_defaults(func=cmd_serve)
 
     keys = sub.add_parser("keys", parents=[common], help="create, list and revoke agent keys")
@@ -305,8 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-f", "--follow", action="store_true", help="keep printing new rows")
     p.set_defaults(func=cmd_audit_tail)
 
-    p = sub.add_parser("demo", parents=[common],
-                       help="a scripted agent session over stdio against a throw-away database")
+    p = sub.add_parser(
+        "demo", parents=[common], help="a scripted agent session over stdio against a throw-away database"
+    )
     p.add_argument("--keep", action="store_true", help="keep the throw-away directory and print its path")
     p.set_defaults(func=cmd_demo)
     return parser

@@ -57,14 +57,18 @@ async def _session(workdir: Path) -> None:
         backends = (listing.structured_content or {}).get("backends", [])
         _say("1. list_backends")
         for b in backends:
-            _say(f"   {b['id']:<20} qubits={b['qubits']} simulator={b['simulator']} status={b['status']} "
-                 f"price={b['price_model']} allowed={b['allowed']}")
+            _say(
+                f"   {b['id']:<20} qubits={b['qubits']} simulator={b['simulator']} status={b['status']} "
+                f"price={b['price_model']} allowed={b['allowed']}"
+            )
 
         estimate = await client.call_tool("estimate_job", {"circuit": BELL, "shots": 1000})
         est: dict[str, Any] = estimate.structured_content or {}
         _say("\n2. estimate_job (Bell pair, 1000 shots)")
-        _say(f"   qubits={est.get('qubits')} depth={est.get('depth')} two_qubit_gates={est.get('two_qubit_gates')} "
-             f"cost={est.get('cost_usd')} admitted={est.get('admitted')}")
+        _say(
+            f"   qubits={est.get('qubits')} depth={est.get('depth')} two_qubit_gates={est.get('two_qubit_gates')} "
+            f"cost={est.get('cost_usd')} admitted={est.get('admitted')}"
+        )
 
         submitted = await client.call_tool("submit_job", {"circuit": BELL, "shots": 1000, "name": "demo bell"})
         sub: dict[str, Any] = submitted.structured_content or {}
@@ -75,11 +79,10 @@ async def _session(workdir: Path) -> None:
 
         _say("\n4. wait_for_job")
 
-        async def progress(step: float, total: float | None, message: str | None) -> None:
-            _say(f"   progress {int(step)}: {message}")
+        async def progress(progress: float, total: float | None, message: str | None) -> None:
+            _say(f"   progress {int(progress)}: {message}")
 
-        done = await client.call_tool("wait_for_job", {"job_id": job_id, "timeout_s": 120},
-                                      progress_callback=progress)
+        done = await client.call_tool("wait_for_job", {"job_id": job_id, "timeout_s": 120}, progress_callback=progress)
         view: dict[str, Any] = done.structured_content or {}
         await anyio.sleep(0.1)  # let the last progress line print before the result
         _say(f"   final state: {view.get('state')}, attempts={view.get('attempts')}")
@@ -96,8 +99,10 @@ async def _session(workdir: Path) -> None:
         await store.close()
     _say("\n6. the audit rows this session left")
     for r in rows:
-        _say(f"   #{r.seq:<3} agent={r.agent or '-':<10} {r.tool:<16} {r.decision:<7} "
-             f"{('job=' + r.job_id) if r.job_id else ''} {r.error_code or ''}".rstrip())
+        _say(
+            f"   #{r.seq:<3} agent={r.agent or '-':<10} {r.tool:<16} {r.decision:<7} "
+            f"{('job=' + r.job_id) if r.job_id else ''} {r.error_code or ''}".rstrip()
+        )
 
 
 def run_demo(*, keep: bool = False) -> int:

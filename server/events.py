@@ -26,7 +26,7 @@ def job_uri(job_id: str) -> str:
 
 
 def job_id_of(uri: str) -> str | None:
-    return uri[len(JOB_URI_PREFIX):] if uri.startswith(JOB_URI_PREFIX) else None
+    return uri[len(JOB_URI_PREFIX) :] if uri.startswith(JOB_URI_PREFIX) else None
 
 
 class LegacySession(Protocol):

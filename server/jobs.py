@@ -22,9 +22,7 @@ TERMINAL = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, J
 # Every allowed move. Back to QUEUED from SUBMITTING or RUNNING is a worker handing a job back
 # (graceful shutdown, a transient failure, or a local run lost with its process).
 TRANSITIONS: dict[JobState, frozenset[JobState]] = {
-    JobState.PENDING_APPROVAL: frozenset(
-        {JobState.QUEUED, JobState.REJECTED, JobState.EXPIRED, JobState.CANCELLED}
-    ),
+    JobState.PENDING_APPROVAL: frozenset({JobState.QUEUED, JobState.REJECTED, JobState.EXPIRED, JobState.CANCELLED}),
     JobState.QUEUED: frozenset({JobState.SUBMITTING, JobState.CANCELLED, JobState.FAILED}),
     JobState.SUBMITTING: frozenset({JobState.RUNNING, JobState.QUEUED, JobState.FAILED, JobState.CANCELLED}),
     JobState.RUNNING: frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.QUEUED}),

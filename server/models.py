@@ -79,8 +79,9 @@ class JobView(BaseModel):
     job_id: str
     name: str | None
     backend: str
-    state: str = Field(description="pending_approval, queued, submitting, running, succeeded, failed, "
-                       "cancelled, rejected or expired.")
+    state: str = Field(
+        description="pending_approval, queued, submitting, running, succeeded, failed, cancelled, rejected or expired."
+    )
     terminal: bool = Field(description="True once the job can no longer change.")
     shots: int
     circuits: int

@@ -51,8 +51,15 @@ class Providers:
                     except Exception as exc:  # one broken provider must not hide the others
                         log.warning("provider %s cannot list backends: %s", name, exc)
                         found.append(
-                            Backend(id=f"{name}/*", provider=name, name="*", qubits=None, simulator=False,
-                                    status="unavailable", reason=str(exc)[:200])
+                            Backend(
+                                id=f"{name}/*",
+                                provider=name,
+                                name="*",
+                                qubits=None,
+                                simulator=False,
+                                status="unavailable",
+                                reason=str(exc)[:200],
+                            )
                         )
                 self._cache, self._cached_at = found, time.monotonic()
             return list(self._cache)

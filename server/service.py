@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import re
 import secrets
 import time
@@ -99,8 +100,9 @@ class Assessment:
             cost_usd=format_usd(self.cost_micro_usd),
             fingerprint=combined_fingerprint(self.facts),
             admitted=self.refusal is None,
-            refusal=None if self.refusal is None else models.Refused(code=self.refusal.code,
-                                                                      message=self.refusal.message),
+            refusal=None
+            if self.refusal is None
+            else models.Refused(code=self.refusal.code, message=self.refusal.message),
         )
 
 
@@ -126,8 +128,15 @@ async def assess(gw: Gateway, who: Principal, sources: tuple[str, ...], backend:
         raise UnsupportedBackend(f"No price is known for {backend}, so it cannot be admitted.")
     early = check_job(
         rules,
-        JobFacts(backend=backend, shots=shots, circuits=len(sources), max_qubits=0, max_depth=0,
-                 backend_qubits=None, backend_max_shots=target.max_shots),
+        JobFacts(
+            backend=backend,
+            shots=shots,
+            circuits=len(sources),
+            max_qubits=0,
+            max_depth=0,
+            backend_qubits=None,
+            backend_max_shots=target.max_shots,
+        ),
     )
     if early is not None and early.rule in ("allowed_backends", "max_circuits", "max_shots"):
         raise from_refusal(early)
@@ -135,9 +144,15 @@ async def assess(gw: Gateway, who: Principal, sources: tuple[str, ...], backend:
     facts = await sdk_thread.run_sync(lambda: inspect_sources(list(sources), max_qubits=qubit_cap))
     refusal = check_job(
         rules,
-        JobFacts(backend=backend, shots=shots, circuits=len(facts), max_qubits=max(f.qubits for f in facts),
-                 max_depth=max(f.depth for f in facts), backend_qubits=target.qubits,
-                 backend_max_shots=target.max_shots),
+        JobFacts(
+            backend=backend,
+            shots=shots,
+            circuits=len(facts),
+            max_qubits=max(f.qubits for f in facts),
+            max_depth=max(f.depth for f in facts),
+            backend_qubits=target.qubits,
+            backend_max_shots=target.max_shots,
+        ),
     )
     cost = estimate_cost_micro_usd(price, shots=shots, circuits=len(facts))
     return Assessment(backend, shots, sources, facts, cost, refusal)
@@ -150,7 +165,12 @@ async def estimate_job(
 
 
 async def submit_job(
-    gw: Gateway, who: Principal, sources: tuple[str, ...], backend: str, shots: int, name: str | None,
+    gw: Gateway,
+    who: Principal,
+    sources: tuple[str, ...],
+    backend: str,
+    shots: int,
+    name: str | None,
     audit: AuditEntry,
 ) -> models.Submitted:
     """Admit and durably queue a job; the job row and its audit row are one transaction."""
@@ -186,8 +206,14 @@ async def submit_job(
 
 def _with_job(audit: AuditEntry, job_id: str) -> AuditEntry:
     return AuditEntry(
-        tool=audit.tool, decision="ok", agent=audit.agent, project=audit.project, key_id=audit.key_id,
-        args_hash=audit.args_hash, job_id=job_id, detail=audit.detail,
+        tool=audit.tool,
+        decision="ok",
+        agent=audit.agent,
+        project=audit.project,
+        key_id=audit.key_id,
+        args_hash=audit.args_hash,
+        job_id=job_id,
+        detail=audit.detail,
     )
 
 
@@ -285,10 +311,11 @@ async def wait_for_job(
 async def cancel_job(gw: Gateway, who: Principal, job_id: str) -> models.JobView:
     job = await owned_job(gw, who, job_id)
     if job.state in TERMINAL:
-        raise Conflict(f"Job {job.id} already ended ({job.state.value}); there is nothing to cancel.",
-                       job_id=job.id)
+        raise Conflict(f"Job {job.id} already ended ({job.state.value}); there is nothing to cancel.", job_id=job.id)
     moved = await gw.store.transition(
-        job.id, JobState.CANCELLED, time.time(),
+        job.id,
+        JobState.CANCELLED,
+        time.time(),
         fields={"finished_at": time.time(), "lease_owner": None, "lease_expires": None},
         audit=AuditEntry(tool="job.cancelled", decision="event", key_id=who.key_id, detail="cancelled by its agent"),
     )
@@ -299,10 +326,9 @@ async def cancel_job(gw: Gateway, who: Principal, job_id: str) -> models.JobView
     if job.provider_ref is not None:
         adapter = gw.providers.adapter_for(job.backend)
         if adapter is not None:
-            try:
+            # The job is cancelled on our side either way; the provider may still finish it.
+            with contextlib.suppress(AdapterError):
                 await adapter.cancel(ProviderRef(job.provider_ref))
-            except AdapterError:
-                pass  # the job is cancelled on our side; the provider may still finish it
     await gw.events.job_changed(moved.id, moved.version)
     return job_view(moved)
 
@@ -321,24 +347,26 @@ def _decode_cursor(cursor: str) -> int:
     raise InvalidArguments("`cursor` is not one list_jobs returned; omit it to start from the newest job.")
 
 
-async def list_jobs(
-    gw: Gateway, who: Principal, state: str | None, limit: int, cursor: str | None
-) -> models.JobPage:
+async def list_jobs(gw: Gateway, who: Principal, state: str | None, limit: int, cursor: str | None) -> models.JobPage:
     if not 1 <= limit <= MAX_LIST_LIMIT:
         raise InvalidArguments(f"limit must be between 1 and {MAX_LIST_LIMIT}.")
     try:
         state_filter = JobState(state) if state is not None else None
     except ValueError:
-        raise InvalidArguments(
-            f"Unknown state; use one of {', '.join(s.value for s in JobState)}."
-        ) from None
+        raise InvalidArguments(f"Unknown state; use one of {', '.join(s.value for s in JobState)}.") from None
     before = _decode_cursor(cursor) if cursor else None
     rows = await gw.store.list_jobs(agent=who.agent, state=state_filter, limit=limit + 1, before_seq=before)
     page = rows[:limit]
     jobs = [
         models.JobSummary(
-            job_id=j.id, name=j.name, backend=j.backend, state=j.state.value, shots=j.shots,
-            circuits=j.n_circuits, created_at=iso(j.created_at) or "", uri=job_uri(j.id),
+            job_id=j.id,
+            name=j.name,
+            backend=j.backend,
+            state=j.state.value,
+            shots=j.shots,
+            circuits=j.n_circuits,
+            created_at=iso(j.created_at) or "",
+            uri=job_uri(j.id),
         )
         for j in page
     ]

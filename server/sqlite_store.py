@@ -23,17 +23,38 @@ from qpu_gateway.jobs import JobState, sources_of
 from qpu_gateway.records import AuditEntry, AuditRecord, JobRecord, KeyRecord, NewJob, StateUsage
 from qpu_gateway.store import StoreError
 
-_JOB_COLUMNS = (
-    "seq, id, agent, project, key_id, name, backend, shots, circuits, n_circuits, qubits, depth, "
-    "two_qubit_gates, fingerprint, estimate_micro_usd, state, version, attempts, runs, created_at, "
-    "updated_at, started_at, finished_at, lease_owner, lease_expires, provider_ref, result, "
-    "error_code, error_message"
-)
 # Columns a transition may set besides the state; anything else is a programming error.
-_SETTABLE = frozenset(
-    {"started_at", "finished_at", "provider_ref", "result", "error_code", "error_message", "lease_owner",
-     "lease_expires"}
+_SETTABLE = (
+    "started_at",
+    "finished_at",
+    "provider_ref",
+    "result",
+    "error_code",
+    "error_message",
+    "lease_owner",
+    "lease_expires",
 )
+# Each settable column takes a (set it?, value) pair of parameters, in _SETTABLE order.
+_TRANSITION = """
+UPDATE jobs SET state = ?, version = version + 1, updated_at = ?,
+    started_at = CASE WHEN ? THEN ? ELSE started_at END,
+    finished_at = CASE WHEN ? THEN ? ELSE finished_at END,
+    provider_ref = CASE WHEN ? THEN ? ELSE provider_ref END,
+    result = CASE WHEN ? THEN ? ELSE result END,
+    error_code = CASE WHEN ? THEN ? ELSE error_code END,
+    error_message = CASE WHEN ? THEN ? ELSE error_message END,
+    lease_owner = CASE WHEN ? THEN ? ELSE lease_owner END,
+    lease_expires = CASE WHEN ? THEN ? ELSE lease_expires END
+WHERE id = ? AND state IN (SELECT value FROM json_each(?)) AND (? IS NULL OR lease_owner = ?)
+RETURNING *
+"""
+_NO_CURSOR = 2**62
+_LIST_JOBS = {
+    (True, True): "SELECT * FROM jobs WHERE agent = ? AND state = ? AND seq < ? ORDER BY seq DESC LIMIT ?",
+    (True, False): "SELECT * FROM jobs WHERE agent = ? AND seq < ? ORDER BY seq DESC LIMIT ?",
+    (False, True): "SELECT * FROM jobs WHERE state = ? AND seq < ? ORDER BY seq DESC LIMIT ?",
+    (False, False): "SELECT * FROM jobs WHERE seq < ? ORDER BY seq DESC LIMIT ?",
+}
 _BUSY_TIMEOUT_MS = 10_000
 
 
@@ -123,9 +144,7 @@ class SqliteStore:
                     continue
                 for statement in _statements(script):
                     await db.execute(statement)
-                await db.execute(
-                    "INSERT INTO schema_migrations (name, applied_at) VALUES (?, ?)", (name, time.time())
-                )
+                await db.execute("INSERT INTO schema_migrations (name, applied_at) VALUES (?, ?)", (name, time.time()))
                 applied.append(name)
         return applied
 
@@ -136,8 +155,15 @@ class SqliteStore:
             await db.execute(
                 "INSERT INTO keys (id, secret_hash, agent, project, scopes, created_at, expires_at) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (key.id, key.secret_hash, key.agent, key.project, ",".join(sorted(key.scopes)), key.created_at,
-                 key.expires_at),
+                (
+                    key.id,
+                    key.secret_hash,
+                    key.agent,
+                    key.project,
+                    ",".join(sorted(key.scopes)),
+                    key.created_at,
+                    key.expires_at,
+                ),
             )
 
     async def key_by_id(self, key_id: str) -> KeyRecord | None:
@@ -169,10 +195,26 @@ class SqliteStore:
             cursor = await db.execute(
                 "INSERT INTO jobs (id, agent, project, key_id, name, backend, shots, circuits, n_circuits, "
                 "qubits, depth, two_qubit_gates, fingerprint, estimate_micro_usd, state, created_at, updated_at) "
-                f"VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING {_JOB_COLUMNS}",
-                (job.id, job.agent, job.project, job.key_id, job.name, job.backend, job.shots,
-                 json.dumps(list(job.circuits)), len(job.circuits), job.qubits, job.depth, job.two_qubit_gates,
-                 job.fingerprint, job.estimate_micro_usd, job.state.value, now, now),
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING *",
+                (
+                    job.id,
+                    job.agent,
+                    job.project,
+                    job.key_id,
+                    job.name,
+                    job.backend,
+                    job.shots,
+                    json.dumps(list(job.circuits)),
+                    len(job.circuits),
+                    job.qubits,
+                    job.depth,
+                    job.two_qubit_gates,
+                    job.fingerprint,
+                    job.estimate_micro_usd,
+                    job.state.value,
+                    now,
+                    now,
+                ),
             )
             row = await cursor.fetchone()
             await _insert_audit(db, audit, now)
@@ -181,45 +223,32 @@ class SqliteStore:
 
     async def get_job(self, job_id: str) -> JobRecord | None:
         async with self._read() as db:
-            rows = list(await db.execute_fetchall(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)))
+            rows = list(await db.execute_fetchall("SELECT * FROM jobs WHERE id = ?", (job_id,)))
         return JobRecord.from_row(rows[0]) if rows else None
 
     async def list_jobs(
         self, *, agent: str | None, state: JobState | None, limit: int, before_seq: int | None
     ) -> list[JobRecord]:
-        clauses, params = [], []
-        if agent is not None:
-            clauses.append("agent = ?")
-            params.append(agent)
-        if state is not None:
-            clauses.append("state = ?")
-            params.append(state.value)
-        if before_seq is not None:
-            clauses.append("seq < ?")
-            params.append(before_seq)
-        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        # One static statement per filter combination, so each can use its index.
+        query = _LIST_JOBS[(agent is not None, state is not None)]
+        params: list[object] = [p for p in (agent, state.value if state else None) if p is not None]
+        params += [_NO_CURSOR if before_seq is None else before_seq, limit]
         async with self._read() as db:
-            rows = await db.execute_fetchall(
-                f"SELECT {_JOB_COLUMNS} FROM jobs {where} ORDER BY seq DESC LIMIT ?", (*params, limit)
-            )
+            rows = await db.execute_fetchall(query, params)
         return [JobRecord.from_row(row) for row in rows]
 
     async def claim(
         self, providers: Iterable[str], busy_backends: Iterable[str], owner: str, lease_s: float, now: float
     ) -> JobRecord | None:
-        prefixes = [f"{p}/" for p in sorted(set(providers))]
-        if not prefixes:
+        names = sorted(set(providers))
+        if not names:
             return None
-        busy = sorted(set(busy_backends))
-        match_provider = " OR ".join("substr(backend, 1, ?) = ?" for _ in prefixes)
-        provider_params = [x for p in prefixes for x in (len(p), p)]
-        skip_busy = f"AND backend NOT IN ({', '.join('?' for _ in busy)})" if busy else ""
         async with self._write() as db:
             # A queued job becomes `submitting`; a job whose worker stopped heartbeating keeps
             # its state (submitting or running) and changes hands, so a provider job already
             # accepted is polled again rather than sent twice.
             cursor = await db.execute(
-                f"""
+                """
                 UPDATE jobs SET
                     state = CASE WHEN state = 'queued' THEN 'submitting' ELSE state END,
                     lease_owner = ?, lease_expires = ?, version = version + 1, updated_at = ?,
@@ -227,19 +256,26 @@ class SqliteStore:
                 WHERE seq = (
                     SELECT seq FROM jobs
                     WHERE (state = 'queued' OR (state IN ('submitting', 'running') AND lease_expires < ?))
-                      AND ({match_provider}) {skip_busy}
+                      AND substr(backend, 1, instr(backend, '/') - 1) IN (SELECT value FROM json_each(?))
+                      AND backend NOT IN (SELECT value FROM json_each(?))
                     ORDER BY seq LIMIT 1)
-                RETURNING {_JOB_COLUMNS}
+                RETURNING *
                 """,
-                (owner, now + lease_s, now, now, now, *provider_params, *busy),
+                (owner, now + lease_s, now, now, now, json.dumps(names), json.dumps(sorted(set(busy_backends)))),
             )
             row = await cursor.fetchone()
             if row is not None:
                 job = JobRecord.from_row(row)
                 await _insert_audit(
                     db,
-                    AuditEntry(tool="job.claimed", decision="event", agent=job.agent, project=job.project,
-                               job_id=job.id, detail=f"worker {owner}, run {job.runs}"),
+                    AuditEntry(
+                        tool="job.claimed",
+                        decision="event",
+                        agent=job.agent,
+                        project=job.project,
+                        job_id=job.id,
+                        detail=f"worker {owner}, run {job.runs}",
+                    ),
                     now,
                 )
                 return job
@@ -249,12 +285,11 @@ class SqliteStore:
         ids = list(job_ids)
         if not ids:
             return set()
-        marks = ", ".join("?" for _ in ids)
         async with self._write() as db:
             cursor = await db.execute(
-                f"UPDATE jobs SET lease_expires = ? WHERE lease_owner = ? AND id IN ({marks}) "
+                "UPDATE jobs SET lease_expires = ? WHERE lease_owner = ? AND id IN (SELECT value FROM json_each(?)) "
                 "AND state IN ('submitting', 'running') RETURNING id",
-                (until, owner, *ids),
+                (until, owner, json.dumps(ids)),
             )
             rows = await cursor.fetchall()
         return {row[0] for row in rows}
@@ -276,21 +311,15 @@ class SqliteStore:
         audit: AuditEntry | None = None,
     ) -> JobRecord | None:
         values = dict(fields or {})
-        unknown = set(values) - _SETTABLE
+        unknown = set(values) - set(_SETTABLE)
         if unknown:
             raise ValueError(f"transition cannot set {sorted(unknown)}")
-        if "result" in values and values["result"] is not None:
+        if values.get("result") is not None:
             values["result"] = json.dumps(values["result"])
-        sets = "".join(f", {name} = ?" for name in values)
-        sources = sorted(s.value for s in sources_of(new))
-        marks = ", ".join("?" for _ in sources)
-        owner_clause = " AND lease_owner = ?" if owner is not None else ""
+        pairs = [x for column in _SETTABLE for x in (column in values, values.get(column))]
+        sources = json.dumps(sorted(s.value for s in sources_of(new)))
         async with self._write() as db:
-            cursor = await db.execute(
-                f"UPDATE jobs SET state = ?, version = version + 1, updated_at = ?{sets} "
-                f"WHERE id = ? AND state IN ({marks}){owner_clause} RETURNING {_JOB_COLUMNS}",
-                (new.value, now, *values.values(), job_id, *sources, *([owner] if owner is not None else [])),
-            )
+            cursor = await db.execute(_TRANSITION, (new.value, now, *pairs, job_id, sources, owner, owner))
             row = await cursor.fetchone()
             if row is None:
                 return None
@@ -299,9 +328,15 @@ class SqliteStore:
             await _insert_audit(
                 db,
                 AuditEntry(
-                    tool=entry.tool, decision=entry.decision, agent=entry.agent or job.agent,
-                    project=entry.project or job.project, key_id=entry.key_id, error_code=entry.error_code
-                    or job.error_code, args_hash=entry.args_hash, job_id=job.id, detail=entry.detail,
+                    tool=entry.tool,
+                    decision=entry.decision,
+                    agent=entry.agent or job.agent,
+                    project=entry.project or job.project,
+                    key_id=entry.key_id,
+                    error_code=entry.error_code or job.error_code,
+                    args_hash=entry.args_hash,
+                    job_id=job.id,
+                    detail=entry.detail,
                 ),
                 now,
             )
@@ -344,9 +379,10 @@ class SqliteStore:
         ids = list(job_ids)
         if not ids:
             return {}
-        marks = ", ".join("?" for _ in ids)
         async with self._read() as db:
-            rows = await db.execute_fetchall(f"SELECT id, version FROM jobs WHERE id IN ({marks})", ids)
+            rows = await db.execute_fetchall(
+                "SELECT id, version FROM jobs WHERE id IN (SELECT value FROM json_each(?))", (json.dumps(ids),)
+            )
         return {row[0]: int(row[1]) for row in rows}
 
     async def usage_by_state(self, agent: str) -> list[StateUsage]:
@@ -367,19 +403,11 @@ class SqliteStore:
     async def audit_tail(
         self, *, limit: int, job_id: str | None = None, agent: str | None = None, after_seq: int | None = None
     ) -> list[AuditRecord]:
-        clauses, params = [], []
-        for column, value in (("job_id", job_id), ("agent", agent)):
-            if value is not None:
-                clauses.append(f"{column} = ?")
-                params.append(value)
-        if after_seq is not None:
-            clauses.append("seq > ?")
-            params.append(after_seq)
-        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         async with self._read() as db:
             rows = await db.execute_fetchall(
-                f"SELECT * FROM (SELECT * FROM audit {where} ORDER BY seq DESC LIMIT ?) ORDER BY seq",
-                (*params, limit),
+                "SELECT * FROM (SELECT * FROM audit WHERE (? IS NULL OR job_id = ?) AND (? IS NULL OR agent = ?) "
+                "AND seq > ? ORDER BY seq DESC LIMIT ?) ORDER BY seq",
+                (job_id, job_id, agent, agent, after_seq or 0, limit),
             )
         return [AuditRecord(**dict(row)) for row in rows]
 
@@ -388,8 +416,18 @@ async def _insert_audit(db: aiosqlite.Connection, entry: AuditEntry, now: float)
     await db.execute(
         "INSERT INTO audit (at, agent, project, key_id, tool, decision, error_code, args_hash, job_id, detail) "
         "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (now, entry.agent, entry.project, entry.key_id, entry.tool, entry.decision, entry.error_code,
-         entry.args_hash, entry.job_id, entry.detail),
+        (
+            now,
+            entry.agent,
+            entry.project,
+            entry.key_id,
+            entry.tool,
+            entry.decision,
+            entry.error_code,
+            entry.args_hash,
+            entry.job_id,
+            entry.detail,
+        ),
     )
 
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import time
+from collections.abc import Callable
 
 import anyio
 from mcp.server.auth.middleware.auth_context import get_access_token
@@ -58,10 +60,21 @@ def stdio_key() -> str | None:
     return os.environ.get(ENV_KEY)
 
 
+async def _stop_on_signal(stop: Callable[[], None]) -> None:
+    """SIGTERM or SIGINT: stop serving, so the gateway hands its jobs back before the process exits."""
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("stopping on signal %s", signal.Signals(signum).name)
+            stop()
+            return
+
+
 async def serve_stdio(gateway: Gateway) -> None:
     mcp = build_server(gateway, stdio_key)
-    async with gateway.running():
+    async with gateway.running(), anyio.create_task_group() as tg:
+        tg.start_soon(_stop_on_signal, tg.cancel_scope.cancel)
         await mcp.run_stdio_async()
+        tg.cancel_scope.cancel()
 
 
 async def serve_http(gateway: Gateway, *, transport: str, host: str, port: int) -> None:
@@ -76,14 +89,17 @@ async def serve_http(gateway: Gateway, *, transport: str, host: str, port: int) 
         validate_token_resource=False,  # our tokens are gateway keys, not audience-bound OAuth tokens
     )
     mcp = build_server(gateway, bearer_key, token_verifier=GatewayTokenVerifier(gateway), auth=auth)
-    if transport == "http":
-        app = mcp.streamable_http_app(host=host)
-    else:
-        app = mcp.sse_app(host=host)
+    app = mcp.streamable_http_app(host=host) if transport == "http" else mcp.sse_app(host=host)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", log_config=None, lifespan="on")
     server = uvicorn.Server(config)
-    async with gateway.running():
+
+    def stop() -> None:
+        server.should_exit = True
+
+    async with gateway.running(), anyio.create_task_group() as tg:
+        tg.start_soon(_stop_on_signal, stop)
         await server.serve()
+        tg.cancel_scope.cancel()
 
 
 def _url_host(host: str) -> str:

@@ -96,9 +96,7 @@ class Workers:
     async def _claim(self) -> JobRecord | None:
         busy = [b for b, n in self._per_backend.items() if n >= self.config.per_backend_concurrency]
         try:
-            job = await self.store.claim(
-                self.providers.adapters, busy, self.owner, self.config.lease_s, time.time()
-            )
+            job = await self.store.claim(self.providers.adapters, busy, self.owner, self.config.lease_s, time.time())
         except StoreError as exc:
             log.warning("cannot claim jobs: %s", exc)
             return None
@@ -218,15 +216,27 @@ class Workers:
 
     async def _settle_success(self, job: JobRecord, result: Result) -> None:
         await self._move(
-            job, JobState.SUCCEEDED, result=[dict(c) for c in result.counts], finished_at=time.time(),
-            lease_owner=None, lease_expires=None,
+            job,
+            JobState.SUCCEEDED,
+            result=[dict(c) for c in result.counts],
+            finished_at=time.time(),
+            lease_owner=None,
+            lease_expires=None,
         )
 
     async def _settle_failure(self, job: JobRecord, code: str, message: str) -> None:
         moved = await self.store.transition(
-            job.id, JobState.FAILED, time.time(), owner=self.owner,
-            fields={"error_code": code, "error_message": message, "finished_at": time.time(),
-                    "lease_owner": None, "lease_expires": None},
+            job.id,
+            JobState.FAILED,
+            time.time(),
+            owner=self.owner,
+            fields={
+                "error_code": code,
+                "error_message": message,
+                "finished_at": time.time(),
+                "lease_owner": None,
+                "lease_expires": None,
+            },
             audit=AuditEntry(tool="job.failed", decision="event", error_code=code, detail=message[:500]),
         )
         if moved is not None:

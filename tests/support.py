@@ -43,9 +43,7 @@ c = measure q;
 ERAS = ["legacy", "2026-07-28"]
 
 
-async def new_key(
-    db_path: Path, agent: str, *, project: str = "default", scopes: str = ",".join(SCOPES)
-) -> str:
+async def new_key(db_path: Path, agent: str, *, project: str = "default", scopes: str = ",".join(SCOPES)) -> str:
     store = await open_store(db_path)
     try:
         _, key = await create_key(store, agent=agent, project=project, scopes=frozenset(scopes.split(",")))
@@ -151,6 +149,8 @@ def start_http_server(config: Config, transport: str = "http", **env: str) -> Ht
 async def http_client(url: str, key: str | None, *, mode: str = "auto") -> AsyncIterator[Client]:
     """A real MCP client over Streamable HTTP with the key as a bearer token."""
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    async with httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(30, read=300)) as http:
-        async with Client(streamable_http_client(url, http_client=http), mode=mode) as client:  # type: ignore[arg-type]
-            yield client
+    async with (
+        httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(30, read=300)) as http,
+        Client(streamable_http_client(url, http_client=http), mode=mode) as client,  # type: ignore[arg-type]
+    ):
+        yield client

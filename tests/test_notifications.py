@@ -27,9 +27,7 @@ def faulty_config(config: Config, schedule: str) -> Config:
 
 
 @pytest.mark.parametrize("mode", ERAS)
-async def test_wait_for_job_reports_progress_at_each_state_change(
-    config: Config, alice_key: str, mode: str
-) -> None:
+async def test_wait_for_job_reports_progress_at_each_state_change(config: Config, alice_key: str, mode: str) -> None:
     gateway = Gateway(faulty_config(config, "slow:0.6"))
     reports: list[tuple[float, str | None]] = []
 
@@ -50,9 +48,7 @@ async def test_wait_for_job_reports_progress_at_each_state_change(
     assert messages[-1].endswith("succeeded")
 
 
-async def test_a_legacy_subscriber_gets_an_update_for_each_state_change(
-    config: Config, alice_key: str
-) -> None:
+async def test_a_legacy_subscriber_gets_an_update_for_each_state_change(config: Config, alice_key: str) -> None:
     gateway = Gateway(config)
     updates: list[str] = []
 
@@ -86,9 +82,9 @@ async def test_a_2026_listener_gets_an_update_for_each_state_change(config: Conf
                 async for event in sub:
                     if isinstance(event, ResourceUpdated):
                         events.append(event.uri)
-                        if (
-                            await client.call_tool("get_job", {"job_id": submitted["job_id"]})
-                        ).structured_content["terminal"]:
+                        if (await client.call_tool("get_job", {"job_id": submitted["job_id"]})).structured_content[
+                            "terminal"
+                        ]:
                             return
 
             async with anyio.create_task_group() as tg:

@@ -41,9 +41,7 @@ async def submit_and_wait(client: Any, **args: Any) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("mode", ERAS)
-async def test_tools_publish_descriptions_schemas_and_annotations(
-    gateway: Gateway, alice_key: str, mode: str
-) -> None:
+async def test_tools_publish_descriptions_schemas_and_annotations(gateway: Gateway, alice_key: str, mode: str) -> None:
     async with in_memory(gateway, alice_key, mode=mode) as client:
         tools = {t.name: t for t in (await client.list_tools()).tools}
     assert set(tools) == {
@@ -69,13 +67,9 @@ async def test_tools_publish_descriptions_schemas_and_annotations(
 
 async def test_a_sweep_is_one_job_with_counts_per_circuit_in_order(gateway: Gateway, alice_key: str) -> None:
     async with in_memory(gateway, alice_key) as client:
-        estimate = body(
-            await client.call_tool("estimate_job", {"circuits": [BELL2, GHZ3, BELL3], "shots": 64})
-        )
+        estimate = body(await client.call_tool("estimate_job", {"circuits": [BELL2, GHZ3, BELL3], "shots": 64}))
         assert (estimate["circuits"], estimate["total_shots"], estimate["qubits"]) == (3, 192, 3)
-        submitted = body(
-            await client.call_tool("submit_job", {"circuits": [BELL2, GHZ3, BELL3], "shots": 64})
-        )
+        submitted = body(await client.call_tool("submit_job", {"circuits": [BELL2, GHZ3, BELL3], "shots": 64}))
         done = body(await client.call_tool("wait_for_job", {"job_id": submitted["job_id"]}))
     assert done["state"] == "succeeded" and done["circuits"] == 3
     counts = done["result"]["counts"]
@@ -245,9 +239,7 @@ async def test_get_job_reports_timestamps_attempts_and_counts(gateway: Gateway, 
     assert again["created_at"].endswith("Z")
 
 
-async def test_large_results_are_summarised_with_a_pointer_to_the_resource(
-    gateway: Gateway, alice_key: str
-) -> None:
+async def test_large_results_are_summarised_with_a_pointer_to_the_resource(gateway: Gateway, alice_key: str) -> None:
     wide = 'OPENQASM 2.0;\ninclude "qelib1.inc";\nqreg q[10];\ncreg c[10];\nh q;\nmeasure q -> c;\n'
     async with in_memory(gateway, alice_key) as client:
         job_id = body(await client.call_tool("submit_job", {"circuit": wide, "shots": 4000}))["job_id"]
@@ -257,17 +249,12 @@ async def test_large_results_are_summarised_with_a_pointer_to_the_resource(
     assert view["result"]["full_result_uri"] == f"qpu://jobs/{job_id}"
     assert len(view["result"]["counts"][0]["c"]) == 64
     assert full["result"]["truncated"] is False
-    assert (
-        len(full["result"]["counts"][0]["c"]) > 64 and sum(full["result"]["counts"][0]["c"].values()) == 4000
-    )
+    assert len(full["result"]["counts"][0]["c"]) > 64 and sum(full["result"]["counts"][0]["c"].values()) == 4000
 
 
 async def test_list_jobs_pages_newest_first_with_a_cursor(gateway: Gateway, alice_key: str) -> None:
     async with in_memory(gateway, alice_key) as client:
-        ids = [
-            body(await client.call_tool("submit_job", {"circuit": BELL2, "shots": 5}))["job_id"]
-            for _ in range(5)
-        ]
+        ids = [body(await client.call_tool("submit_job", {"circuit": BELL2, "shots": 5}))["job_id"] for _ in range(5)]
         first = body(await client.call_tool("list_jobs", {"limit": 2}))
         second = body(await client.call_tool("list_jobs", {"limit": 2, "cursor": first["next_cursor"]}))
         third = body(await client.call_tool("list_jobs", {"limit": 2, "cursor": second["next_cursor"]}))
@@ -290,9 +277,7 @@ async def test_usage_counts_jobs_and_shots_by_state(gateway: Gateway, alice_key:
     assert resource["agent"] == "alice" and resource["total_jobs"] == 2
 
 
-async def test_cancel_stops_a_queued_job_and_conflicts_on_a_finished_one(
-    config: Config, alice_key: str
-) -> None:
+async def test_cancel_stops_a_queued_job_and_conflicts_on_a_finished_one(config: Config, alice_key: str) -> None:
     gateway = Gateway(config)
     async with gateway.running(workers=False), in_memory(gateway, alice_key) as client:
         job_id = body(await client.call_tool("submit_job", {"circuit": BELL2}))["job_id"]
@@ -328,9 +313,7 @@ async def test_resources_list_and_read(gateway: Gateway, alice_key: str) -> None
         job = json.loads((await client.read_resource(done["uri"])).contents[0].text)
     assert uris == {"qpu://backends", "qpu://usage", "qpu://policy"}
     assert templates == {"qpu://jobs/{job_id}"}
-    assert (
-        policy["agent"] == "alice" and policy["allowed_backends"] == ["aer/*"] and policy["max_qubits"] == 24
-    )
+    assert policy["agent"] == "alice" and policy["allowed_backends"] == ["aer/*"] and policy["max_qubits"] == 24
     assert backends["default_backend"] == "aer/simulator"
     assert job["job_id"] == done["job_id"] and job["state"] == "succeeded"
     reads = [r for r in await audit_rows(gateway) if r.tool.startswith("resources/read:")]

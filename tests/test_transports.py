@@ -7,6 +7,7 @@ import sys
 import textwrap
 from typing import Any
 
+import anyio
 import httpx2
 import pytest
 from mcp import Client
@@ -38,9 +39,7 @@ async def test_stdio_subprocess_runs_a_job_on_each_era(config: Config, alice_key
 
 
 @pytest.mark.parametrize("mode", ERAS)
-async def test_streamable_http_runs_a_job_on_each_era(
-    http_server: HttpServer, alice_key: str, mode: str
-) -> None:
+async def test_streamable_http_runs_a_job_on_each_era(http_server: HttpServer, alice_key: str, mode: str) -> None:
     async with http_client(http_server.url, alice_key, mode=mode) as client:
         assert client.protocol_version == ("2025-11-25" if mode == "legacy" else "2026-07-28")
         done = await run_one_job(client)
@@ -60,9 +59,7 @@ async def test_sse_runs_a_job(config: Config, alice_key: str) -> None:
 
 
 @pytest.mark.parametrize("path", ["/mcp"])
-async def test_http_refuses_requests_without_a_valid_key_before_any_work(
-    http_server: HttpServer, path: str
-) -> None:
+async def test_http_refuses_requests_without_a_valid_key_before_any_work(http_server: HttpServer, path: str) -> None:
     base = http_server.url.removesuffix("/mcp")
     request = {"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": {}}
     headers = {"Accept": "application/json, text/event-stream", "MCP-Protocol-Version": "2026-07-28"}
@@ -99,7 +96,7 @@ async def test_a_key_revoked_by_the_cli_fails_at_once_in_a_running_server(
     key = await new_key(config.db_path, "carol")
     async with http_client(http_server.url, key, mode="legacy") as client:
         assert not (await client.call_tool("get_usage", {})).is_error
-        revoke = subprocess.run(
+        revoke = await anyio.run_process(
             [
                 sys.executable,
                 "-m",
@@ -110,11 +107,9 @@ async def test_a_key_revoked_by_the_cli_fails_at_once_in_a_running_server(
                 "--db",
                 str(config.db_path),
             ],
-            capture_output=True,
-            text=True,
             check=False,
         )
-        assert revoke.returncode == 0, revoke.stderr
+        assert revoke.returncode == 0, revoke.stderr.decode()
         with pytest.raises(MCPError, match="error response"):  # the HTTP layer answers 401 now
             await client.call_tool("get_usage", {})
     async with Client(stdio_params(config, key)) as stdio:  # type: ignore[arg-type]
@@ -133,7 +128,8 @@ def test_the_server_answers_initialize_without_importing_any_provider_sdk(config
         from qpu_gateway.runtime import Gateway
 
         async def main():
-            gateway = Gateway(Config(db_path=Path({str(config.db_path)!r}), policy_path=Path({str(config.policy_path)!r})))
+            db, policy = Path({str(config.db_path)!r}), Path({str(config.policy_path)!r})
+            gateway = Gateway(Config(db_path=db, policy_path=policy))
             async with Client(build_server(gateway, lambda: None), mode="legacy") as client:
                 assert client.protocol_version == "2025-11-25"
                 await client.list_tools()
@@ -144,8 +140,6 @@ def test_the_server_answers_initialize_without_importing_any_provider_sdk(config
         anyio.run(main)
         """
     )
-    out = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
-    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False)
     assert out.returncode == 0, out.stderr
     assert "HEAVY []" in out.stdout
