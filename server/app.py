@@ -27,6 +27,7 @@ from qpu_gateway.adapters.aer import BACKEND_ID as DEFAULT_BACKEND
 from qpu_gateway.calls import STATIC_RESOURCES, Calls, KeySource, current_call
 from qpu_gateway.errors import GatewayError
 from qpu_gateway.events import job_id_of
+from qpu_gateway.jobs import TERMINAL
 from qpu_gateway.runtime import Gateway
 
 INSTRUCTIONS = """\
@@ -264,7 +265,8 @@ def build_server(
             state.refuse(exc)
             code = INVALID_PARAMS if exc.code == "not_found" else INVALID_REQUEST
             raise MCPError(code, f"{exc.code}: {exc.message}", data=exc.body()) from None
-        gateway.events.subscribe_legacy(params.uri, ctx.session, job.version)
+        if job.state not in TERMINAL:  # a finished job will not change again
+            gateway.events.subscribe_legacy(params.uri, ctx.session, job.version)
         return EmptyResult()
 
     async def unsubscribe(ctx: ServerRequestContext[Any, Any], params: UnsubscribeRequestParams) -> EmptyResult:

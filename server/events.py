@@ -14,6 +14,8 @@ from typing import Protocol
 import anyio
 from mcp.server.subscriptions import ResourceUpdated, SubscriptionBus
 
+from qpu_gateway.jobs import TERMINAL
+from qpu_gateway.records import JobRecord
 from qpu_gateway.store import Store, StoreError
 
 log = logging.getLogger(__name__)
@@ -83,8 +85,16 @@ class JobEvents:
 
     # -- announcing -------------------------------------------------------------------------
 
-    async def job_changed(self, job_id: str, version: int) -> None:
-        """Announce one change (once per version, whichever path found it first)."""
+    async def announce(self, job: JobRecord) -> None:
+        """Announce the job as it now is."""
+        await self.job_changed(job.id, job.version, terminal=job.state in TERMINAL)
+
+    async def job_changed(self, job_id: str, version: int, *, terminal: bool = False) -> None:
+        """Announce one change (once per version, whichever path found it first).
+
+        After a terminal change nothing more will happen to the job, so its 2025-era
+        subscribers are forgotten (their sessions would otherwise be held for ever).
+        """
         if self._versions.get(job_id, 0) >= version:
             return
         if job_id in self._watchers:
@@ -100,6 +110,9 @@ class JobEvents:
             except Exception:  # a closed session: forget it rather than fail the worker
                 log.info("dropping a closed subscriber", extra={"uri": uri})
                 self.unsubscribe_legacy(uri, session)
+        if terminal:
+            for session in list(self._legacy.get(uri, ())):
+                self.unsubscribe_legacy(uri, session)
 
     async def watch_foreign_changes(self, store: Store, interval_s: float) -> None:
         """Poll the versions of watched jobs, announcing changes other processes made."""
@@ -113,6 +126,6 @@ class JobEvents:
             except StoreError as exc:
                 log.warning("cannot poll job versions: %s", exc)
                 continue
-            for job_id, version in versions.items():
+            for job_id, (version, state) in versions.items():
                 if version > self._versions.get(job_id, 0):
-                    await self.job_changed(job_id, version)
+                    await self.job_changed(job_id, version, terminal=state in TERMINAL)

@@ -198,7 +198,7 @@ async def submit_job(
     )
     stored = await gw.store.insert_job(job, _with_job(audit, job.id), time.time())
     gw.workers.wake()
-    await gw.events.job_changed(stored.id, stored.version)
+    await gw.events.announce(stored)
     return models.Submitted(
         job_id=stored.id, state=stored.state.value, uri=job_uri(stored.id), estimate=assessment.estimate()
     )
@@ -329,7 +329,7 @@ async def cancel_job(gw: Gateway, who: Principal, job_id: str) -> models.JobView
             # The job is cancelled on our side either way; the provider may still finish it.
             with contextlib.suppress(AdapterError):
                 await adapter.cancel(ProviderRef(job.provider_ref))
-    await gw.events.job_changed(moved.id, moved.version)
+    await gw.events.announce(moved)
     return job_view(moved)
 
 

@@ -375,15 +375,15 @@ class SqliteStore:
             )
             return (first.rowcount or 0) + (second.rowcount or 0)
 
-    async def job_versions(self, job_ids: Iterable[str]) -> dict[str, int]:
+    async def job_versions(self, job_ids: Iterable[str]) -> dict[str, tuple[int, JobState]]:
         ids = list(job_ids)
         if not ids:
             return {}
         async with self._read() as db:
             rows = await db.execute_fetchall(
-                "SELECT id, version FROM jobs WHERE id IN (SELECT value FROM json_each(?))", (json.dumps(ids),)
+                "SELECT id, version, state FROM jobs WHERE id IN (SELECT value FROM json_each(?))", (json.dumps(ids),)
             )
-        return {row[0]: int(row[1]) for row in rows}
+        return {row[0]: (int(row[1]), JobState(row[2])) for row in rows}
 
     async def usage_by_state(self, agent: str) -> list[StateUsage]:
         async with self._read() as db:

@@ -101,7 +101,7 @@ class Workers:
             log.warning("cannot claim jobs: %s", exc)
             return None
         if job is not None:
-            await self.events.job_changed(job.id, job.version)
+            await self.events.announce(job)
         return job
 
     async def _heartbeat_loop(self) -> None:
@@ -176,8 +176,9 @@ class Workers:
             if status.state is ProviderState.UNKNOWN:
                 # The run was lost with the process that held it (local simulators only): queue again.
                 if await self.store.release_lease(job.id, self.owner, requeue=True, now=time.time()):
-                    version = await self.store.job_versions([job.id])
-                    await self.events.job_changed(job.id, version.get(job.id, 0))
+                    requeued = await self.store.get_job(job.id)
+                    if requeued is not None:
+                        await self.events.announce(requeued)
                     self.wake()
                 return None
             await anyio.sleep(delay)
@@ -211,7 +212,7 @@ class Workers:
     async def _move(self, job: JobRecord, state: JobState, **fields: Any) -> JobRecord | None:
         moved = await self.store.transition(job.id, state, time.time(), owner=self.owner, fields=fields)
         if moved is not None:
-            await self.events.job_changed(moved.id, moved.version)
+            await self.events.announce(moved)
         return moved
 
     async def _settle_success(self, job: JobRecord, result: Result) -> None:
@@ -240,4 +241,4 @@ class Workers:
             audit=AuditEntry(tool="job.failed", decision="event", error_code=code, detail=message[:500]),
         )
         if moved is not None:
-            await self.events.job_changed(moved.id, moved.version)
+            await self.events.announce(moved)

@@ -177,6 +177,7 @@ def test_database_location_is_the_flag_then_qpu_gateway_db_then_xdg_data_home(cl
     cli.ok("keys", "create", "--agent", "flagged", "--db", str(from_flag), env={"QPU_GATEWAY_DB": str(from_env)})
     assert from_flag.is_file()
     assert [k["agent"] for k in cli.listed_keys("--db", str(from_flag))] == ["flagged"]
+    assert "flagged" in cli.ok("--db", str(from_flag), "keys", "list")  # the flag also works before the command
     assert [k["agent"] for k in cli.listed_keys("--db", str(from_env))] == ["local"]
 
     cli.ok("init")

@@ -111,3 +111,25 @@ async def test_another_agent_cannot_subscribe_to_a_job(
                     pass
     refused = [r for r in await gateway.store.audit_tail(limit=100) if r.agent == "bob"]
     assert [(r.decision, r.error_code) for r in refused] == [("refused", "not_found")]
+
+
+async def test_a_subscriber_hears_of_changes_made_by_another_process(config: Config, alice_key: str) -> None:
+    """Two gateways on one database: the job runs in one, the subscriber is connected to the other."""
+    watcher, runner = Gateway(config), Gateway(config)
+    updates: list[str] = []
+
+    async def on_message(message: Any) -> None:
+        if isinstance(message, ResourceUpdatedNotification):
+            updates.append(message.params.uri)
+
+    async with watcher.running(workers=False):
+        server = build_server(watcher, lambda: alice_key)
+        async with Client(server, mode="legacy", message_handler=on_message) as client:  # type: ignore[arg-type]
+            submitted = (await client.call_tool("submit_job", {"circuit": BELL2})).structured_content
+            await client.subscribe_resource(submitted["uri"])
+            async with runner.running():
+                done = await client.call_tool("wait_for_job", {"job_id": submitted["job_id"]})
+                await anyio.sleep(3 * config.poll_interval_s)
+    assert done.structured_content["state"] == "succeeded"
+    assert updates and set(updates) == {submitted["uri"]}
+    assert not watcher.events._legacy  # forgotten once the job ended

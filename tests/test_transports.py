@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -16,7 +17,7 @@ from mcp.shared.exceptions import MCPError
 
 from qpu_gateway.config import Config
 
-from .support import BELL2, ERAS, HttpServer, http_client, new_key, start_http_server, stdio_params
+from .support import BELL2, ERAS, HttpServer, free_port, http_client, new_key, start_http_server, stdio_params
 
 pytestmark = pytest.mark.anyio
 
@@ -143,3 +144,46 @@ def test_the_server_answers_initialize_without_importing_any_provider_sdk(config
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False)
     assert out.returncode == 0, out.stderr
     assert "HEAVY []" in out.stdout
+
+
+def test_serve_over_http_prints_the_url_the_local_key_and_a_client_config(tmp_path: Any) -> None:
+    db = tmp_path / "gateway.db"
+    init = subprocess.run(
+        [sys.executable, "-m", "qpu_gateway", "init", "--db", str(db)], capture_output=True, text=True, check=True
+    )
+    key = init.stdout.strip().splitlines()[-1]
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "qpu_gateway",
+            "serve",
+            "--transport",
+            "http",
+            "--port",
+            str(port),
+            "--db",
+            str(db),
+            "--show-key",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        banner = []
+        for line in process.stdout:
+            banner.append(line)
+            if line.startswith("Press Ctrl-C"):
+                break
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+    text = "".join(banner)
+    url = f"http://127.0.0.1:{port}/mcp"
+    assert url in text and key in text
+    config = json.loads(text[text.index("{") : text.rindex("}") + 1])
+    server = config["mcpServers"]["qpu-gateway"]
+    assert server == {"type": "http", "url": url, "headers": {"Authorization": f"Bearer {key}"}}
