@@ -7,6 +7,7 @@ Exit codes: 0 ok, 1 runtime error, 2 usage error (argparse's own). Output meant 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -46,9 +47,9 @@ def _config(args: argparse.Namespace) -> Config:
     return Config.resolve(db=getattr(args, "db", None), policy=getattr(args, "policy", None))
 
 
-def _with_store(config: Config, action: Callable[[Store], Awaitable[T]]) -> T:
+def _with_store(config: Config, action: Callable[[Store], Awaitable[T]], *, migrate: bool = True) -> T:
     async def main() -> T:
-        store = await open_store(config.db_path)
+        store = await open_store(config.db_path, migrate=migrate)
         try:
             return await action(store)
         finally:
@@ -86,14 +87,14 @@ def cmd_init(args: argparse.Namespace) -> int:
         created_policy = True
 
     async def action(store: Store) -> tuple[list[str], str | None]:
-        applied = await store.migrate()
+        applied = await store.migrate()  # opened without migrating, so this reports what it applied
         if any(k.agent == LOCAL_AGENT for k in await store.list_keys()):
             return applied, None
         _, key = await create_key(store, agent=LOCAL_AGENT, project="default", scopes=frozenset(SCOPES))
         return applied, key
 
     store_existed = config.db_path.exists()
-    applied, key = _with_store(config, action)
+    applied, key = _with_store(config, action, migrate=False)
     if key is None and not created_policy and (store_existed and not applied):
         print(f"Already initialised: {config.db_path} and {config.policy_path}; nothing changed.")
         return 0
@@ -102,6 +103,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     if key is not None:
         path = local_key_path(config)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)  # an older file keeps its mode through O_CREAT; the key must not be readable by others
         with os.fdopen(fd, "w") as handle:
             handle.write(key + "\n")
         print(f"Agent '{LOCAL_AGENT}' key (shown once; a copy for `make run` is in {path}, mode 0600):")
@@ -267,13 +269,19 @@ def cmd_jobs_show(args: argparse.Namespace) -> int:
 
 def cmd_audit_tail(args: argparse.Namespace) -> int:
     config = _config(args)
+
+    async def read(store: Store, after: int | None) -> list[Any]:
+        if after is None:  # the first read: the newest rows
+            return await store.audit_tail(limit=args.lines, job_id=args.job, agent=args.agent)
+        rows: list[Any] = []  # later reads: every row since, oldest first, however many arrived
+        while batch := await store.audit_since(after_seq=after, limit=500, job_id=args.job, agent=args.agent):
+            rows += batch
+            after = batch[-1].seq
+        return rows
+
     after: int | None = None
     while True:
-
-        async def read(store: Store, after: int | None = after) -> list[Any]:
-            return await store.audit_tail(limit=args.lines, job_id=args.job, agent=args.agent, after_seq=after)
-
-        for r in _with_store(config, read):
+        for r in _with_store(config, functools.partial(read, after=after)):
             print(
                 f"{r.seq:>6} {_when(r.at)} agent={r.agent or '-'} key={r.key_id or '-'} {r.tool} "
                 f"{r.decision}{' ' + r.error_code if r.error_code else ''}"

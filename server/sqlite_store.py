@@ -411,6 +411,17 @@ class SqliteStore:
             )
         return [AuditRecord(**dict(row)) for row in rows]
 
+    async def audit_since(
+        self, *, after_seq: int, limit: int, job_id: str | None = None, agent: str | None = None
+    ) -> list[AuditRecord]:
+        async with self._read() as db:
+            rows = await db.execute_fetchall(
+                "SELECT * FROM audit WHERE seq > ? AND (? IS NULL OR job_id = ?) AND (? IS NULL OR agent = ?) "
+                "ORDER BY seq LIMIT ?",
+                (after_seq, job_id, job_id, agent, agent, limit),
+            )
+        return [AuditRecord(**dict(row)) for row in rows]
+
 
 async def _insert_audit(db: aiosqlite.Connection, entry: AuditEntry, now: float) -> None:
     await db.execute(

@@ -92,14 +92,24 @@ class Store(Protocol):
 
     async def audit_tail(
         self, *, limit: int, job_id: str | None = None, agent: str | None = None, after_seq: int | None = None
-    ) -> list[AuditRecord]: ...
+    ) -> list[AuditRecord]:
+        """The newest `limit` rows (after `after_seq`), oldest first."""
+        ...
+
+    async def audit_since(
+        self, *, after_seq: int, limit: int, job_id: str | None = None, agent: str | None = None
+    ) -> list[AuditRecord]:
+        """The oldest `limit` rows after `after_seq`, oldest first: for reading the log forward."""
+        ...
 
 
-async def open_store(path: Path) -> Store:
+async def open_store(path: Path, *, migrate: bool = True) -> Store:
     """Open (creating if needed) the SQLite store at `path` and bring its schema up to date."""
     from qpu_gateway.sqlite_store import SqliteStore
 
     store = await SqliteStore.open(path)
+    if not migrate:
+        return store
     try:
         await store.migrate()
     except BaseException:

@@ -148,12 +148,6 @@ def test_init_run_again_changes_nothing_keeps_an_edited_policy_and_shows_no_key(
     assert len(cli.listed_keys()) == 1
 
 
-@pytest.mark.xfail(
-    reason="cli.py cmd_init opens local.key with os.open(..., O_CREAT, 0o600), which sets the mode only "
-    "when it creates the file: a leftover local.key keeps its old, looser mode while the new key is "
-    "written into it",
-    strict=True,
-)
 def test_init_writes_local_key_with_mode_0600_even_over_a_leftover_readable_file(cli: Cli) -> None:
     cli.data_dir.mkdir(parents=True)
     leftover = cli.data_dir / "local.key"
@@ -404,11 +398,6 @@ def test_audit_tail_follow_prints_rows_appended_after_it_started(cli: Cli) -> No
         assert lines[1].endswith(" after ok")
 
 
-@pytest.mark.xfail(
-    reason="cli.py cmd_audit_tail passes -n as the limit of every follow-up poll, and the store returns "
-    "the newest `limit` rows after `after_seq`: rows beyond -n appended between two polls are never printed",
-    strict=True,
-)
 def test_audit_tail_follow_prints_every_row_of_a_burst_larger_than_its_line_count(cli: Cli) -> None:
     append_audit(cli.db, AuditEntry(tool="first", decision="ok"))
 
