@@ -15,15 +15,22 @@ if TYPE_CHECKING:
 MAX_SOURCE_BYTES = 100 * 1024
 
 _STANDARD_INCLUDES = {2: {"qelib1.inc"}, 3: {"stdgates.inc"}}
-_BLOCK_COMMENT = re.compile(r"/\*.*?\*/", re.DOTALL)
-_LINE_COMMENT = re.compile(r"//[^\n]*")
+# One left-to-right pass, so a comment marker inside another comment or a string cannot hide
+# code from the screen. OpenQASM 2 has only line comments; 3 adds block comments.
+_COMMENTS = {
+    2: re.compile(r'//[^\n]*|"[^"\n]*"'),
+    3: re.compile(r'//[^\n]*|/\*.*?(?:\*/|\Z)|"[^"\n]*"', re.DOTALL),
+}
 _HEADER = re.compile(r"\s*OPENQASM\s+(\d+)(?:\.(\d+))?\s*;")
 _INCLUDE_WORD = re.compile(r"\binclude\b")
 _INCLUDE_STMT = re.compile(r'\binclude\s*"([^"\n]*)"\s*;')
-# Register declarations, to refuse a huge register before the parser allocates it.
-_QREG2 = re.compile(r"\bqreg\s+\w+\s*\[\s*(\d+)\s*\]")
-_QUBIT3_ARRAY = re.compile(r"\bqubit\s*\[\s*(\d+)\s*\]")
-_QUBIT3_SINGLE = re.compile(r"\bqubit\s+[A-Za-z_]\w*\s*;")
+# Register declarations, to refuse a huge register before the parser allocates it. A size must
+# be plain decimal digits: `0x3B9ACA00`, `1_000` or `2 * 500` could not be counted here.
+_QREG_SIZE = re.compile(r"\bqreg\s+\w+\s*\[([^\]]*)\]")
+_QUBIT_SIZE = re.compile(r"\bqubit\s*\[([^\]]*)\]")
+_QUBIT_SINGLE = re.compile(r"\b(?:qubit|qreg)\s+[A-Za-z_]\w*\s*;")
+_PHYSICAL_QUBIT = re.compile(r"\$(\d+)")
+_PLAIN_SIZE = re.compile(r"^\s*(\d+)\s*$")
 _HUGE = 10**9
 
 
@@ -31,8 +38,14 @@ class CircuitSourceError(ValueError):
     """The source is not a circuit we will run; the message says why and is safe to show."""
 
 
-def strip_comments(source: str) -> str:
-    return _LINE_COMMENT.sub("", _BLOCK_COMMENT.sub(" ", source))
+def strip_comments(source: str, version: int = 3) -> str:
+    """The program with comments replaced by a space; string literals are kept as written."""
+
+    def keep_strings(match: re.Match[str]) -> str:
+        text = match.group(0)
+        return text if text.startswith('"') else " "
+
+    return _COMMENTS[version].sub(keep_strings, source)
 
 
 def qasm_version(code: str) -> int:
@@ -56,23 +69,32 @@ def check_includes(code: str, version: int) -> None:
 
 
 def declared_qubits(code: str) -> int:
-    """Qubits declared by the program's registers, counted on the text before parsing."""
+    """Qubits the program declares (registers, or the highest physical qubit `$n` it names).
 
-    def size(digits: str) -> int:
+    Counted on the comment-free text before parsing; a size that is not plain decimal digits
+    is refused, since it could hide any number.
+    """
+
+    def size(text: str) -> int:
+        match = _PLAIN_SIZE.match(text)
+        if match is None:
+            raise CircuitSourceError(f"Register sizes must be plain decimal numbers; got [{text.strip()[:40]}].")
+        digits = match.group(1)
         return int(digits) if len(digits) <= 9 else _HUGE
 
-    total = sum(size(d) for d in _QREG2.findall(code))
-    total += sum(size(d) for d in _QUBIT3_ARRAY.findall(code))
-    total += len(_QUBIT3_SINGLE.findall(code))
-    return total
+    registers = sum(size(t) for t in _QREG_SIZE.findall(code)) + sum(size(t) for t in _QUBIT_SIZE.findall(code))
+    registers += len(_QUBIT_SINGLE.findall(code))
+    physical = [int(d) + 1 if len(d) <= 9 else _HUGE for d in _PHYSICAL_QUBIT.findall(code)]
+    return max([registers, *physical])
 
 
 def screen(source: str) -> tuple[int, str]:
     """Size, header and include checks; returns the version and the comment-free text."""
     if len(source.encode("utf-8", errors="replace")) > MAX_SOURCE_BYTES:
         raise CircuitSourceError(f"The program is larger than {MAX_SOURCE_BYTES // 1024} KB.")
-    code = strip_comments(source)
-    version = qasm_version(code)
+    version = qasm_version(strip_comments(source, 3))
+    code = strip_comments(source, version)
+    qasm_version(code)  # the header must still open the program under this version's comment rules
     check_includes(code, version)
     return version, code
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
 
 class Rules(BaseModel):
@@ -22,10 +22,10 @@ class Rules(BaseModel):
     allowed_backends: tuple[str, ...] = Field(
         default=("aer/*",), description="Backend ids an agent may use; shell-style wildcards ('aer/*')."
     )
-    max_qubits: int = Field(default=24, ge=1, le=10_000, description="Most qubits one circuit may use.")
-    max_depth: int = Field(default=10_000, ge=1, description="Deepest circuit accepted, after parsing.")
-    max_shots: int = Field(default=100_000, ge=1, description="Most shots per circuit.")
-    max_circuits: int = Field(default=1_000, ge=1, description="Most circuits in one job (a parameter sweep).")
+    max_qubits: StrictInt = Field(default=24, ge=1, le=10_000, description="Most qubits one circuit may use.")
+    max_depth: StrictInt = Field(default=10_000, ge=1, description="Deepest circuit accepted, after parsing.")
+    max_shots: StrictInt = Field(default=100_000, ge=1, description="Most shots per circuit.")
+    max_circuits: StrictInt = Field(default=1_000, ge=1, description="Most circuits in one job (a parameter sweep).")
 
 
 class Policy(BaseModel):

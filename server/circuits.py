@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from qpu_gateway.adapters import qasm
 from qpu_gateway.errors import InvalidCircuit, LimitExceeded
@@ -56,6 +56,10 @@ def _inspect(source: str, *, max_qubits: int, where: str) -> CircuitFacts:
         circuit = qasm.load(source)
     except qasm.CircuitSourceError as exc:
         raise InvalidCircuit(f"{where}{exc}") from None
+    if circuit.num_qubits > max_qubits:  # a backstop: the text screen should have caught it
+        raise LimitExceeded(
+            f"{where}the circuit uses {circuit.num_qubits} qubits; the policy allows at most {max_qubits}."
+        )
     measurements = sum(1 for inst in circuit.data if inst.operation.name == "measure")
     if measurements == 0:
         raise InvalidCircuit(f"{where}the circuit measures nothing, so it would return no counts. Add measure.")
@@ -78,7 +82,15 @@ def fingerprint(circuit: QuantumCircuit) -> str:
     Whitespace, comments and gate spelling in the source do not change it; register layout,
     operations, their parameters and their wiring do.
     """
+    from qiskit.circuit.library import get_standard_gate_name_mapping
+
+    standard = frozenset(get_standard_gate_name_mapping()) | {"measure", "barrier", "reset", "delay"}
     digest = hashlib.sha256()
+    _hash_circuit(digest, circuit, standard)
+    return digest.hexdigest()
+
+
+def _hash_circuit(digest: Any, circuit: QuantumCircuit, standard: frozenset[str]) -> None:
     digest.update(f"q{circuit.num_qubits};".encode())
     for creg in circuit.cregs:
         digest.update(f"c {creg.name} {creg.size};".encode())
@@ -87,7 +99,12 @@ def fingerprint(circuit: QuantumCircuit) -> str:
         clbits = ",".join(str(circuit.find_bit(c).index) for c in inst.clbits)
         params = ",".join(_param(p) for p in inst.operation.params)
         digest.update(f"{inst.operation.name}({params}) {qubits} -> {clbits};".encode())
-    return digest.hexdigest()
+        definition = getattr(inst.operation, "definition", None)
+        if inst.operation.name not in standard and definition is not None:
+            # A custom gate is what its body does: two gates named alike with other bodies differ.
+            digest.update(b"{")
+            _hash_circuit(digest, definition, standard)
+            digest.update(b"}")
 
 
 def _param(value: object) -> str:

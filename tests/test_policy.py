@@ -191,11 +191,6 @@ def test_a_wrong_type_or_value_is_an_error_naming_the_key(text: str, key: str) -
     assert str(error.value).startswith(f"policy.toml: {key}: ")
 
 
-@pytest.mark.xfail(
-    reason="policy/file.py Rules validates ints in pydantic's lax mode, so `max_qubits = true` silently "
-    'becomes 1 and `max_shots = "1000"` becomes 1000 instead of being refused as the wrong TOML type',
-    strict=True,
-)
 @pytest.mark.parametrize(
     "text", ["[defaults]\nmax_qubits = true\n", '[defaults]\nmax_shots = "1000"\n'], ids=["bool", "digit-string"]
 )

@@ -1,0 +1,290 @@
+"""A `limits` async storage in SQLite, so rate limits hold across every process sharing one file.
+
+Every Claude Code session starts its own stdio gateway process; an in-memory storage would give
+each of them its own allowance. This storage keeps the counts in the gateway's database file
+instead, in two tables of its own (created on first use): `rate_entries` for the moving window
+and `rate_counters` for fixed and sliding-window counters.
+
+URI form, absolute path after three slashes (percent-encode anything unusual; `storage_uri`
+does it)::
+
+    async+qpu-sqlite:///var/lib/qpu-gateway/gateway.db
+
+`limits` registers storages by scheme when their class is defined, so import this module first,
+then `limits.storage.storage_from_string(uri)` returns a `SqliteRateStorage` (`limits.aio.storage`
+has no `storage_from_string` of its own; the one factory serves sync and async schemes).
+
+Every acquire runs in one `BEGIN IMMEDIATE` transaction: the write lock is taken before the
+count is read, so check-and-insert is one step for every process and the decision is exact
+under any contention.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+import urllib.parse
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from math import floor
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+import anyio
+from limits.aio.storage import MovingWindowSupport, SlidingWindowCounterSupport, Storage
+from limits.errors import ConfigurationError
+from limits.storage.base import TimestampedSlidingWindow
+
+SCHEME = "async+qpu-sqlite"
+_BUSY_TIMEOUT_S = 10.0
+
+_SCHEMA = (
+    """
+    CREATE TABLE IF NOT EXISTS rate_entries (
+        key        TEXT    NOT NULL,
+        at         REAL    NOT NULL,  -- time.time() when acquired
+        expires_at REAL    NOT NULL,  -- at + the limit's window: pruned from then on
+        amount     INTEGER NOT NULL   -- the cost it consumed (one row per hit, however many shots)
+    )
+    """,
+    "CREATE INDEX IF NOT EXISTS rate_entries_by_key ON rate_entries (key, at)",
+    "CREATE INDEX IF NOT EXISTS rate_entries_by_expiry ON rate_entries (expires_at)",
+    """
+    CREATE TABLE IF NOT EXISTS rate_counters (
+        key        TEXT    PRIMARY KEY,
+        count      INTEGER NOT NULL,
+        expires_at REAL    NOT NULL
+    )
+    """,
+    "CREATE INDEX IF NOT EXISTS rate_counters_by_expiry ON rate_counters (expires_at)",
+)
+_PRUNE_ENTRIES = "DELETE FROM rate_entries WHERE expires_at <= ?"
+_PRUNE_COUNTERS = "DELETE FROM rate_counters WHERE expires_at <= ?"
+# (oldest entry, total cost) of the entries acquired after the given instant.
+_MOVING_WINDOW = "SELECT MIN(at), COALESCE(SUM(amount), 0) FROM rate_entries WHERE key = ? AND at > ?"
+_ADD_ENTRY = "INSERT INTO rate_entries (key, at, expires_at, amount) VALUES (?, ?, ?, ?)"
+_COUNTER = "SELECT count, expires_at FROM rate_counters WHERE key = ? AND expires_at > ?"
+_TWO_COUNTERS = "SELECT key, count FROM rate_counters WHERE key IN (?, ?) AND expires_at > ?"
+# A counter's expiry is set when it is created and kept while it grows (a fixed window).
+_ADD_TO_COUNTER = """
+INSERT INTO rate_counters (key, count, expires_at) VALUES (?, ?, ?)
+ON CONFLICT (key) DO UPDATE SET count = count + excluded.count
+RETURNING count
+"""
+_CLEAR_ENTRIES = "DELETE FROM rate_entries WHERE key = ?"
+_CLEAR_COUNTER = "DELETE FROM rate_counters WHERE key = ?"
+_CLEAR_TWO_COUNTERS = "DELETE FROM rate_counters WHERE key IN (?, ?)"
+_KEY_COUNT = "SELECT (SELECT count(*) FROM rate_counters) + (SELECT count(DISTINCT key) FROM rate_entries)"
+_CLEAR_ALL_ENTRIES = "DELETE FROM rate_entries"
+_CLEAR_ALL_COUNTERS = "DELETE FROM rate_counters"
+
+
+def storage_uri(path: Path) -> str:
+    """The URI that names the rate-limit storage in the database file at `path`."""
+    return f"{SCHEME}://{urllib.parse.quote(str(path.resolve()))}"
+
+
+def _path_of(uri: str) -> Path:
+    parts = urllib.parse.urlsplit(uri)
+    if parts.netloc not in ("", "localhost") or not parts.path.startswith("/") or parts.query or parts.fragment:
+        raise ConfigurationError(
+            f"{uri!r} is not a {SCHEME} URI: write the database file's absolute path after three slashes, "
+            f"as in {SCHEME}:///var/lib/qpu-gateway/gateway.db"
+        )
+    return Path(urllib.parse.unquote(parts.path))
+
+
+async def _one_row(db: aiosqlite.Connection, sql: str, params: Iterable[Any]) -> sqlite3.Row:
+    rows = list(await db.execute_fetchall(sql, params))
+    if not rows:  # only called for aggregates and RETURNING, which always give one row
+        raise sqlite3.DatabaseError("expected one row, got none")
+    return rows[0]
+
+
+class SqliteRateStorage(Storage, MovingWindowSupport, SlidingWindowCounterSupport, TimestampedSlidingWindow):
+    """Rate-limit state in a SQLite file: moving window, sliding window counter and fixed window."""
+
+    # limits' metaclass registers the class under these schemes. Not a ClassVar: the base class
+    # declares a plain attribute, and mypy rejects overriding that with a ClassVar.
+    STORAGE_SCHEME = [SCHEME]  # noqa: RUF012
+
+    def __init__(self, uri: str, wrap_exceptions: bool = False, **options: float | str | bool) -> None:
+        super().__init__(uri, wrap_exceptions=wrap_exceptions, **options)
+        self.path = _path_of(uri)
+        self._conn: aiosqlite.Connection | None = None
+        # One connection per instance: statements of one transaction must not interleave with
+        # another task's, so every use of the connection holds this lock.
+        self._lock = anyio.Lock()
+
+    @property
+    def base_exceptions(self) -> type[Exception] | tuple[type[Exception], ...]:
+        return sqlite3.Error
+
+    async def aclose(self) -> None:
+        """Close the connection; a later call opens a new one."""
+        async with self._lock:
+            if self._conn is not None:
+                conn, self._conn = self._conn, None
+                await conn.close()
+
+    # -- connection and transactions -------------------------------------------------------------
+
+    async def _connection(self) -> aiosqlite.Connection:
+        """The open connection, made on first use (the caller holds the lock)."""
+        if self._conn is None:
+            await anyio.Path(self.path.parent).mkdir(parents=True, exist_ok=True)
+            conn = await aiosqlite.connect(self.path, isolation_level=None, timeout=_BUSY_TIMEOUT_S)
+            try:
+                await conn.execute("PRAGMA busy_timeout = 10000")
+                await conn.execute("PRAGMA journal_mode = WAL")
+                # NORMAL, not FULL: a power cut may forget the last few hits, which costs a little
+                # allowance, never money; an fsync per hit would cost every call.
+                await conn.execute("PRAGMA synchronous = NORMAL")
+                await conn.execute("BEGIN IMMEDIATE")
+                try:
+                    for statement in _SCHEMA:
+                        await conn.execute(statement)
+                except BaseException:
+                    with anyio.CancelScope(shield=True):
+                        await conn.execute("ROLLBACK")
+                    raise
+                await conn.execute("COMMIT")
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await conn.close()
+                raise
+            self._conn = conn
+        return self._conn
+
+    @asynccontextmanager
+    async def _read(self) -> AsyncIterator[tuple[aiosqlite.Connection, float]]:
+        """The connection and the current time, for single statements (each is its own snapshot)."""
+        async with self._lock:
+            yield await self._connection(), time.time()
+
+    @asynccontextmanager
+    async def _write(self) -> AsyncIterator[tuple[aiosqlite.Connection, float]]:
+        """A write transaction holding SQLite's write lock from its start, and the time it began.
+
+        The time is read after the lock is taken: a process that waited for the lock must not
+        decide with the instant it started waiting.
+        """
+        async with self._lock:
+            db = await self._connection()
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db, time.time()
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await db.execute("ROLLBACK")
+                raise
+            try:
+                with anyio.CancelScope(shield=True):
+                    await db.execute("COMMIT")
+            except sqlite3.Error:
+                await db.execute("ROLLBACK")
+                raise
+
+    # -- counters (fixed window) -----------------------------------------------------------------
+
+    async def incr(self, key: str, expiry: int, amount: int = 1) -> int:
+        """Add `amount` to the counter at `key`, creating it to expire in `expiry` seconds."""
+        async with self._write() as (db, now):
+            await db.execute(_PRUNE_COUNTERS, (now,))
+            row = await _one_row(db, _ADD_TO_COUNTER, (key, amount, now + expiry))
+        return int(row[0])
+
+    async def get(self, key: str) -> int:
+        """The counter at `key`, 0 once it has expired."""
+        async with self._read() as (db, now):
+            rows = list(await db.execute_fetchall(_COUNTER, (key, now)))
+        return int(rows[0][0]) if rows else 0
+
+    async def get_expiry(self, key: str) -> float:
+        """When the counter at `key` expires (now if there is none)."""
+        async with self._read() as (db, now):
+            rows = list(await db.execute_fetchall(_COUNTER, (key, now)))
+        return float(rows[0][1]) if rows else now
+
+    async def check(self) -> bool:
+        """Whether the database file can be opened and read."""
+        try:
+            async with self._read() as (db, _):
+                await db.execute_fetchall("SELECT 1")
+        except sqlite3.Error:
+            return False
+        return True
+
+    async def reset(self) -> int | None:
+        """Forget every limit in the file; returns how many keys there were."""
+        async with self._write() as (db, _):
+            row = await _one_row(db, _KEY_COUNT, ())
+            await db.execute(_CLEAR_ALL_ENTRIES)
+            await db.execute(_CLEAR_ALL_COUNTERS)
+        return int(row[0])
+
+    async def clear(self, key: str) -> None:
+        """Forget the entries and the counter at `key`."""
+        async with self._write() as (db, _):
+            await db.execute(_CLEAR_ENTRIES, (key,))
+            await db.execute(_CLEAR_COUNTER, (key,))
+
+    # -- moving window ---------------------------------------------------------------------------
+
+    async def acquire_entry(self, key: str, limit: int, expiry: int, amount: int = 1) -> bool:
+        """Record a hit of cost `amount` if the last `expiry` seconds leave room for it under `limit`."""
+        if amount > limit:
+            return False
+        async with self._write() as (db, now):
+            await db.execute(_PRUNE_ENTRIES, (now,))
+            _, used = await _one_row(db, _MOVING_WINDOW, (key, now - expiry))
+            if used + amount > limit:
+                return False
+            await db.execute(_ADD_ENTRY, (key, now, now + expiry, amount))
+        return True
+
+    async def get_moving_window(self, key: str, limit: int, expiry: int) -> tuple[float, int]:
+        """(oldest entry in the window, total cost in it); (now, 0) for an empty window."""
+        async with self._read() as (db, now):
+            oldest, used = await _one_row(db, _MOVING_WINDOW, (key, now - expiry))
+        return (now, 0) if oldest is None else (float(oldest), int(used))
+
+    # -- sliding window counter ------------------------------------------------------------------
+
+    async def acquire_sliding_window_entry(self, key: str, limit: int, expiry: int, amount: int = 1) -> bool:
+        """Count a hit of cost `amount` if the weighted previous window plus the current one leave room."""
+        if amount > limit:
+            return False
+        async with self._write() as (db, now):
+            await db.execute(_PRUNE_COUNTERS, (now,))
+            previous, previous_ttl, current, _ = await self._sliding_window(db, key, expiry, now)
+            if floor(previous * previous_ttl / expiry) + current + amount > limit:
+                return False
+            _, current_key = self.sliding_window_keys(key, expiry, now)
+            # A window's counter matters until the end of the next window, when it stops being "previous".
+            await _one_row(db, _ADD_TO_COUNTER, (current_key, amount, (int(now / expiry) + 2) * expiry))
+        return True
+
+    async def get_sliding_window(self, key: str, expiry: int) -> tuple[int, float, int, float]:
+        """(previous count, its weight in seconds, current count, seconds until it expires)."""
+        async with self._read() as (db, now):
+            return await self._sliding_window(db, key, expiry, now)
+
+    async def clear_sliding_window(self, key: str, expiry: int) -> None:
+        """Forget both windows' counters of `key`."""
+        async with self._write() as (db, now):
+            await db.execute(_CLEAR_TWO_COUNTERS, self.sliding_window_keys(key, expiry, now))
+
+    async def _sliding_window(
+        self, db: aiosqlite.Connection, key: str, expiry: int, now: float
+    ) -> tuple[int, float, int, float]:
+        # Windows are aligned on multiples of `expiry` (TimestampedSlidingWindow), as in the memory
+        # storage, so the TTLs follow from the clock and only the counts are stored.
+        previous_key, current_key = self.sliding_window_keys(key, expiry, now)
+        counts = {
+            row[0]: int(row[1]) for row in await db.execute_fetchall(_TWO_COUNTERS, (previous_key, current_key, now))
+        }
+        previous, current = counts.get(previous_key, 0), counts.get(current_key, 0)
+        left = expiry - now % expiry  # seconds until the current window ends
+        return previous, (left if previous else 0.0), current, left + expiry
