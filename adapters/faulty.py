@@ -24,7 +24,9 @@ from qpu_gateway.adapters.base import (
     TransientError,
 )
 
-BACKEND_ID = "faulty/simulator"
+# It stands in for a provider's hardware, so policy on hardware (prices, approvals,
+# simulate-first) can be exercised without a cloud.
+BACKEND_ID = "faulty/qpu"
 _KINDS = {"ok", "transient", "quota", "permanent", "slow"}
 
 
@@ -68,9 +70,9 @@ class FaultyAdapter:
             Backend(
                 id=BACKEND_ID,
                 provider=self.provider,
-                name="simulator",
+                name="qpu",
                 qubits=aer.qubits,
-                simulator=True,
+                simulator=False,
                 status="online",
             )
         ]

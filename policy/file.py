@@ -1,44 +1,191 @@
-"""The policy file: TOML the operator edits, parsed into typed rules.
+"""The policy file: TOML the operator edits, parsed into the rules for each agent.
 
-This issue reads the per-job caps and the allowed backends; later sections (rate limits,
-quotas, approvals) extend `Rules` without changing how the file is found or loaded.
+Levels: `[defaults]`, then `[projects.NAME]`, then `[agents.NAME]`; the most specific level
+wins key by key (tables merge, lists and values replace). `[prices."pattern"]` entries replace
+or add to the shipped price table. See `policy.example.toml` for every key.
 """
 
 from __future__ import annotations
 
+import re
 import tomllib
 from dataclasses import dataclass
+from decimal import Decimal
 from importlib import resources
 from pathlib import Path
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
+import limits
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, field_validator
+
+from qpu_gateway.policy.pricing import Price, PriceError, parse_price_table, shipped_prices, to_micro_usd
+
+Priority = Literal["low", "normal", "high"]
+PRIORITY_RANK: dict[str, int] = {"low": 0, "normal": 1, "high": 2}
+_DURATION = re.compile(r"^(\d+)\s*([smhd])$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
-class Rules(BaseModel):
-    """The rules that apply to one agent. Every key is optional in the file; these are the defaults."""
+def parse_duration(value: str | int) -> int:
+    """`"24h"` / `"30m"` / `90` -> seconds."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    match = _DURATION.match(str(value).strip())
+    if match is None or int(match.group(1)) <= 0:
+        raise ValueError("a duration is a positive number with a unit: 90s, 30m, 24h, 7d")
+    return int(match.group(1)) * _UNITS[match.group(2)]
 
+
+class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RateRule(_Strict):
+    """One rate limit: `limit` per `per` key, on `tools`, counting calls or shots."""
+
+    limit: str = Field(description="A `limits` rate string: '60/minute', '200000/hour', '5/second'.")
+    per: Literal["agent", "project", "backend", "global"] = "agent"
+    tools: tuple[str, ...] = ("submit_job",)
+    cost: Literal["calls", "shots"] = "calls"
+    mode: Literal["reject", "wait"] = "reject"
+    max_wait_s: float = Field(default=30.0, gt=0, le=600)
+    name: str | None = None
+
+    @field_validator("limit")
+    @classmethod
+    def _parses(cls, value: str) -> str:
+        try:
+            limits.parse(value)
+        except ValueError as exc:
+            raise ValueError(f"{value!r} is not a rate like '60/minute': {exc}") from None
+        return value
+
+    @property
+    def id(self) -> str:
+        """Stable identity of the rule, used in counters' keys and audit rows."""
+        return self.name or f"{self.per}:{','.join(self.tools)}:{self.cost}:{self.limit}"
+
+
+class PeriodCaps(_Strict):
+    """A cap per UTC period; a missing period has no cap."""
+
+    day: Decimal | None = None
+    month: Decimal | None = None
+    total: Decimal | None = None
+
+    @field_validator("day", "month", "total", mode="before")
+    @classmethod
+    def _number(cls, value: Any) -> Any:
+        if isinstance(value, bool):
+            raise ValueError("must be a number")
+        return None if value is None else Decimal(str(value))
+
+
+class Quota(_Strict):
+    """Caps for one agent, or for one project's agents together."""
+
+    cost_usd: PeriodCaps = PeriodCaps()
+    shots: PeriodCaps = PeriodCaps()
+    qpu_seconds: PeriodCaps = PeriodCaps()
+    running_jobs: StrictInt | None = Field(default=None, ge=0)
+    queued_jobs: StrictInt | None = Field(default=None, ge=0)
+
+    @field_validator("cost_usd")
+    @classmethod
+    def _whole_micro_dollars(cls, caps: PeriodCaps) -> PeriodCaps:
+        for value in (caps.day, caps.month, caps.total):
+            if value is not None:
+                to_micro_usd(value, "cost_usd")
+        return caps
+
+
+class LoopGuard(_Strict):
+    max_repeats: StrictInt = Field(default=50, ge=1)
+    window_minutes: StrictInt = Field(default=10, ge=1)
+
+
+class Rules(_Strict):
+    """The rules that apply to one agent; every key is optional in the file."""
 
     allowed_backends: tuple[str, ...] = Field(
         default=("aer/*",), description="Backend ids an agent may use; shell-style wildcards ('aer/*')."
     )
-    max_qubits: StrictInt = Field(default=24, ge=1, le=10_000, description="Most qubits one circuit may use.")
-    max_depth: StrictInt = Field(default=10_000, ge=1, description="Deepest circuit accepted, after parsing.")
-    max_shots: StrictInt = Field(default=100_000, ge=1, description="Most shots per circuit.")
-    max_circuits: StrictInt = Field(default=1_000, ge=1, description="Most circuits in one job (a parameter sweep).")
+    max_qubits: StrictInt = Field(default=24, ge=1, le=10_000)
+    max_depth: StrictInt = Field(default=10_000, ge=1)
+    max_shots: StrictInt = Field(default=100_000, ge=1)
+    max_circuits: StrictInt = Field(default=1_000, ge=1)
+    rate_limits: tuple[RateRule, ...] = ()
+    agent_quota: Quota = Quota()
+    project_quota: Quota = Quota()
+    confirm_above_usd: Decimal | None = None
+    operator_above_usd: Decimal | None = None
+    unknown_price: Literal["refuse", "operator"] = "operator"
+    approval_ttl: int = Field(default=86_400, description="Seconds a pending approval waits before it expires.")
+    priority_ceiling: Priority = "normal"
+    simulate_first: StrictBool = False
+    loop_guard: LoopGuard = LoopGuard()
+
+    @field_validator("confirm_above_usd", "operator_above_usd", mode="before")
+    @classmethod
+    def _usd(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        if isinstance(value, bool):
+            raise ValueError("must be an amount in USD")
+        to_micro_usd(value, "threshold")
+        return Decimal(str(value))
+
+    @field_validator("approval_ttl", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> int:
+        return parse_duration(value)
+
+    def micro(self, name: Literal["confirm_above_usd", "operator_above_usd"]) -> int | None:
+        value = getattr(self, name)
+        return None if value is None else to_micro_usd(value)
 
 
-class Policy(BaseModel):
-    """The whole file: `[defaults]` now; `[projects.NAME]` and `[agents.NAME]` come with the policy issue."""
+class Policy:
+    """The parsed file: raw levels (merged per agent on demand) and the price table."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    defaults: Rules = Rules()
+    def __init__(self, levels: dict[str, Any] | None = None, prices: dict[str, Price] | None = None) -> None:
+        levels = levels or {}
+        self._defaults: dict[str, Any] = dict(levels.get("defaults") or {})
+        self._projects: dict[str, dict[str, Any]] = dict(levels.get("projects") or {})
+        self._agents: dict[str, dict[str, Any]] = dict(levels.get("agents") or {})
+        self.prices: dict[str, Price] = {**shipped_prices(), **(prices or {})}
+        self._cache: dict[tuple[str, str], Rules] = {}
+        self.defaults = Rules.model_validate(self._defaults)
 
     def rules_for(self, *, agent: str, project: str) -> Rules:
-        """The rules in force for one agent. Only the defaults exist so far, so every agent shares them."""
-        del agent, project
-        return self.defaults
+        """The merged rules for one agent: defaults, then its project's, then its own."""
+        key = (agent, project)
+        rules = self._cache.get(key)
+        if rules is None:
+            merged = _merge(_merge(self._defaults, self._projects.get(project, {})), self._agents.get(agent, {}))
+            # A project's shared pool is the project's to set, never an agent's.
+            merged["project_quota"] = _merge(
+                self._defaults.get("project_quota", {}), self._projects.get(project, {}).get("project_quota", {})
+            )
+            rules = self._cache[key] = Rules.model_validate(merged)
+        return rules
+
+    def project_rules(self, project: str) -> Rules:
+        return Rules.model_validate(_merge(self._defaults, self._projects.get(project, {})))
+
+    @property
+    def names(self) -> tuple[list[str], list[str]]:
+        return sorted(self._projects), sorted(self._agents)
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,27 +204,77 @@ def default_policy_text() -> str:
     return resources.files("qpu_gateway.policy").joinpath("default_policy.toml").read_text(encoding="utf-8")
 
 
+_TOP_LEVEL = {"defaults", "projects", "agents", "prices"}
+
+
 def parse_policy(text: str, *, path: str = "<policy>") -> Policy:
-    """Parse policy TOML; raise `PolicyFileError` naming the line or key that is wrong."""
+    """Parse and validate policy TOML; raise `PolicyFileError` naming the line and the reason."""
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise PolicyFileError(path, f"not valid TOML: {exc}") from None
-    try:
-        return Policy.model_validate(raw)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors(include_url=False)
+    unknown = set(raw) - _TOP_LEVEL
+    if unknown:
+        name = sorted(unknown)[0]
+        raise PolicyFileError(
+            path, f"{_line_of(text, [name])}unknown section or key {name!r} (use {', '.join(sorted(_TOP_LEVEL))})"
         )
-        raise PolicyFileError(path, problems) from None
+    levels: list[tuple[list[str], Any]] = [(["defaults"], raw.get("defaults", {}))]
+    for section in ("projects", "agents"):
+        table = raw.get(section, {})
+        if not isinstance(table, dict):
+            raise PolicyFileError(path, f"[{section}] must be a table of names")
+        levels += [([section, name], value) for name, value in table.items()]
+    for where, value in levels:
+        if not isinstance(value, dict):
+            raise PolicyFileError(path, f"{_line_of(text, where)}{'.'.join(where)} must be a table")
+        if where[0] == "agents" and "project_quota" in value:
+            loc = [*where, "project_quota"]
+            raise PolicyFileError(
+                path,
+                f"{_line_of(text, loc)}{'.'.join(loc)}: a project's quota is set in "
+                "[defaults] or [projects.NAME], not per agent",
+            )
+        try:
+            Rules.model_validate(value)
+        except ValidationError as exc:
+            err = exc.errors(include_url=False)[0]
+            loc = [*where, *(str(p) for p in err["loc"])]
+            raise PolicyFileError(path, f"{_line_of(text, loc)}{'.'.join(loc)}: {err['msg']}") from None
+        except (PriceError, ValueError) as exc:
+            raise PolicyFileError(path, f"{_line_of(text, where)}{'.'.join(where)}: {exc}") from None
+    try:
+        prices = parse_price_table(raw.get("prices", {}))
+        policy = Policy(raw, prices)
+        for project in raw.get("projects", {}):
+            policy.project_rules(project)
+        for agent in raw.get("agents", {}):
+            policy.rules_for(agent=agent, project="default")
+    except (PriceError, ValidationError, ValueError) as exc:
+        raise PolicyFileError(path, str(exc).splitlines()[0]) from None
+    return policy
+
+
+def _line_of(text: str, loc: list[str]) -> str:
+    """'line N: ' for the deepest part of `loc` found in the file, searching in order."""
+    lines, start, found = text.splitlines(), 0, None
+    for part in loc:
+        if part.isdigit():
+            continue
+        pattern = re.compile(rf'(^|[\s.\[{{,"]){re.escape(part)}("?\s*[=\].]|"\])')
+        for number in range(start, len(lines)):
+            if pattern.search(lines[number].split("#", 1)[0]):
+                found, start = number, number
+                break
+    return f"line {found + 1}: " if found is not None else ""
 
 
 def load_policy(path: Path) -> Policy:
-    """Read and parse the policy file at `path`; a missing file means the built-in defaults."""
+    """Read and parse the policy file at `path`; a missing file means the shipped default policy."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        return Policy()
+        return parse_policy(default_policy_text(), path="<default policy>")
     except OSError as exc:
         raise PolicyFileError(str(path), f"cannot read: {exc.strerror}") from None
     return parse_policy(text, path=str(path))

@@ -9,7 +9,15 @@ from typing import Annotated, Any
 from mcp.server.auth.provider import TokenVerifier
 from mcp.server.auth.settings import AuthSettings
 from mcp.server.context import ServerRequestContext
-from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver import (
+    AcceptedElicitation,
+    Context,
+    DeclinedElicitation,
+    Elicit,
+    ElicitationResult,
+    MCPServer,
+    Resolve,
+)
 from mcp.shared.exceptions import MCPError
 from mcp_types import (
     INVALID_PARAMS,
@@ -20,11 +28,11 @@ from mcp_types import (
     ToolAnnotations,
     UnsubscribeRequestParams,
 )
-from pydantic import Field
+from pydantic import BaseModel, Field, PrivateAttr
 
-from qpu_gateway import __version__, models, service
+from qpu_gateway import __version__, admission, models, service
 from qpu_gateway.adapters.aer import BACKEND_ID as DEFAULT_BACKEND
-from qpu_gateway.calls import STATIC_RESOURCES, Calls, KeySource, current_call
+from qpu_gateway.calls import STATIC_RESOURCES, Calls, KeySource, Progress, current_call
 from qpu_gateway.errors import GatewayError
 from qpu_gateway.events import job_id_of
 from qpu_gateway.jobs import TERMINAL
@@ -56,8 +64,74 @@ CircuitsArg = Annotated[
 BackendArg = Annotated[str, Field(description="Backend id from list_backends, 'provider/name'.")]
 ShotsArg = Annotated[int, Field(description="Shots per circuit, 1 up to the policy's max_shots.")]
 JobIdArg = Annotated[str, Field(description="The job_id submit_job returned.")]
+DryRunArg = Annotated[
+    bool,
+    Field(description="Run on the free local simulator instead, checked against the target backend: costs nothing."),
+]
+MaxCostArg = Annotated[
+    str | float | None,
+    Field(description='Refuse the job if its estimated cost is above this many US dollars, e.g. "2.50".'),
+]
+PriorityArg = Annotated[
+    str, Field(description="'low', 'normal' or 'high'; your policy sets the highest you may ask for.")
+]
+
+
+class ApprovalAnswer(BaseModel):
+    """The form a person sees when a job needs their yes."""
+
+    approve: bool = Field(description="Run this job and spend its estimated cost?")
+    _asked: bool = PrivateAttr(default=True)  # False when the resolver decided without asking
+
+
+def _answer(result: ElicitationResult[ApprovalAnswer]) -> admission.Answer:
+    if isinstance(result, AcceptedElicitation):
+        if not result.data._asked:
+            return "not_asked"
+        return "accepted" if result.data.approve else "declined"
+    return "declined" if isinstance(result, DeclinedElicitation) else "cancelled"
+
+
+def _progress(ctx: Context) -> Progress:
+    async def report(step: float, message: str) -> None:
+        await ctx.report_progress(step, None, message)
+
+    return report
+
 
 READ_ONLY = ToolAnnotations(read_only_hint=True, open_world_hint=False)
+
+
+async def ask_approval(
+    ctx: Context[Gateway],
+    circuit: CircuitArg = None,
+    circuits: CircuitsArg = None,
+    backend: BackendArg = DEFAULT_BACKEND,
+    shots: ShotsArg = 1024,
+    dry_run: DryRunArg = False,
+    max_cost_usd: MaxCostArg = None,
+    priority: PriorityArg = "normal",
+) -> ApprovalAnswer | Elicit[ApprovalAnswer]:
+    """Ask the person at the client to confirm a job above confirm_above_usd, if the client can ask."""
+    not_asked = ApprovalAnswer(approve=False)
+    not_asked._asked = False
+    caps = ctx.client_capabilities
+    who = current_call().principal
+    if who is None or "submit" not in who.scopes or caps is None or caps.elicitation is None:
+        return not_asked
+    try:
+        request = admission.JobRequest(
+            sources=admission.circuit_sources(circuit, circuits),
+            backend=backend,
+            shots=shots,
+            dry_run=dry_run,
+            max_cost_usd=admission.parse_money(max_cost_usd),
+            priority=priority,
+        )
+        question = await admission.approval_question(ctx.request_context.lifespan_context, who, request)
+    except Exception:  # the tool body reports any problem with its code
+        return not_asked
+    return not_asked if question is None else Elicit(question, ApprovalAnswer)
 
 
 def build_server(
@@ -91,68 +165,106 @@ def build_server(
     # -- tools ------------------------------------------------------------------------------
 
     @mcp.tool(title="List quantum backends", annotations=READ_ONLY)
-    async def list_backends() -> Annotated[CallToolResult, models.BackendList]:
+    async def list_backends(ctx: Context) -> Annotated[CallToolResult, models.BackendList]:
         """List the simulators and quantum computers this gateway can run circuits on.
 
         Use it first to pick a `backend` id. Each entry says its qubits, whether it is a simulator,
         its status, its price model, and whether your policy allows it. Costs nothing.
         """
-        return await calls.tool("estimate", lambda who, _: service.list_backends(gateway, who))
+        return await calls.tool("estimate", lambda who, _: service.list_backends(gateway, who), progress=_progress(ctx))
 
     @mcp.tool(title="Estimate a job", annotations=READ_ONLY)
     async def estimate_job(
+        ctx: Context,
         circuit: CircuitArg = None,
         circuits: CircuitsArg = None,
         backend: BackendArg = DEFAULT_BACKEND,
         shots: ShotsArg = 1024,
+        dry_run: DryRunArg = False,
+        max_cost_usd: MaxCostArg = None,
     ) -> Annotated[CallToolResult, models.Estimate]:
-        """Check a circuit and price it without running it: qubits, depth, two-qubit gates, cost.
+        """Check a circuit and price it without running it: qubits, depth, cost, QPU-seconds, approval.
 
-        Says whether submit_job would admit it now and, if not, the refusal code and reason.
+        Says whether submit_job would admit it now (and if not, the refusal code and the rule), whether
+        a person or an operator would have to approve it, and what quota would be left after it.
         Costs nothing and queues nothing; call it before submitting to hardware.
         """
 
         async def run(who: Any, _: Any) -> models.Estimate:
-            sources = service.circuit_sources(circuit, circuits)
-            return await service.estimate_job(gateway, who, sources, backend, shots)
+            request = admission.JobRequest(
+                sources=admission.circuit_sources(circuit, circuits),
+                backend=backend,
+                shots=shots,
+                dry_run=dry_run,
+                max_cost_usd=admission.parse_money(max_cost_usd),
+            )
+            return await admission.estimate_job(gateway, who, request)
 
-        return await calls.tool("estimate", run)
+        return await calls.tool("estimate", run, progress=_progress(ctx))
 
     @mcp.tool(
         title="Submit a job",
         annotations=ToolAnnotations(destructive_hint=False, idempotent_hint=False, open_world_hint=True),
     )
     async def submit_job(
+        ctx: Context,
+        approval: Annotated[ElicitationResult[ApprovalAnswer], Resolve(ask_approval)],
         circuit: CircuitArg = None,
         circuits: CircuitsArg = None,
         backend: BackendArg = DEFAULT_BACKEND,
         shots: ShotsArg = 1024,
         name: Annotated[str | None, Field(description="A label for you and the operator.")] = None,
+        max_cost_usd: MaxCostArg = None,
+        idempotency_key: Annotated[
+            str | None,
+            Field(
+                description="Any string of yours: submitting again with the same key and payload returns the "
+                "same job instead of a new one (safe retries). Reusing it for another payload is a "
+                "conflict."
+            ),
+        ] = None,
+        priority: PriorityArg = "normal",
+        dry_run: DryRunArg = False,
     ) -> Annotated[CallToolResult, models.Submitted]:
         """Queue a circuit (or a sweep of circuits) to run on a backend; returns at once with a job_id.
 
-        The job is stored durably before this returns. It may cost money on hardware backends:
-        estimate_job first. Then call wait_for_job (or read or subscribe to the returned `uri`) for
-        the counts. 'aer/simulator' is free.
+        The job is stored durably before this returns. Hardware costs money: estimate_job first. Above
+        the policy's confirm threshold the person at your client is asked to approve; a client that
+        cannot ask gets `approval_required` and the job waits for an operator. Then call wait_for_job
+        (or read or subscribe to the returned `uri`) for the counts. 'aer/simulator' is free.
         """
 
         async def run(who: Any, state: Any) -> models.Submitted:
-            sources = service.circuit_sources(circuit, circuits)
-            state.audited = False
-            result = await service.submit_job(gateway, who, sources, backend, shots, name, state.entry())
-            state.audited, state.job_id = True, result.job_id
+            request = admission.JobRequest(
+                sources=admission.circuit_sources(circuit, circuits),
+                backend=backend,
+                shots=shots,
+                name=name,
+                max_cost_usd=admission.parse_money(max_cost_usd),
+                idempotency_key=idempotency_key,
+                priority=priority,
+                dry_run=dry_run,
+            )
+            answer = _answer(approval)
+            try:
+                result = await admission.submit_job(gateway, who, request, state.entry(), answer)
+            except GatewayError as exc:
+                if exc.code == "approval_required":  # the job row and its audit row were written together
+                    state.audited = True
+                raise
+            state.audited, state.job_id = not result.idempotent_replay, result.job_id
             return result
 
-        return await calls.tool("submit", run)
+        return await calls.tool("submit", run, progress=_progress(ctx))
 
     @mcp.tool(title="Get a job", annotations=READ_ONLY)
-    async def get_job(job_id: JobIdArg) -> Annotated[CallToolResult, models.JobView]:
+    async def get_job(job_id: JobIdArg, ctx: Context) -> Annotated[CallToolResult, models.JobView]:
         """Read one of your jobs now: state, timestamps, attempts, error, and the counts once it succeeded.
 
         Large results are summarised to the most frequent outcomes, with `full_result_uri` for all.
         """
         current_call().job_id = job_id[:64]
-        return await calls.tool("read", lambda who, _: service.get_job(gateway, who, job_id))
+        return await calls.tool("read", lambda who, _: service.get_job(gateway, who, job_id), progress=_progress(ctx))
 
     @mcp.tool(title="Wait for a job", annotations=READ_ONLY)
     async def wait_for_job(
@@ -176,27 +288,32 @@ def build_server(
         title="Cancel a job",
         annotations=ToolAnnotations(destructive_hint=True, idempotent_hint=False, open_world_hint=True),
     )
-    async def cancel_job(job_id: JobIdArg) -> Annotated[CallToolResult, models.JobView]:
+    async def cancel_job(job_id: JobIdArg, ctx: Context) -> Annotated[CallToolResult, models.JobView]:
         """Cancel one of your jobs. A queued job stops at once; a running one is cancelled at the provider.
 
         A job that already ended answers `conflict`.
         """
         current_call().job_id = job_id[:64]
-        return await calls.tool("cancel", lambda who, _: service.cancel_job(gateway, who, job_id))
+        return await calls.tool(
+            "cancel", lambda who, _: service.cancel_job(gateway, who, job_id), progress=_progress(ctx)
+        )
 
     @mcp.tool(title="List your jobs", annotations=READ_ONLY)
     async def list_jobs(
+        ctx: Context,
         state: Annotated[str | None, Field(description="Only jobs in this state, e.g. 'running'.")] = None,
         limit: Annotated[int, Field(description="Jobs per page, 1 to 100.")] = 20,
         cursor: Annotated[str | None, Field(description="`next_cursor` from the previous page.")] = None,
     ) -> Annotated[CallToolResult, models.JobPage]:
         """List your jobs, newest first, a page at a time."""
-        return await calls.tool("read", lambda who, _: service.list_jobs(gateway, who, state, limit, cursor))
+        return await calls.tool(
+            "read", lambda who, _: service.list_jobs(gateway, who, state, limit, cursor), progress=_progress(ctx)
+        )
 
     @mcp.tool(title="Your usage", annotations=READ_ONLY)
-    async def get_usage() -> Annotated[CallToolResult, models.Usage]:
+    async def get_usage(ctx: Context) -> Annotated[CallToolResult, models.Usage]:
         """Your jobs and shots so far, by job state."""
-        return await calls.tool("read", lambda who, _: service.get_usage(gateway, who))
+        return await calls.tool("read", lambda who, _: service.get_usage(gateway, who), progress=_progress(ctx))
 
     # -- resources --------------------------------------------------------------------------
 

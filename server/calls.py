@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
@@ -25,10 +25,12 @@ from mcp.shared.exceptions import MCPError
 from mcp_types import INVALID_PARAMS, INVALID_REQUEST, CallToolResult, TextContent
 from pydantic import BaseModel
 
+from qpu_gateway.adapters.aer import BACKEND_ID as DEFAULT_BACKEND
 from qpu_gateway.errors import Forbidden, GatewayError, InternalError, InvalidArguments, NotFound, Unauthorized
 from qpu_gateway.events import job_id_of
 from qpu_gateway.keys import Principal, authenticate
 from qpu_gateway.logs import redact
+from qpu_gateway.ratelimit import applicable
 from qpu_gateway.records import AuditEntry
 from qpu_gateway.runtime import Gateway
 from qpu_gateway.store import StoreError
@@ -36,6 +38,7 @@ from qpu_gateway.store import StoreError
 log = logging.getLogger(__name__)
 
 KeySource = Callable[[], str | None]
+Progress = Callable[[float, str], Awaitable[None]]
 AUDITED_METHODS = frozenset(
     {
         "tools/call",
@@ -57,6 +60,7 @@ class CallState:
     method: str
     name: str
     args_hash: str | None
+    arguments: dict[str, Any] = field(default_factory=dict)
     principal: Principal | None = None
     auth_error: GatewayError | None = None
     ran: bool = False
@@ -145,7 +149,10 @@ class Calls:
             name, hashed = ctx.method, args_hash(params.get("notifications") or {})
         else:
             name, hashed = f"{ctx.method}:{str(params.get('uri', ''))[:200]}", args_hash({"uri": params.get("uri")})
-        state = CallState(method=ctx.method, name=name, args_hash=hashed)
+        arguments = params.get("arguments") if ctx.method == "tools/call" else None
+        state = CallState(
+            method=ctx.method, name=name, args_hash=hashed, arguments=arguments if isinstance(arguments, dict) else {}
+        )
         try:
             state.principal = await authenticate(self.gateway.store, self.key_source())
         except GatewayError as exc:
@@ -160,6 +167,8 @@ class Calls:
             result = await call_next(ctx)
             if ctx.method == "tools/call" and not state.ran and isinstance(result, dict) and result.get("isError"):
                 result = self._coded_sdk_refusal(state, result)
+            if isinstance(result, dict) and result.get("resultType") == "input_required":
+                state.decision = "asked"  # a 2026-era round that returned a question to the person
             return result
         except MCPError as exc:
             state.decision = "refused" if state.decision == "ok" else state.decision
@@ -225,12 +234,20 @@ class Calls:
 
     # -- handler wrappers -------------------------------------------------------------------
 
-    async def tool(self, scope: str, run: Callable[[Principal, CallState], Awaitable[BaseModel]]) -> CallToolResult:
-        """Run one tool's service function and map its outcome to the agent-facing result."""
+    async def tool(
+        self,
+        scope: str,
+        run: Callable[[Principal, CallState], Awaitable[BaseModel]],
+        *,
+        progress: Progress | None = None,
+    ) -> CallToolResult:
+        """Check the caller's scope and rate limits, run one tool's service function, map its outcome."""
         state = current_call()
         state.ran = True
         try:
-            return ok_result(await run(state.require(scope), state))
+            who = state.require(scope)
+            await self._rate_limit(state, who, progress)
+            return ok_result(await run(who, state))
         except GatewayError as exc:
             state.refuse(exc)
             return error_result(exc)
@@ -243,6 +260,15 @@ class Calls:
             error = InternalError(_UNEXPECTED)
             state.refuse(error)
             return error_result(error)
+
+    async def _rate_limit(self, state: CallState, who: Principal, progress: Progress | None) -> None:
+        rules = self.gateway.policy.rules_for(agent=who.agent, project=who.project)
+        counted = applicable(rules, state.name, cost="calls")
+        if counted:
+            backend = state.arguments.get("backend", DEFAULT_BACKEND) if state.name.endswith("_job") else None
+            await self.gateway.rate_limiter.enforce(
+                counted, who, backend=str(backend) if backend is not None else None, progress=progress
+            )
 
     async def resource(self, scope: str, uri: str, run: Callable[[Principal], Awaitable[BaseModel]]) -> str:
         """Run one resource read; refusals become protocol errors (resources have no isError)."""

@@ -25,6 +25,7 @@ class CircuitFacts:
     qubits: int
     clbits: int
     depth: int
+    one_qubit_gates: int
     two_qubit_gates: int
     measurements: int
     registers: tuple[str, ...]
@@ -64,11 +65,13 @@ def _inspect(source: str, *, max_qubits: int, where: str) -> CircuitFacts:
     if measurements == 0:
         raise InvalidCircuit(f"{where}the circuit measures nothing, so it would return no counts. Add measure.")
     two_qubit = sum(1 for inst in circuit.data if len(inst.qubits) == 2 and inst.operation.name not in _NOT_GATES)
+    one_qubit = sum(1 for inst in circuit.data if len(inst.qubits) == 1 and inst.operation.name not in _NOT_GATES)
     return CircuitFacts(
         version=version,
         qubits=circuit.num_qubits,
         clbits=circuit.num_clbits,
         depth=circuit.depth(),
+        one_qubit_gates=one_qubit,
         two_qubit_gates=two_qubit,
         measurements=measurements,
         registers=tuple(creg.name for creg in circuit.cregs),

@@ -11,6 +11,7 @@ ENV_POLICY = "QPU_GATEWAY_POLICY"
 ENV_KEY = "QPU_GATEWAY_KEY"
 ENV_FAULTS = "QPU_GATEWAY_FAULTS"
 ENV_LEASE = "QPU_GATEWAY_LEASE_S"
+ENV_RATE_STORAGE = "QPU_GATEWAY_RATE_STORAGE"
 
 
 def default_db_path() -> Path:
@@ -33,6 +34,10 @@ class Config:
     retry_max_time_s: float = 120.0
     retry_base_s: float = 0.5
     faults: str | None = None  # enables the fault-injecting adapter (tests only)
+    # Where rate-limit counts live: None means the gateway's own database file (shared by every
+    # process on this machine); `async+redis://host:6379` shares them across machines.
+    rate_storage: str | None = None
+    approval_sweep_s: float = 5.0  # how often pending approvals are checked for expiry
     extra: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -45,5 +50,7 @@ class Config:
             env["faults"] = os.environ[ENV_FAULTS]
         if os.environ.get(ENV_LEASE):
             env["lease_s"] = float(os.environ[ENV_LEASE])
+        if os.environ.get(ENV_RATE_STORAGE):
+            env["rate_storage"] = os.environ[ENV_RATE_STORAGE]
         env.update({k: v for k, v in overrides.items() if v is not None})
         return cls(db_path=db_path, policy_path=policy_path, **env)  # type: ignore[arg-type]

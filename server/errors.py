@@ -63,6 +63,22 @@ class QuotaExhausted(GatewayError):
     code = "quota_exhausted"
 
 
+class ApprovalRequired(GatewayError):
+    code = "approval_required"
+
+
+class ApprovalDenied(GatewayError):
+    code = "approval_denied"
+
+
+class LoopDetected(GatewayError):
+    code = "loop_detected"
+
+
+class SimulationRequired(GatewayError):
+    code = "simulation_required"
+
+
 class NotFound(GatewayError):
     code = "not_found"
 
@@ -90,6 +106,10 @@ BY_CODE: dict[str, type[GatewayError]] = {
         LimitExceeded,
         RateLimited,
         QuotaExhausted,
+        ApprovalRequired,
+        ApprovalDenied,
+        LoopDetected,
+        SimulationRequired,
         NotFound,
         Conflict,
         ProviderError,

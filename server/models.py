@@ -36,21 +36,37 @@ class BackendList(BaseModel):
 class Refused(BaseModel):
     code: str
     message: str
+    rule: str | None = Field(default=None, description="The policy rule that fired.")
+
+
+class QuotaLine(BaseModel):
+    scope: str = Field(description="'agent' (yours) or 'project' (shared by your project's agents).")
+    dimension: str = Field(description="'cost' (micro-dollars), 'shots' or 'qpu' (QPU milliseconds).")
+    period: str = Field(description="'day' or 'month' (UTC), or 'total'.")
+    limit: int
+    remaining_after: int = Field(description="What would be left after this job, in the same unit.")
 
 
 class Estimate(BaseModel):
     backend: str
+    runs_on: str = Field(description="Where the job would run: the backend, or aer/simulator for a dry run.")
     circuits: int = Field(description="Circuits in the job (more than one for a sweep).")
     qubits: int = Field(description="Most qubits any circuit uses.")
     depth: int = Field(description="Greatest depth of any circuit.")
     two_qubit_gates: int = Field(description="Two-qubit gates over all circuits.")
     shots: int = Field(description="Shots per circuit.")
     total_shots: int = Field(description="shots x circuits: what quotas count.")
-    cost_micro_usd: int = Field(description="Estimated cost in micro-dollars (1 USD = 1,000,000).")
-    cost_usd: str = Field(description="The same cost for people, e.g. '$0.00'.")
+    cost_micro_usd: int | None = Field(
+        description="Estimated cost in micro-dollars (1 USD = 1,000,000); None if unknown."
+    )
+    cost_usd: str = Field(description="The same cost for people, e.g. '$0.00', or 'unknown'.")
+    pricing_known: bool = Field(description="False when the backend's price is not known.")
+    qpu_seconds: float = Field(description="Estimated QPU time (0 on local simulators).")
+    approval: str = Field(description="'none', 'person' (you will be asked to confirm) or 'operator'.")
     fingerprint: str = Field(description="sha256 of the parsed circuit(s); equal for equal circuits.")
     admitted: bool = Field(description="Whether submit_job would accept this job now.")
     refusal: Refused | None = Field(default=None, description="When not admitted: the code and reason.")
+    quota_after: list[QuotaLine] = Field(default_factory=list, description="Each capped quota after this job.")
 
 
 class Submitted(BaseModel):
@@ -58,6 +74,9 @@ class Submitted(BaseModel):
     state: str
     uri: str = Field(description="Resource with the job's state; subscribe to it for updates.")
     estimate: Estimate
+    idempotent_replay: bool = Field(
+        default=False, description="True when idempotency_key matched an earlier job: this is that job."
+    )
 
 
 class JobError(BaseModel):
@@ -121,21 +140,42 @@ class StateCount(BaseModel):
     shots: int = Field(description="shots x circuits over those jobs.")
 
 
+class QuotaUse(BaseModel):
+    scope: str = Field(description="'agent' (yours) or 'project' (shared by your project's agents).")
+    dimension: str = Field(description="'cost' (micro-dollars), 'shots' or 'qpu' (QPU milliseconds).")
+    period: str = Field(description="'day' or 'month' (UTC), or 'total'.")
+    limit: int | None = Field(description="The cap; None when this dimension and period is not capped.")
+    committed: int = Field(description="Used by jobs that ended.")
+    reserved: int = Field(description="Held by jobs admitted and not yet ended.")
+    remaining: int | None = Field(description="limit - committed - reserved; None when not capped.")
+
+
 class Usage(BaseModel):
     agent: str
     project: str
     by_state: list[StateCount]
     total_jobs: int
     total_shots: int
+    quotas: list[QuotaUse] = Field(
+        description="Per scope, dimension and period: limit, committed, reserved, remaining."
+    )
+    queued_jobs: int
+    running_jobs: int
+    queued_jobs_limit: int | None
+    running_jobs_limit: int | None
 
 
 class PolicyView(BaseModel):
+    """The caller's effective policy: every rule that applies to them, after the levels merged."""
+
+    model_config = {"extra": "allow"}
+
     agent: str
     project: str
     scopes: list[str]
+    max_source_kb: int
     allowed_backends: list[str]
     max_qubits: int
     max_depth: int
     max_shots: int
     max_circuits: int
-    max_source_kb: int

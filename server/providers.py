@@ -10,18 +10,10 @@ import anyio
 from qpu_gateway.adapters.aer import AerAdapter
 from qpu_gateway.adapters.base import Adapter, Backend
 from qpu_gateway.config import Config
-from qpu_gateway.policy.pricing import FREE, PriceModel
 
 log = logging.getLogger(__name__)
 
-# Prices by backend id. Local simulators are free; cloud prices arrive with their adapters.
-PRICES: dict[str, PriceModel] = {"aer/simulator": FREE, "faulty/simulator": FREE}
-
 BACKEND_CACHE_TTL_S = 60.0
-
-
-def price_of(backend_id: str) -> PriceModel | None:
-    return PRICES.get(backend_id)
 
 
 class Providers:

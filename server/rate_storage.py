@@ -102,6 +102,21 @@ async def _one_row(db: aiosqlite.Connection, sql: str, params: Iterable[Any]) ->
     return rows[0]
 
 
+async def _prepare(conn: aiosqlite.Connection) -> None:
+    """Put the file in WAL mode and create this storage's tables if they are missing."""
+    await conn.execute("PRAGMA journal_mode = WAL")
+    await conn.execute("BEGIN IMMEDIATE")
+    try:
+        for statement in _SCHEMA:
+            await conn.execute(statement)
+        await conn.execute("COMMIT")
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            if conn.in_transaction:
+                await conn.execute("ROLLBACK")
+        raise
+
+
 class SqliteRateStorage(Storage, MovingWindowSupport, SlidingWindowCounterSupport, TimestampedSlidingWindow):
     """Rate-limit state in a SQLite file: moving window, sliding window counter and fixed window."""
 
@@ -137,19 +152,22 @@ class SqliteRateStorage(Storage, MovingWindowSupport, SlidingWindowCounterSuppor
             conn = await aiosqlite.connect(self.path, isolation_level=None, timeout=_BUSY_TIMEOUT_S)
             try:
                 await conn.execute("PRAGMA busy_timeout = 10000")
-                await conn.execute("PRAGMA journal_mode = WAL")
-                # NORMAL, not FULL: a power cut may forget the last few hits, which costs a little
-                # allowance, never money; an fsync per hit would cost every call.
+                # NORMAL, not FULL: a power cut may forget the last few hits (a little allowance
+                # handed back; money lives in the store's ledger), where an fsync per hit would
+                # slow every call.
                 await conn.execute("PRAGMA synchronous = NORMAL")
-                await conn.execute("BEGIN IMMEDIATE")
-                try:
-                    for statement in _SCHEMA:
-                        await conn.execute(statement)
-                except BaseException:
-                    with anyio.CancelScope(shield=True):
-                        await conn.execute("ROLLBACK")
-                    raise
-                await conn.execute("COMMIT")
+                deadline = time.monotonic() + _BUSY_TIMEOUT_S
+                while True:
+                    try:
+                        await _prepare(conn)
+                        break
+                    except sqlite3.OperationalError as exc:
+                        # Processes opening a brand-new file (still in rollback-journal mode) can
+                        # deadlock on the switch to WAL, the one case where SQLite answers "locked"
+                        # at once instead of waiting: wait here instead. Setup is idempotent.
+                        if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY or time.monotonic() > deadline:
+                            raise
+                        await anyio.sleep(0.02)
             except BaseException:
                 with anyio.CancelScope(shield=True):
                     await conn.close()
@@ -172,7 +190,10 @@ class SqliteRateStorage(Storage, MovingWindowSupport, SlidingWindowCounterSuppor
         """
         async with self._lock:
             db = await self._connection()
-            await db.execute("BEGIN IMMEDIATE")
+            # Shielded: a BEGIN abandoned by a cancelled caller would still run on aiosqlite's
+            # thread and leave a transaction open under the next caller's feet.
+            with anyio.CancelScope(shield=True):
+                await db.execute("BEGIN IMMEDIATE")
             try:
                 yield db, time.time()
             except BaseException:

@@ -40,6 +40,16 @@ class NewJob:
     fingerprint: str
     estimate_micro_usd: int
     state: JobState
+    priority: int = 1
+    idempotency_key: str | None = None
+    payload_hash: str | None = None
+    dry_run_of: str | None = None
+    simulator: bool = True
+    pricing_known: bool = True
+    qpu_seconds_estimate: float = 0.0
+    approval_level: str | None = None
+    approval_expires_at: float | None = None
+    approved_by: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +83,18 @@ class JobRecord:
     result: tuple[dict[str, dict[str, int]], ...] | None
     error_code: str | None
     error_message: str | None
+    priority: int = 1
+    idempotency_key: str | None = None
+    payload_hash: str | None = None
+    dry_run_of: str | None = None
+    simulator: bool = True
+    pricing_known: bool = True
+    qpu_seconds_estimate: float = 0.0
+    actual_cost_micro_usd: int | None = None
+    actual_qpu_seconds: float | None = None
+    approval_level: str | None = None
+    approval_expires_at: float | None = None
+    approved_by: str | None = None
 
     @classmethod
     def from_row(cls, row: Any) -> JobRecord:
@@ -80,6 +102,8 @@ class JobRecord:
         data["circuits"] = tuple(json.loads(data["circuits"]))
         data["state"] = JobState(data["state"])
         data["result"] = None if data["result"] is None else tuple(json.loads(data["result"]))
+        data["simulator"] = bool(data["simulator"])
+        data["pricing_known"] = bool(data["pricing_known"])
         return cls(**data)
 
 
@@ -118,3 +142,22 @@ class StateUsage:
     state: JobState
     jobs: int
     shots: int
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerTotals:
+    """Committed and reserved amounts of one agent or project, per period, and its job counts."""
+
+    committed: dict[str, tuple[int, int, int]]  # period -> (micro-dollars, shots, QPU milliseconds)
+    reserved: dict[str, tuple[int, int, int]]
+    queued_jobs: int
+    running_jobs: int
+
+
+@dataclass(frozen=True, slots=True)
+class AdmissionFacts:
+    """What admission decides on, read inside the admission transaction."""
+
+    agent: LedgerTotals
+    project: LedgerTotals
+    repeats: int  # this agent's jobs with the same circuit on the same backend within the loop window

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -11,9 +12,13 @@ from mcp.server.subscriptions import InMemorySubscriptionBus
 
 from qpu_gateway.config import Config
 from qpu_gateway.events import JobEvents
-from qpu_gateway.policy.file import Policy, load_policy
+from qpu_gateway.jobs import JobState
+from qpu_gateway.policy.file import Policy
+from qpu_gateway.policy_source import PolicySource
 from qpu_gateway.providers import Providers
-from qpu_gateway.store import Store, open_store
+from qpu_gateway.ratelimit import RateLimiter, default_storage_uri
+from qpu_gateway.records import AuditEntry
+from qpu_gateway.store import Store, StoreError, open_store
 from qpu_gateway.worker import Workers
 
 log = logging.getLogger(__name__)
@@ -27,15 +32,27 @@ class Gateway:
         self.bus = InMemorySubscriptionBus()
         self.events = JobEvents(self.bus)
         self.providers = Providers(config)
-        self.policy: Policy = load_policy(config.policy_path)
+        self.policy_source = PolicySource(config.policy_path)
         self._store: Store | None = None
         self._workers: Workers | None = None
+        self._rate_limiter: RateLimiter | None = None
+
+    @property
+    def policy(self) -> Policy:
+        """The policy in force now (it reloads when the file changes)."""
+        return self.policy_source.current
 
     @property
     def store(self) -> Store:
         if self._store is None:
             raise RuntimeError("the gateway is not running")
         return self._store
+
+    @property
+    def rate_limiter(self) -> RateLimiter:
+        if self._rate_limiter is None:
+            raise RuntimeError("the gateway is not running")
+        return self._rate_limiter
 
     @property
     def workers(self) -> Workers:
@@ -52,12 +69,15 @@ class Gateway:
         """Open the store, apply migrations, and run workers and the change watcher until exit."""
         store = await open_store(self.config.db_path)
         self._store = store
-        self._workers = Workers(self.config, store, self.providers, self.events)
+        self._workers = Workers(self.config, store, self.providers, self.events, lambda: self.policy)
+        self._rate_limiter = RateLimiter(self.config.rate_storage or default_storage_uri(self.config.db_path))
         try:
             async with anyio.create_task_group() as tg:
                 if workers:
                     tg.start_soon(self._workers.run)
                 tg.start_soon(self.events.watch_foreign_changes, store, self.config.poll_interval_s)
+                tg.start_soon(self.policy_source.watch)
+                tg.start_soon(self._expire_approvals)
                 log.info("gateway running", extra={"db": str(self.config.db_path), "worker": self._workers.owner})
                 try:
                     yield self
@@ -65,9 +85,30 @@ class Gateway:
                     tg.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
+                await self._rate_limiter.aclose()
                 await store.close()
             self._store = None
             self._workers = None
+            self._rate_limiter = None
+
+    async def _expire_approvals(self) -> None:
+        """Pending approvals past their time become `expired`, releasing their reservation."""
+        while True:
+            await anyio.sleep(self.config.approval_sweep_s)
+            try:
+                for job_id in await self.store.expired_approvals(time.time()):
+                    expired = await self.store.transition(
+                        job_id,
+                        JobState.EXPIRED,
+                        time.time(),
+                        fields={"finished_at": time.time()},
+                        audit=AuditEntry(tool="job.expired", decision="event", detail="no approval came in time"),
+                    )
+                    if expired is not None:
+                        log.info("approval expired", extra={"job_id": job_id})
+                        await self.events.announce(expired)
+            except StoreError as exc:
+                log.warning("cannot expire approvals: %s", exc)
 
     @asynccontextmanager
     async def ensure_running(self) -> AsyncIterator[Gateway]:

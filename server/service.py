@@ -10,28 +10,25 @@ import base64
 import binascii
 import contextlib
 import re
-import secrets
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import anyio
 
 from qpu_gateway import models
-from qpu_gateway.adapters import qasm, sdk_thread
+from qpu_gateway.adapters import qasm
 from qpu_gateway.adapters.aer import BACKEND_ID as DEFAULT_BACKEND
 from qpu_gateway.adapters.base import AdapterError, ProviderRef
-from qpu_gateway.circuits import CircuitFacts, combined_fingerprint, inspect_sources
-from qpu_gateway.errors import Conflict, InvalidArguments, NotFound, UnsupportedBackend, from_refusal
+from qpu_gateway.errors import Conflict, InvalidArguments, NotFound
 from qpu_gateway.events import job_uri
 from qpu_gateway.jobs import TERMINAL, JobState
 from qpu_gateway.keys import Principal
-from qpu_gateway.policy.admission import JobFacts, backend_allowed, check_job
-from qpu_gateway.policy.decisions import Refusal
-from qpu_gateway.policy.pricing import estimate_cost_micro_usd, format_usd
-from qpu_gateway.providers import price_of
-from qpu_gateway.records import AuditEntry, JobRecord, NewJob
+from qpu_gateway.policy.admission import backend_allowed
+from qpu_gateway.policy.file import Policy
+from qpu_gateway.policy.pricing import price_for
+from qpu_gateway.policy.quotas import DIMENSIONS, PERIODS, Amounts, cap_units, caps_of
+from qpu_gateway.records import AuditEntry, JobRecord
 from qpu_gateway.runtime import Gateway
 
 _JOB_ID = re.compile(r"^job_[0-9a-f]{20}$")
@@ -55,7 +52,7 @@ async def list_backends(gw: Gateway, who: Principal) -> models.BackendList:
     rules = gw.policy.rules_for(agent=who.agent, project=who.project)
     infos = []
     for backend in await gw.providers.backends():
-        price = price_of(backend.id)
+        price = price_for(gw.policy.prices, backend.id)
         allowed = backend_allowed(rules, backend.id)
         infos.append(
             models.BackendInfo(
@@ -73,148 +70,6 @@ async def list_backends(gw: Gateway, who: Principal) -> models.BackendList:
             )
         )
     return models.BackendList(backends=infos, default_backend=DEFAULT_BACKEND)
-
-
-# -- estimate and submit ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Assessment:
-    backend: str
-    shots: int
-    sources: tuple[str, ...]
-    facts: list[CircuitFacts]
-    cost_micro_usd: int
-    refusal: Refusal | None
-
-    def estimate(self) -> models.Estimate:
-        return models.Estimate(
-            backend=self.backend,
-            circuits=len(self.facts),
-            qubits=max(f.qubits for f in self.facts),
-            depth=max(f.depth for f in self.facts),
-            two_qubit_gates=sum(f.two_qubit_gates for f in self.facts),
-            shots=self.shots,
-            total_shots=self.shots * len(self.facts),
-            cost_micro_usd=self.cost_micro_usd,
-            cost_usd=format_usd(self.cost_micro_usd),
-            fingerprint=combined_fingerprint(self.facts),
-            admitted=self.refusal is None,
-            refusal=None
-            if self.refusal is None
-            else models.Refused(code=self.refusal.code, message=self.refusal.message),
-        )
-
-
-def circuit_sources(circuit: str | None, circuits: list[str] | None) -> tuple[str, ...]:
-    """Exactly one of `circuit` (one program) or `circuits` (a sweep) must be given."""
-    if (circuit is None) == (circuits is None):
-        raise InvalidArguments("Pass exactly one of `circuit` (one OpenQASM program) or `circuits` (a list).")
-    sources = (circuit,) if circuit is not None else tuple(circuits or ())
-    if not sources:
-        raise InvalidArguments("`circuits` is empty; pass at least one OpenQASM program.")
-    return sources
-
-
-async def assess(gw: Gateway, who: Principal, sources: tuple[str, ...], backend: str, shots: int) -> Assessment:
-    """Validate and price a job; a refusal by the per-job caps is returned, not raised."""
-    rules = gw.policy.rules_for(agent=who.agent, project=who.project)
-    target = await gw.providers.backend(backend) if len(backend) <= 200 else None
-    if target is None or target.status == "unavailable":
-        known = ", ".join(b.id for b in await gw.providers.backends() if b.status != "unavailable")
-        raise UnsupportedBackend(f"Unknown or unavailable backend {backend[:200]!r}. Available: {known}.")
-    price = price_of(backend)
-    if price is None:
-        raise UnsupportedBackend(f"No price is known for {backend}, so it cannot be admitted.")
-    early = check_job(
-        rules,
-        JobFacts(
-            backend=backend,
-            shots=shots,
-            circuits=len(sources),
-            max_qubits=0,
-            max_depth=0,
-            backend_qubits=None,
-            backend_max_shots=target.max_shots,
-        ),
-    )
-    if early is not None and early.rule in ("allowed_backends", "max_circuits", "max_shots"):
-        raise from_refusal(early)
-    qubit_cap = min(rules.max_qubits, target.qubits or rules.max_qubits)
-    facts = await sdk_thread.run_sync(lambda: inspect_sources(list(sources), max_qubits=qubit_cap))
-    refusal = check_job(
-        rules,
-        JobFacts(
-            backend=backend,
-            shots=shots,
-            circuits=len(facts),
-            max_qubits=max(f.qubits for f in facts),
-            max_depth=max(f.depth for f in facts),
-            backend_qubits=target.qubits,
-            backend_max_shots=target.max_shots,
-        ),
-    )
-    cost = estimate_cost_micro_usd(price, shots=shots, circuits=len(facts))
-    return Assessment(backend, shots, sources, facts, cost, refusal)
-
-
-async def estimate_job(
-    gw: Gateway, who: Principal, sources: tuple[str, ...], backend: str, shots: int
-) -> models.Estimate:
-    return (await assess(gw, who, sources, backend, shots)).estimate()
-
-
-async def submit_job(
-    gw: Gateway,
-    who: Principal,
-    sources: tuple[str, ...],
-    backend: str,
-    shots: int,
-    name: str | None,
-    audit: AuditEntry,
-) -> models.Submitted:
-    """Admit and durably queue a job; the job row and its audit row are one transaction."""
-    if name is not None and len(name) > 200:
-        raise InvalidArguments("`name` is limited to 200 characters.")
-    assessment = await assess(gw, who, sources, backend, shots)
-    if assessment.refusal is not None:
-        raise from_refusal(assessment.refusal)
-    facts = assessment.facts
-    job = NewJob(
-        id=f"job_{secrets.token_hex(10)}",
-        agent=who.agent,
-        project=who.project,
-        key_id=who.key_id,
-        name=name,
-        backend=backend,
-        shots=shots,
-        circuits=assessment.sources,
-        qubits=max(f.qubits for f in facts),
-        depth=max(f.depth for f in facts),
-        two_qubit_gates=sum(f.two_qubit_gates for f in facts),
-        fingerprint=combined_fingerprint(facts),
-        estimate_micro_usd=assessment.cost_micro_usd,
-        state=JobState.QUEUED,
-    )
-    stored = await gw.store.insert_job(job, _with_job(audit, job.id), time.time())
-    gw.workers.wake()
-    await gw.events.announce(stored)
-    return models.Submitted(
-        job_id=stored.id, state=stored.state.value, uri=job_uri(stored.id), estimate=assessment.estimate()
-    )
-
-
-def _with_job(audit: AuditEntry, job_id: str) -> AuditEntry:
-    return AuditEntry(
-        tool=audit.tool,
-        decision="ok",
-        agent=audit.agent,
-        project=audit.project,
-        key_id=audit.key_id,
-        args_hash=audit.args_hash,
-        job_id=job_id,
-        detail=audit.detail,
-    )
 
 
 # -- reading jobs -----------------------------------------------------------------------------
@@ -375,25 +230,57 @@ async def list_jobs(gw: Gateway, who: Principal, state: str | None, limit: int, 
 
 async def get_usage(gw: Gateway, who: Principal) -> models.Usage:
     rows = await gw.store.usage_by_state(who.agent)
+    rules = gw.policy.rules_for(agent=who.agent, project=who.project)
+    now = time.time()
+    lines: list[models.QuotaUse] = []
+    counts: dict[str, tuple[int, int]] = {}
+    for scope, quota, who_id in (
+        ("agent", rules.agent_quota, who.agent),
+        ("project", rules.project_quota, who.project),
+    ):
+        totals = await gw.store.ledger_totals(scope, who_id, now)  # type: ignore[arg-type]
+        counts[scope] = (totals.queued_jobs, totals.running_jobs)
+        for dimension in DIMENSIONS:
+            for period in PERIODS:
+                cap = cap_units(caps_of(quota, dimension), period, dimension)
+                committed = Amounts(*totals.committed.get(period, (0, 0, 0))).get(dimension)
+                reserved = Amounts(*totals.reserved.get(period, (0, 0, 0))).get(dimension)
+                lines.append(
+                    models.QuotaUse(
+                        scope=scope,
+                        dimension=dimension,
+                        period=period,
+                        limit=cap,
+                        committed=committed,
+                        reserved=reserved,
+                        remaining=None if cap is None else cap - committed - reserved,
+                    )
+                )
     return models.Usage(
         agent=who.agent,
         project=who.project,
         by_state=[models.StateCount(state=r.state.value, jobs=r.jobs, shots=r.shots) for r in rows],
         total_jobs=sum(r.jobs for r in rows),
         total_shots=sum(r.shots for r in rows),
+        quotas=lines,
+        queued_jobs=counts["agent"][0],
+        running_jobs=counts["agent"][1],
+        queued_jobs_limit=rules.agent_quota.queued_jobs,
+        running_jobs_limit=rules.agent_quota.running_jobs,
     )
 
 
 def policy_view(gw: Gateway, who: Principal) -> models.PolicyView:
-    rules = gw.policy.rules_for(agent=who.agent, project=who.project)
+    return effective_policy(gw.policy, agent=who.agent, project=who.project, scopes=who.scopes)
+
+
+def effective_policy(policy: Policy, *, agent: str, project: str, scopes: frozenset[str]) -> models.PolicyView:
+    """The rules that apply to one agent, as the agent (qpu://policy) and operators (policy show) see them."""
+    rules = policy.rules_for(agent=agent, project=project)
     return models.PolicyView(
-        agent=who.agent,
-        project=who.project,
-        scopes=sorted(who.scopes),
-        allowed_backends=list(rules.allowed_backends),
-        max_qubits=rules.max_qubits,
-        max_depth=rules.max_depth,
-        max_shots=rules.max_shots,
-        max_circuits=rules.max_circuits,
+        agent=agent,
+        project=project,
+        scopes=sorted(scopes),
         max_source_kb=qasm.MAX_SOURCE_BYTES // 1024,
+        **rules.model_dump(mode="json"),
     )

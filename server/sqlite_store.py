@@ -8,19 +8,31 @@ claim is a single guarded UPDATE that two processes can never both win.
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import aiosqlite
 import anyio
 
-from qpu_gateway.jobs import JobState, sources_of
-from qpu_gateway.records import AuditEntry, AuditRecord, JobRecord, KeyRecord, NewJob, StateUsage
+from qpu_gateway.jobs import TERMINAL, JobState, sources_of
+from qpu_gateway.policy.decisions import Refusal
+from qpu_gateway.records import (
+    AdmissionFacts,
+    AuditEntry,
+    AuditRecord,
+    JobRecord,
+    KeyRecord,
+    LedgerTotals,
+    NewJob,
+    StateUsage,
+)
 from qpu_gateway.store import StoreError
 
 # Columns a transition may set besides the state; anything else is a programming error.
@@ -33,6 +45,9 @@ _SETTABLE = (
     "error_message",
     "lease_owner",
     "lease_expires",
+    "actual_cost_micro_usd",
+    "actual_qpu_seconds",
+    "approved_by",
 )
 # Each settable column takes a (set it?, value) pair of parameters, in _SETTABLE order.
 _TRANSITION = """
@@ -44,9 +59,53 @@ UPDATE jobs SET state = ?, version = version + 1, updated_at = ?,
     error_code = CASE WHEN ? THEN ? ELSE error_code END,
     error_message = CASE WHEN ? THEN ? ELSE error_message END,
     lease_owner = CASE WHEN ? THEN ? ELSE lease_owner END,
-    lease_expires = CASE WHEN ? THEN ? ELSE lease_expires END
+    lease_expires = CASE WHEN ? THEN ? ELSE lease_expires END,
+    actual_cost_micro_usd = CASE WHEN ? THEN ? ELSE actual_cost_micro_usd END,
+    actual_qpu_seconds = CASE WHEN ? THEN ? ELSE actual_qpu_seconds END,
+    approved_by = CASE WHEN ? THEN ? ELSE approved_by END
 WHERE id = ? AND state IN (SELECT value FROM json_each(?)) AND (? IS NULL OR lease_owner = ?)
 RETURNING *
+"""
+# A job that ends settles its reservation in the same transaction: a success commits the actual
+# figures (the estimate where the provider reported none), anything else releases it.
+_SETTLE = """
+UPDATE ledger SET
+    status = CASE WHEN ? THEN 'committed' ELSE 'released' END,
+    cost_micro_usd = CASE WHEN ? THEN coalesce(?, cost_micro_usd) ELSE cost_micro_usd END,
+    qpu_millis = CASE WHEN ? THEN coalesce(?, qpu_millis) ELSE qpu_millis END,
+    settled_at = ?
+WHERE job_id = ? AND status = 'reserved'
+"""
+_TOTALS = """
+SELECT status,
+    coalesce(sum(CASE WHEN day = :day THEN cost_micro_usd END), 0),
+    coalesce(sum(CASE WHEN day = :day THEN shots END), 0),
+    coalesce(sum(CASE WHEN day = :day THEN qpu_millis END), 0),
+    coalesce(sum(CASE WHEN month = :month THEN cost_micro_usd END), 0),
+    coalesce(sum(CASE WHEN month = :month THEN shots END), 0),
+    coalesce(sum(CASE WHEN month = :month THEN qpu_millis END), 0),
+    coalesce(sum(cost_micro_usd), 0), coalesce(sum(shots), 0), coalesce(sum(qpu_millis), 0)
+FROM ledger WHERE {column} = :who AND status IN ('reserved', 'committed') GROUP BY status
+"""
+_TOTALS_BY = {
+    "agent": _TOTALS.replace("{column}", "agent"),
+    "project": _TOTALS.replace("{column}", "project"),
+}
+_COUNTS_BY = {
+    "agent": "SELECT coalesce(sum(state IN ('queued', 'pending_approval')), 0), "
+    "coalesce(sum(state IN ('submitting', 'running')), 0) FROM jobs WHERE agent = ? "
+    "AND state IN ('queued', 'pending_approval', 'submitting', 'running')",
+    "project": "SELECT coalesce(sum(state IN ('queued', 'pending_approval')), 0), "
+    "coalesce(sum(state IN ('submitting', 'running')), 0) FROM jobs WHERE project = ? "
+    "AND state IN ('queued', 'pending_approval', 'submitting', 'running')",
+}
+_CLAIM_CANDIDATES = """
+SELECT j.* FROM jobs j LEFT JOIN agent_turns t ON t.agent = j.agent
+WHERE (j.state = 'queued' OR (j.state IN ('submitting', 'running') AND j.lease_expires < ?))
+  AND substr(j.backend, 1, instr(j.backend, '/') - 1) IN (SELECT value FROM json_each(?))
+  AND j.backend NOT IN (SELECT value FROM json_each(?))
+ORDER BY j.state != 'queued' DESC, j.priority DESC, coalesce(t.last_claimed_at, 0), j.seq
+LIMIT 64
 """
 _NO_CURSOR = 2**62
 _LIST_JOBS = {
@@ -190,12 +249,48 @@ class SqliteStore:
 
     # -- jobs -------------------------------------------------------------------------------
 
-    async def insert_job(self, job: NewJob, audit: AuditEntry, now: float) -> JobRecord:
+    async def admit(
+        self,
+        job: NewJob,
+        audit: AuditEntry,
+        now: float,
+        *,
+        loop_window_s: float,
+        decide: Callable[[AdmissionFacts], Refusal | None],
+    ) -> tuple[JobRecord, bool] | Refusal:
+        day, month = _periods(now)
         async with self._write() as db:
+            if job.idempotency_key is not None:
+                rows = list(
+                    await db.execute_fetchall(
+                        "SELECT * FROM jobs WHERE agent = ? AND idempotency_key = ?", (job.agent, job.idempotency_key)
+                    )
+                )
+                if rows:
+                    return JobRecord.from_row(rows[0]), False
+            (repeats,) = next(
+                iter(
+                    await db.execute_fetchall(
+                        "SELECT count(*) FROM jobs WHERE agent = ? AND backend = ? AND fingerprint = ? "
+                        "AND created_at > ?",
+                        (job.agent, job.backend, job.fingerprint, now - loop_window_s),
+                    )
+                )
+            )
+            facts = AdmissionFacts(
+                agent=await _totals(db, "agent", job.agent, day, month),
+                project=await _totals(db, "project", job.project, day, month),
+                repeats=int(repeats),
+            )
+            refusal = decide(facts)
+            if refusal is not None:
+                return refusal
             cursor = await db.execute(
                 "INSERT INTO jobs (id, agent, project, key_id, name, backend, shots, circuits, n_circuits, "
-                "qubits, depth, two_qubit_gates, fingerprint, estimate_micro_usd, state, created_at, updated_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING *",
+                "qubits, depth, two_qubit_gates, fingerprint, estimate_micro_usd, state, created_at, updated_at, "
+                "priority, idempotency_key, payload_hash, dry_run_of, simulator, pricing_known, "
+                "qpu_seconds_estimate, approval_level, approval_expires_at, approved_by) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING *",
                 (
                     job.id,
                     job.agent,
@@ -214,12 +309,65 @@ class SqliteStore:
                     job.state.value,
                     now,
                     now,
+                    job.priority,
+                    job.idempotency_key,
+                    job.payload_hash,
+                    job.dry_run_of,
+                    int(job.simulator),
+                    int(job.pricing_known),
+                    job.qpu_seconds_estimate,
+                    job.approval_level,
+                    job.approval_expires_at,
+                    job.approved_by,
                 ),
             )
             row = await cursor.fetchone()
+            await db.execute(
+                "INSERT INTO ledger (job_id, agent, project, day, month, status, cost_micro_usd, shots, qpu_millis, "
+                "reserved_at) VALUES (?, ?, ?, ?, ?, 'reserved', ?, ?, ?, ?)",
+                (
+                    job.id,
+                    job.agent,
+                    job.project,
+                    day,
+                    month,
+                    job.estimate_micro_usd,
+                    job.shots * len(job.circuits),
+                    math.ceil(job.qpu_seconds_estimate * 1000),
+                    now,
+                ),
+            )
             await _insert_audit(db, audit, now)
         assert row is not None
-        return JobRecord.from_row(row)
+        return JobRecord.from_row(row), True
+
+    async def ledger_totals(self, column: Literal["agent", "project"], who: str, now: float) -> LedgerTotals:
+        day, month = _periods(now)
+        async with self._read() as db:
+            return await _totals(db, column, who, day, month)
+
+    async def has_simulation(self, project: str, fingerprint: str) -> bool:
+        async with self._read() as db:
+            rows = list(
+                await db.execute_fetchall(
+                    "SELECT 1 FROM jobs WHERE project = ? AND fingerprint = ? AND state = 'succeeded' "
+                    "AND simulator = 1 LIMIT 1",
+                    (project, fingerprint),
+                )
+            )
+        return bool(rows)
+
+    async def pending_approvals(self) -> list[JobRecord]:
+        async with self._read() as db:
+            rows = await db.execute_fetchall("SELECT * FROM jobs WHERE state = 'pending_approval' ORDER BY seq")
+        return [JobRecord.from_row(row) for row in rows]
+
+    async def expired_approvals(self, now: float) -> list[str]:
+        async with self._read() as db:
+            rows = await db.execute_fetchall(
+                "SELECT id FROM jobs WHERE state = 'pending_approval' AND approval_expires_at < ? ORDER BY seq", (now,)
+            )
+        return [row[0] for row in rows]
 
     async def get_job(self, job_id: str) -> JobRecord | None:
         async with self._read() as db:
@@ -238,34 +386,59 @@ class SqliteStore:
         return [JobRecord.from_row(row) for row in rows]
 
     async def claim(
-        self, providers: Iterable[str], busy_backends: Iterable[str], owner: str, lease_s: float, now: float
+        self,
+        providers: Iterable[str],
+        busy_backends: Iterable[str],
+        owner: str,
+        lease_s: float,
+        now: float,
+        may_run: Callable[[JobRecord, int, int], bool] | None = None,
     ) -> JobRecord | None:
         names = sorted(set(providers))
         if not names:
             return None
         async with self._write() as db:
-            # A queued job becomes `submitting`; a job whose worker stopped heartbeating keeps
-            # its state (submitting or running) and changes hands, so a provider job already
-            # accepted is polled again rather than sent twice.
-            cursor = await db.execute(
-                """
-                UPDATE jobs SET
-                    state = CASE WHEN state = 'queued' THEN 'submitting' ELSE state END,
-                    lease_owner = ?, lease_expires = ?, version = version + 1, updated_at = ?,
-                    runs = runs + 1, started_at = COALESCE(started_at, ?)
-                WHERE seq = (
-                    SELECT seq FROM jobs
-                    WHERE (state = 'queued' OR (state IN ('submitting', 'running') AND lease_expires < ?))
-                      AND substr(backend, 1, instr(backend, '/') - 1) IN (SELECT value FROM json_each(?))
-                      AND backend NOT IN (SELECT value FROM json_each(?))
-                    ORDER BY seq LIMIT 1)
-                RETURNING *
-                """,
-                (owner, now + lease_s, now, now, now, json.dumps(names), json.dumps(sorted(set(busy_backends)))),
-            )
-            row = await cursor.fetchone()
-            if row is not None:
+            candidates = [
+                JobRecord.from_row(row)
+                for row in await db.execute_fetchall(
+                    _CLAIM_CANDIDATES, (now, json.dumps(names), json.dumps(sorted(set(busy_backends))))
+                )
+            ]
+            refused_agents: set[str] = set()
+            for candidate in candidates:
+                reclaim = candidate.state is not JobState.QUEUED
+                if not reclaim and may_run is not None:
+                    if candidate.agent in refused_agents:
+                        continue
+                    agent_running = (await _counts(db, "agent", candidate.agent))[1]
+                    project_running = (await _counts(db, "project", candidate.project))[1]
+                    if not may_run(candidate, agent_running, project_running):
+                        refused_agents.add(candidate.agent)
+                        continue
+                # A queued job becomes `submitting`; a job whose worker stopped heartbeating keeps
+                # its state (submitting or running) and changes hands, so a provider job already
+                # accepted is polled again rather than sent twice.
+                cursor = await db.execute(
+                    """
+                    UPDATE jobs SET
+                        state = CASE WHEN state = 'queued' THEN 'submitting' ELSE state END,
+                        lease_owner = ?, lease_expires = ?, version = version + 1, updated_at = ?,
+                        runs = runs + 1, started_at = coalesce(started_at, ?)
+                    WHERE seq = ?
+                      AND (state = 'queued' OR (state IN ('submitting', 'running') AND lease_expires < ?))
+                    RETURNING *
+                    """,
+                    (owner, now + lease_s, now, now, candidate.seq, now),
+                )
+                row = await cursor.fetchone()
+                if row is None:
+                    continue
                 job = JobRecord.from_row(row)
+                await db.execute(
+                    "INSERT INTO agent_turns (agent, last_claimed_at) VALUES (?, ?) "
+                    "ON CONFLICT (agent) DO UPDATE SET last_claimed_at = excluded.last_claimed_at",
+                    (job.agent, now),
+                )
                 await _insert_audit(
                     db,
                     AuditEntry(
@@ -324,6 +497,10 @@ class SqliteStore:
             if row is None:
                 return None
             job = JobRecord.from_row(row)
+            if new in TERMINAL:
+                won = new is JobState.SUCCEEDED
+                qpu_millis = None if job.actual_qpu_seconds is None else math.ceil(job.actual_qpu_seconds * 1000)
+                await db.execute(_SETTLE, (won, won, job.actual_cost_micro_usd, won, qpu_millis, now, job.id))
             entry = audit or AuditEntry(tool=f"job.{new.value}", decision="event")
             await _insert_audit(
                 db,
@@ -421,6 +598,30 @@ class SqliteStore:
                 (after_seq, job_id, job_id, agent, agent, limit),
             )
         return [AuditRecord(**dict(row)) for row in rows]
+
+
+def _periods(now: float) -> tuple[str, str]:
+    """The UTC day and month a reservation made at `now` counts in."""
+    moment = datetime.fromtimestamp(now, UTC)
+    return moment.strftime("%Y-%m-%d"), moment.strftime("%Y-%m")
+
+
+async def _counts(db: aiosqlite.Connection, column: Literal["agent", "project"], who: str) -> tuple[int, int]:
+    rows = list(await db.execute_fetchall(_COUNTS_BY[column], (who,)))
+    return int(rows[0][0]), int(rows[0][1])
+
+
+async def _totals(
+    db: aiosqlite.Connection, column: Literal["agent", "project"], who: str, day: str, month: str
+) -> LedgerTotals:
+    committed: dict[str, tuple[int, int, int]] = {}
+    reserved: dict[str, tuple[int, int, int]] = {}
+    for row in await db.execute_fetchall(_TOTALS_BY[column], {"day": day, "month": month, "who": who}):
+        values = [int(v) for v in tuple(row)[1:]]
+        target = committed if row[0] == "committed" else reserved
+        target.update(day=tuple(values[0:3]), month=tuple(values[3:6]), total=tuple(values[6:9]))  # type: ignore[arg-type]
+    queued, running = await _counts(db, column, who)
+    return LedgerTotals(committed=committed, reserved=reserved, queued_jobs=queued, running_jobs=running)
 
 
 async def _insert_audit(db: aiosqlite.Connection, entry: AuditEntry, now: float) -> None:

@@ -6,12 +6,22 @@ later behind this same interface (claiming with `FOR UPDATE SKIP LOCKED`).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from qpu_gateway.jobs import JobState
-from qpu_gateway.records import AuditEntry, AuditRecord, JobRecord, KeyRecord, NewJob, StateUsage
+from qpu_gateway.policy.decisions import Refusal
+from qpu_gateway.records import (
+    AdmissionFacts,
+    AuditEntry,
+    AuditRecord,
+    JobRecord,
+    KeyRecord,
+    LedgerTotals,
+    NewJob,
+    StateUsage,
+)
 
 
 class StoreError(Exception):
@@ -33,9 +43,32 @@ class Store(Protocol):
     async def key_count(self) -> int: ...
 
     # jobs
-    async def insert_job(self, job: NewJob, audit: AuditEntry, now: float) -> JobRecord:
-        """Store the job and its admission audit row in one transaction."""
+    async def admit(
+        self,
+        job: NewJob,
+        audit: AuditEntry,
+        now: float,
+        *,
+        loop_window_s: float,
+        decide: Callable[[AdmissionFacts], Refusal | None],
+    ) -> tuple[JobRecord, bool] | Refusal:
+        """Admit a job in one transaction: read the facts, let `decide` judge them, then store the job,
+        its reservation in the ledger and its audit row together.
+
+        With an idempotency key already used by this agent, the earlier job is returned with False
+        and nothing is written. A refusal from `decide` is returned and nothing is written.
+        """
         ...
+
+    async def ledger_totals(self, column: Literal["agent", "project"], who: str, now: float) -> LedgerTotals: ...
+
+    async def has_simulation(self, project: str, fingerprint: str) -> bool:
+        """Whether the project has a succeeded simulator run of this circuit fingerprint."""
+        ...
+
+    async def pending_approvals(self) -> list[JobRecord]: ...
+
+    async def expired_approvals(self, now: float) -> list[str]: ...
 
     async def get_job(self, job_id: str) -> JobRecord | None: ...
 
@@ -44,11 +77,20 @@ class Store(Protocol):
     ) -> list[JobRecord]: ...
 
     async def claim(
-        self, providers: Iterable[str], busy_backends: Iterable[str], owner: str, lease_s: float, now: float
+        self,
+        providers: Iterable[str],
+        busy_backends: Iterable[str],
+        owner: str,
+        lease_s: float,
+        now: float,
+        may_run: Callable[[JobRecord, int, int], bool] | None = None,
     ) -> JobRecord | None:
-        """Take the oldest claimable job for one of `providers`, skipping `busy_backends`.
+        """Take the next claimable job for one of `providers`, skipping `busy_backends`.
 
-        Claimable: queued, or leased by a worker that stopped heartbeating.
+        Claimable: queued, or leased by a worker that stopped heartbeating (those first). Then the
+        highest priority, and within it the agent whose last job was claimed longest ago, so one
+        agent's long queue cannot starve another's. `may_run(job, agent_running, project_running)`
+        can hold back a queued job whose agent or project is at its running cap.
         """
         ...
 

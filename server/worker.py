@@ -33,6 +33,8 @@ from qpu_gateway.adapters.base import (
 from qpu_gateway.config import Config
 from qpu_gateway.events import JobEvents
 from qpu_gateway.jobs import JobState
+from qpu_gateway.policy.file import Policy
+from qpu_gateway.policy.quotas import may_start
 from qpu_gateway.providers import Providers
 from qpu_gateway.records import AuditEntry, JobRecord
 from qpu_gateway.store import Store, StoreError
@@ -45,8 +47,11 @@ POLL_MAX_S = 5.0
 
 
 class Workers:
-    def __init__(self, config: Config, store: Store, providers: Providers, events: JobEvents) -> None:
+    def __init__(
+        self, config: Config, store: Store, providers: Providers, events: JobEvents, policy: Callable[[], Policy]
+    ) -> None:
         self.config = config
+        self.policy = policy
         self.store = store
         self.providers = providers
         self.events = events
@@ -103,6 +108,11 @@ class Workers:
         if job is not None:
             await self.events.announce(job)
         return job
+
+    def _may_run(self, job: JobRecord, agent_running: int, project_running: int) -> bool:
+        """The running-jobs caps of the job's agent and project (quota `running_jobs`)."""
+        rules = self.policy().rules_for(agent=job.agent, project=job.project)
+        return may_start(rules.agent_quota, agent_running) and may_start(rules.project_quota, project_running)
 
     async def _heartbeat_loop(self) -> None:
         while True:

@@ -18,9 +18,22 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
+# The tests' own policy: the caps of the default, without its rate limits, budget or approvals,
+# so each test that is about one of those turns it on itself.
+TEST_POLICY = """
+[defaults]
+allowed_backends = ["aer/*", "faulty/*"]
+loop_guard = { max_repeats = 100000, window_minutes = 1 }
+
+[prices."faulty/*"]
+model = "free"
+"""
+
+
 @pytest.fixture
 def config(tmp_path: Path) -> Config:
     """A gateway configuration on a fresh SQLite file, with short timings so tests run fast."""
+    (tmp_path / "policy.toml").write_text(TEST_POLICY, encoding="utf-8")
     return Config(
         db_path=tmp_path / "gateway.db",
         policy_path=tmp_path / "policy.toml",

@@ -19,10 +19,6 @@ from .support import BELL2, http_client, start_http_server
 pytestmark = pytest.mark.anyio
 
 
-def allow_faulty(config: Config) -> None:
-    config.policy_path.write_text('[defaults]\nallowed_backends = ["aer/*", "faulty/*"]\n', encoding="utf-8")
-
-
 async def job_state(config: Config, job_id: str) -> Any:
     store = await open_store(config.db_path)
     try:
@@ -42,11 +38,10 @@ async def wait_for_state(config: Config, job_id: str, states: set[JobState]) -> 
 
 @pytest.mark.parametrize("stop", ["graceful", "crash"])
 async def test_a_job_in_flight_survives_a_server_restart(config: Config, alice_key: str, stop: str) -> None:
-    allow_faulty(config)
     first = start_http_server(config, QPU_GATEWAY_FAULTS="slow:60")
     try:
         async with http_client(first.url, alice_key) as client:
-            submitted = await client.call_tool("submit_job", {"circuit": BELL2, "backend": "faulty/simulator"})
+            submitted = await client.call_tool("submit_job", {"circuit": BELL2, "backend": "faulty/qpu"})
         job_id = submitted.structured_content["job_id"]
         await wait_for_state(config, job_id, {JobState.SUBMITTING})
         if stop == "graceful":
@@ -74,14 +69,13 @@ async def test_a_job_in_flight_survives_a_server_restart(config: Config, alice_k
 
 
 async def test_a_queued_job_waits_for_the_next_server_start(config: Config, alice_key: str) -> None:
-    allow_faulty(config)
     busy = start_http_server(config, QPU_GATEWAY_FAULTS="slow:60,slow:60,slow:60")
     try:
         async with http_client(busy.url, alice_key) as client:
             ids = [
-                (
-                    await client.call_tool("submit_job", {"circuit": BELL2, "backend": "faulty/simulator"})
-                ).structured_content["job_id"]
+                (await client.call_tool("submit_job", {"circuit": BELL2, "backend": "faulty/qpu"})).structured_content[
+                    "job_id"
+                ]
                 for _ in range(3)
             ]
         # two run at once per backend; the third is still queued when the server stops

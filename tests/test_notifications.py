@@ -22,7 +22,6 @@ pytestmark = pytest.mark.anyio
 
 def faulty_config(config: Config, schedule: str) -> Config:
     """The same gateway with the fault-injecting adapter enabled and allowed by the policy."""
-    config.policy_path.write_text('[defaults]\nallowed_backends = ["aer/*", "faulty/*"]\n', encoding="utf-8")
     return Config(**{**config.__dict__, "faults": schedule})
 
 
@@ -35,9 +34,9 @@ async def test_wait_for_job_reports_progress_at_each_state_change(config: Config
         reports.append((progress, message))
 
     async with gateway.running(), in_memory(gateway, alice_key, mode=mode) as client:
-        job_id = (
-            await client.call_tool("submit_job", {"circuit": BELL2, "backend": "faulty/simulator"})
-        ).structured_content["job_id"]
+        job_id = (await client.call_tool("submit_job", {"circuit": BELL2, "backend": "faulty/qpu"})).structured_content[
+            "job_id"
+        ]
         done = await client.call_tool("wait_for_job", {"job_id": job_id}, progress_callback=on_progress)
     assert done.structured_content["state"] == "succeeded"
     steps = [p for p, _ in reports]

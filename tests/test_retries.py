@@ -15,10 +15,9 @@ pytestmark = pytest.mark.anyio
 
 
 async def run_on_faulty(config: Config, key: str, schedule: str, **overrides: Any) -> tuple[dict[str, Any], Gateway]:
-    config.policy_path.write_text('[defaults]\nallowed_backends = ["faulty/*"]\n', encoding="utf-8")
     gateway = Gateway(Config(**{**config.__dict__, "faults": schedule, **overrides}))
     async with gateway.running(), in_memory(gateway, key) as client:
-        submitted = await client.call_tool("submit_job", {"circuit": BELL2, "backend": "faulty/simulator"})
+        submitted = await client.call_tool("submit_job", {"circuit": BELL2, "backend": "faulty/qpu"})
         done = await client.call_tool("wait_for_job", {"job_id": submitted.structured_content["job_id"]})
         events = await gateway.store.audit_tail(limit=100, job_id=submitted.structured_content["job_id"])
     view = dict(done.structured_content or {})

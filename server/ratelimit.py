@@ -1,0 +1,106 @@
+"""Rate limits: the policy's rules counted with the `limits` library, in a storage chosen by URI.
+
+The strategy is the moving window (exact: every hit in the last period counts). Counts live
+where the storage URI says: by default the gateway's own SQLite file (`async+qpu-sqlite://`, see
+`server.rate_storage`), so every process sharing the database shares the allowance; with
+replicas on several machines, `async+redis://host:6379`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from pathlib import Path
+
+import anyio
+import limits
+from limits.aio.strategies import MovingWindowRateLimiter
+from limits.storage import storage_from_string
+
+from qpu_gateway.errors import RateLimited
+from qpu_gateway.keys import Principal
+from qpu_gateway.policy.file import RateRule, Rules
+from qpu_gateway.rate_storage import storage_uri
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[float, str], Awaitable[None]]
+
+
+def default_storage_uri(db_path: Path) -> str:
+    return storage_uri(db_path)
+
+
+def applicable(rules: Rules, tool: str, *, cost: str) -> list[RateRule]:
+    """The rules that count this tool call, with this kind of cost ('calls' or 'shots')."""
+    return [r for r in rules.rate_limits if r.cost == cost and ("*" in r.tools or tool in r.tools)]
+
+
+class RateLimiter:
+    def __init__(self, uri: str) -> None:
+        options = {"implementation": "redispy"} if uri.startswith("async+redis") else {}
+        self.uri = uri
+        self.storage = storage_from_string(uri, **options)
+        self.strategy = MovingWindowRateLimiter(self.storage)
+
+    async def aclose(self) -> None:
+        close = getattr(self.storage, "aclose", None)
+        if close is not None:
+            await close()
+
+    async def enforce(
+        self,
+        rules: Iterable[RateRule],
+        who: Principal,
+        *,
+        backend: str | None,
+        cost: int = 1,
+        progress: Progress | None = None,
+    ) -> None:
+        """Count one call (or `cost` shots) against each rule; refuse, or wait, when one is spent."""
+        for rule in rules:
+            await self._enforce_one(rule, who, backend, cost, progress)
+
+    async def _enforce_one(
+        self, rule: RateRule, who: Principal, backend: str | None, cost: int, progress: Progress | None
+    ) -> None:
+        item = limits.parse(rule.limit)
+        key = _key(rule, who, backend)
+        if cost > item.amount:
+            raise RateLimited(
+                f"This call counts {cost} against the limit {rule.limit} ({rule.per}), which can never admit it. "
+                "Split the job.",
+                retry_after_s=None,
+            )
+        deadline = time.monotonic() + rule.max_wait_s
+        waited = 0
+        while True:
+            if await self.strategy.hit(item, "qpu", rule.id, key, cost=cost):
+                return
+            stats = await self.strategy.get_window_stats(item, "qpu", rule.id, key)
+            retry_after = max(stats.reset_time - time.time(), 0.05)
+            if rule.mode == "reject" or time.monotonic() + retry_after > deadline:
+                log.info("rate limited", extra={"rule": rule.id, "agent": who.agent, "retry_after_s": retry_after})
+                raise RateLimited(
+                    f"Rate limit {rule.limit} per {rule.per} reached (rule {rule.id}). Retry after "
+                    f"{math.ceil(retry_after)} s; if you are looping, stop and check your earlier results.",
+                    retry_after_s=retry_after,
+                )
+            waited += 1
+            if progress is not None:
+                await progress(waited, f"waiting {retry_after:.1f} s for rate limit {rule.limit} per {rule.per}")
+            await anyio.sleep(retry_after)
+
+
+def _key(rule: RateRule, who: Principal, backend: str | None) -> str:
+    match rule.per:
+        case "agent":
+            return f"agent:{who.agent}"
+        case "project":
+            return f"project:{who.project}"
+        case "backend":
+            return f"backend:{backend or '-'}"
+        case _:
+            return "global"

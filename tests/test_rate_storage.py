@@ -1,0 +1,230 @@
+"""The SQLite rate-limit storage under limits' own strategies, on a real file, in one process and across two."""
+
+from __future__ import annotations
+
+import sqlite3
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import closing
+from pathlib import Path
+
+import anyio
+import pytest
+from limits import RateLimitItem, parse
+from limits.aio.strategies import MovingWindowRateLimiter, RateLimiter, SlidingWindowCounterRateLimiter
+from limits.errors import ConfigurationError
+from limits.storage import storage_from_string
+
+from qpu_gateway.rate_storage import SqliteRateStorage, storage_uri
+
+pytestmark = pytest.mark.anyio
+
+STRATEGIES = {"moving-window": MovingWindowRateLimiter, "sliding-window-counter": SlidingWindowCounterRateLimiter}
+
+# One gateway process: connect before the agreed instant, then fire 50 hits at once.
+PROCESS = """
+import sys, time
+import anyio
+from limits import parse
+from limits.aio.strategies import STRATEGIES
+from qpu_gateway.rate_storage import SqliteRateStorage
+
+async def main(uri: str, strategy: str, start_at: float) -> None:
+    storage = SqliteRateStorage(uri)
+    limiter = STRATEGIES[strategy](storage)
+    item = parse("30/minute")
+    assert await storage.check()
+    await anyio.sleep(max(0.0, start_at - time.time()))
+    admitted = 0
+
+    async def hit() -> None:
+        nonlocal admitted
+        if await limiter.hit(item, "agent"):
+            admitted += 1
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(50):
+            tg.start_soon(hit)
+    await storage.aclose()
+    print(admitted)
+
+anyio.run(main, sys.argv[1], sys.argv[2], float(sys.argv[3]))
+"""
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "gateway.db"
+
+
+@pytest.fixture
+async def storage(db_path: Path) -> AsyncIterator[SqliteRateStorage]:
+    storage = SqliteRateStorage(storage_uri(db_path))
+    yield storage
+    await storage.aclose()
+
+
+@pytest.fixture(params=list(STRATEGIES))
+def limiter(request: pytest.FixtureRequest, storage: SqliteRateStorage) -> RateLimiter:
+    strategy: type[RateLimiter] = STRATEGIES[request.param]
+    return strategy(storage)
+
+
+def start_clear_of_window_edge(item: RateLimitItem, room_s: float) -> float:
+    """An instant soon, at least `room_s` before the end of the item's clock-aligned window.
+
+    The sliding window counter's windows are aligned on multiples of the period: a burst that
+    straddles an edge is weighted, not counted, so exact counts need the burst inside one window.
+    """
+    period = item.get_expiry()
+    now = time.time()
+    left = period - now % period
+    return now if left > room_s else now + left + 0.01
+
+
+async def clear_of_window_edge(item: RateLimitItem, room_s: float) -> None:
+    await anyio.sleep(max(0.0, start_clear_of_window_edge(item, room_s) - time.time()))
+
+
+async def test_storage_from_string_builds_the_sqlite_storage_from_its_uri(db_path: Path) -> None:
+    storage = storage_from_string(f"async+qpu-sqlite://{db_path}")
+    assert isinstance(storage, SqliteRateStorage)
+    assert storage.path == db_path
+    assert await storage.check()
+    await storage.aclose()
+    assert await anyio.Path(db_path).exists()
+
+
+@pytest.mark.parametrize("uri", ["async+qpu-sqlite://gateway.db", "async+qpu-sqlite://host/tmp/gateway.db"])
+async def test_a_uri_without_an_absolute_path_is_refused_as_configuration(uri: str) -> None:
+    with pytest.raises(ConfigurationError, match="absolute path after three slashes"):
+        SqliteRateStorage(uri)
+
+
+async def test_a_path_with_spaces_survives_the_uri(tmp_path: Path) -> None:
+    path = tmp_path / "a dir" / "gate way.db"
+    storage = storage_from_string(storage_uri(path))
+    assert isinstance(storage, SqliteRateStorage)
+    assert storage.path == path
+    assert await storage.check()
+    await storage.aclose()
+    assert await anyio.Path(path).exists()
+
+
+async def test_five_per_second_admits_exactly_five_of_eight_sequential_hits(limiter: RateLimiter) -> None:
+    item = parse("5/second")
+    await clear_of_window_edge(item, 0.3)
+    admitted = [await limiter.hit(item, "agent:alice") for _ in range(8)]
+    assert admitted == [True] * 5 + [False] * 3
+    assert not await limiter.test(item, "agent:alice")
+
+
+async def test_window_stats_report_what_remains_and_when_room_comes_back(limiter: RateLimiter) -> None:
+    item = parse("5/second")
+    await clear_of_window_edge(item, 0.3)
+    fresh = await limiter.get_window_stats(item, "agent:alice")
+    assert fresh.remaining == 5
+
+    before = time.time()
+    for _ in range(3):
+        assert await limiter.hit(item, "agent:alice")
+    stats = await limiter.get_window_stats(item, "agent:alice")
+    assert stats.remaining == 2
+    assert before < stats.reset_time <= time.time() + 1
+
+
+async def test_hits_are_admitted_again_once_the_window_has_passed(limiter: RateLimiter) -> None:
+    item = parse("1/second")
+    await clear_of_window_edge(item, 0.3)
+    assert await limiter.hit(item, "agent:alice")
+    assert not await limiter.hit(item, "agent:alice")
+    await anyio.sleep(1.1)
+    assert await limiter.hit(item, "agent:alice")
+
+
+async def test_cost_counts_every_shot(limiter: RateLimiter) -> None:
+    item = parse("100/minute")
+    await clear_of_window_edge(item, 1)
+    assert await limiter.hit(item, "backend:aer", cost=60)
+    assert not await limiter.hit(item, "backend:aer", cost=60)
+    assert await limiter.hit(item, "backend:aer", cost=40)
+    assert not await limiter.hit(item, "backend:aer", cost=1)
+    assert (await limiter.get_window_stats(item, "backend:aer")).remaining == 0
+    assert not await limiter.hit(item, "backend:ibm", cost=101), "a cost above the whole limit never fits"
+
+
+async def test_different_keys_are_counted_apart(limiter: RateLimiter) -> None:
+    item = parse("2/second")
+    await clear_of_window_edge(item, 0.3)
+    for key in ("agent:alice", "agent:bob", "project:p1"):
+        assert [await limiter.hit(item, key) for _ in range(3)] == [True, True, False]
+    assert (await limiter.get_window_stats(parse("2/minute"), "agent:alice")).remaining == 2
+
+
+async def test_clearing_a_key_gives_its_whole_allowance_back(limiter: RateLimiter) -> None:
+    item = parse("2/minute")
+    await clear_of_window_edge(item, 1)
+    assert [await limiter.hit(item, "agent:alice") for _ in range(3)] == [True, True, False]
+    await limiter.clear(item, "agent:alice")
+    assert (await limiter.get_window_stats(item, "agent:alice")).remaining == 2
+    assert await limiter.hit(item, "agent:alice")
+
+
+async def test_reset_forgets_every_limit_in_the_file(storage: SqliteRateStorage) -> None:
+    item = parse("1/minute")
+    moving, sliding = MovingWindowRateLimiter(storage), SlidingWindowCounterRateLimiter(storage)
+    assert await moving.hit(item, "agent:alice")
+    assert await sliding.hit(item, "agent:bob")
+    assert await storage.reset() == 2
+    assert await moving.hit(item, "agent:alice")
+    assert await sliding.hit(item, "agent:bob")
+
+
+async def test_expired_entries_and_counters_are_pruned(storage: SqliteRateStorage, db_path: Path) -> None:
+    item = parse("3/second")
+    moving, sliding = MovingWindowRateLimiter(storage), SlidingWindowCounterRateLimiter(storage)
+    for key in ("agent:alice", "agent:bob"):
+        assert await moving.hit(item, key)
+        assert await sliding.hit(item, key)
+    # A sliding window's counter lives until the end of the next window: at most two periods.
+    await anyio.sleep(2.1)
+    assert await moving.hit(item, "agent:carol")
+    assert await sliding.hit(item, "agent:carol")
+
+    with closing(sqlite3.connect(db_path)) as db:
+        entries = db.execute("SELECT key FROM rate_entries").fetchall()
+        counters = db.execute("SELECT key FROM rate_counters").fetchall()
+    assert [key for (key,) in entries] == [item.key_for("agent:carol")]
+    assert [key.rsplit("/", 1)[0] for (key,) in counters] == [item.key_for("agent:carol")]
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+async def test_two_processes_firing_fifty_concurrent_hits_each_admit_exactly_thirty_in_total(
+    strategy: str, db_path: Path
+) -> None:
+    uri = storage_uri(db_path)
+    item = parse("30/minute")
+    # Both processes start at one instant, after their imports, well inside one minute window.
+    start_at = start_clear_of_window_edge(item, 5) + 1.5
+    outputs: list[str] = []
+
+    async def gateway_process() -> None:
+        done = await anyio.run_process([sys.executable, "-c", PROCESS, uri, strategy, repr(start_at)], check=True)
+        outputs.append(done.stdout.decode())
+
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(gateway_process)
+            tg.start_soon(gateway_process)
+
+    admitted = [int(out) for out in outputs]
+    assert sum(admitted) == 30, admitted
+    storage = SqliteRateStorage(uri)
+    try:
+        limiter = STRATEGIES[strategy](storage)
+        stats = await limiter.get_window_stats(item, "agent")
+        assert stats.remaining == 0
+        assert not await limiter.hit(item, "agent")
+    finally:
+        await storage.aclose()
