@@ -207,10 +207,13 @@ def default_policy_text() -> str:
 _TOP_LEVEL = {"defaults", "projects", "agents", "prices"}
 
 
-def parse_policy(text: str, *, path: str = "<policy>") -> Policy:
-    """Parse and validate policy TOML; raise `PolicyFileError` naming the line and the reason."""
+def parse_policy(text: str, *, path: str = "<policy>", overrides: dict[str, Any] | None = None) -> Policy:
+    """Parse and validate policy TOML; raise `PolicyFileError` naming the line and the reason.
+
+    `overrides` (what `qpu-gateway quota set` wrote) are merged over the file before validation.
+    """
     try:
-        raw = tomllib.loads(text)
+        raw = _merge(tomllib.loads(text), overrides or {})
     except tomllib.TOMLDecodeError as exc:
         raise PolicyFileError(path, f"not valid TOML: {exc}") from None
     unknown = set(raw) - _TOP_LEVEL
@@ -269,12 +272,25 @@ def _line_of(text: str, loc: list[str]) -> str:
     return f"line {found + 1}: " if found is not None else ""
 
 
+def overrides_path(path: Path) -> Path:
+    """Where `qpu-gateway quota set` keeps its changes: beside the policy file, never inside it."""
+    return path.with_name(path.stem + ".overrides.toml")
+
+
 def load_policy(path: Path) -> Policy:
-    """Read and parse the policy file at `path`; a missing file means the shipped default policy."""
+    """Read and parse the policy file at `path` with its overrides; a missing file means the shipped default."""
+    overrides: dict[str, Any] = {}
+    extra = overrides_path(path)
+    try:
+        overrides = tomllib.loads(extra.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        pass
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise PolicyFileError(str(extra), f"cannot read: {exc}") from None
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        return parse_policy(default_policy_text(), path="<default policy>")
+        return parse_policy(default_policy_text(), path="<default policy>", overrides=overrides)
     except OSError as exc:
         raise PolicyFileError(str(path), f"cannot read: {exc.strerror}") from None
-    return parse_policy(text, path=str(path))
+    return parse_policy(text, path=str(path), overrides=overrides)

@@ -214,6 +214,153 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys_rotate(args: argparse.Namespace) -> int:
+    from qpu_gateway.keys import rotate_key
+
+    async def action(store: Store) -> str:
+        try:
+            return await rotate_key(store, args.id)
+        except ValueError as exc:
+            raise CliError(f"{exc} (see `qpu-gateway keys list`).") from None
+
+    print(_with_store(_config(args), action))
+    return 0
+
+
+def cmd_policy_check(args: argparse.Namespace) -> int:
+    from qpu_gateway.policy.file import parse_policy
+
+    path = Path(args.file)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise CliError(f"cannot read {path}: {exc.strerror}") from None
+    policy = parse_policy(text, path=str(path))
+    projects, agents = policy.names
+    print(
+        f"{path}: valid ({len(projects)} project section(s), {len(agents)} agent section(s), "
+        f"{len(policy.prices)} prices)"
+    )
+    return 0
+
+
+def cmd_policy_show(args: argparse.Namespace) -> int:
+    from qpu_gateway.policy.file import load_policy
+    from qpu_gateway.service import effective_policy
+
+    config = _config(args)
+    project = args.project
+    if project is None:
+        keys = _with_store(config, lambda store: store.list_keys())
+        projects = sorted({k.project for k in keys if k.agent == args.agent})
+        project = projects[0] if len(projects) == 1 else "default"
+    view = effective_policy(load_policy(config.policy_path), agent=args.agent, project=project, scopes=frozenset())
+    print(json.dumps(view.model_dump(mode="json", exclude={"scopes"}), indent=1))
+    return 0
+
+
+def cmd_usage(args: argparse.Namespace) -> int:
+    from qpu_gateway.policy.file import load_policy
+    from qpu_gateway.policy.quotas import render
+    from qpu_gateway.service import quota_usage
+
+    config = _config(args)
+    policy = load_policy(config.policy_path)
+
+    async def action(store: Store) -> list[tuple[str, list[Any]]]:
+        keys = await store.list_keys()
+        pairs = sorted(
+            {
+                (k.agent, k.project)
+                for k in keys
+                if (args.project in (None, k.project)) and (args.agent in (None, k.agent))
+            }
+        )
+        out = []
+        for agent, project in pairs:
+            rules = policy.rules_for(agent=agent, project=project)
+            lines, counts = await quota_usage(store, rules, agent=agent, project=project)
+            out.append(
+                (f"agent {agent} (project {project}), queued {counts['agent'][0]}, running {counts['agent'][1]}", lines)
+            )
+        return out
+
+    for title, lines in _with_store(config, action):
+        print(title)
+        rows = [
+            [
+                q.scope,
+                q.dimension,
+                q.period,
+                "-" if q.limit is None else render(q.dimension, q.limit),
+                render(q.dimension, q.committed),
+                render(q.dimension, q.reserved),
+                "-" if q.remaining is None else render(q.dimension, q.remaining),
+            ]
+            for q in lines
+            if q.limit is not None or q.committed or q.reserved
+        ]
+        print(_table(rows, ["scope", "dimension", "period", "limit", "committed", "reserved", "remaining"]))
+        print()
+    return 0
+
+
+def cmd_quota_set(args: argparse.Namespace) -> int:
+    from qpu_gateway.policy_overrides import set_quota
+
+    config = _config(args)
+    level = ["defaults"] if args.defaults else (["projects", args.project] if args.project else ["agents", args.agent])
+    quota, _, key = args.key.partition(".")
+    value = None if args.value == "none" else args.value
+    try:
+        path = set_quota(config.policy_path, level=level, quota=quota, key=key, value=value)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    print(f"Set {'.'.join(level)}.{args.key} = {args.value} in {path}; running gateways apply it within a second.")
+    return 0
+
+
+def cmd_approvals_list(args: argparse.Namespace) -> int:
+    from qpu_gateway.policy.pricing import format_usd
+
+    jobs = _with_store(_config(args), lambda store: store.pending_approvals())
+    rows = [
+        [
+            j.id,
+            j.agent,
+            j.project,
+            j.backend,
+            str(j.shots),
+            str(j.n_circuits),
+            format_usd(j.estimate_micro_usd) if j.pricing_known else "unknown",
+            j.approval_level or "-",
+            _when(j.approval_expires_at),
+            j.name or "",
+        ]
+        for j in jobs
+    ]
+    print(_table(rows, ["id", "agent", "project", "backend", "shots", "circuits", "cost", "level", "expires", "name"]))
+    return 0
+
+
+def cmd_approvals_decide(args: argparse.Namespace) -> int:
+    from qpu_gateway import approvals
+
+    by = approvals.operator_name()
+
+    async def action(store: Store) -> Any:
+        try:
+            if args.approvals_command == "approve":
+                return await approvals.approve(store, args.id, by=by)
+            return await approvals.deny(store, args.id, by=by, reason=args.reason)
+        except approvals.ApprovalError as exc:
+            raise CliError(str(exc)) from None
+
+    job = _with_store(_config(args), action)
+    print(f"Job {job.id} is now {job.state.value} ({args.approvals_command}d by operator {by}).")
+    return 0
+
+
 def cmd_jobs_list(args: argparse.Namespace) -> int:
     state = JobState(args.state) if args.state else None
 
@@ -358,6 +505,51 @@ def build_parser() -> argparse.ArgumentParser:
     p = ksub.add_parser("revoke", parents=[common], help="revoke a key at once, in every process")
     p.add_argument("id")
     p.set_defaults(func=cmd_keys_revoke)
+    p = ksub.add_parser("rotate", parents=[common], help="new secret for a key; the old one stops now")
+    p.add_argument("id")
+    p.set_defaults(func=cmd_keys_rotate)
+
+    pol = sub.add_parser("policy", parents=[common], help="check a policy file, show an agent's effective policy")
+    psub = pol.add_subparsers(dest="policy_command", required=True, metavar="ACTION")
+    p = psub.add_parser("check", parents=[common], help="validate a policy file (exit 1 with line and reason)")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_policy_check)
+    p = psub.add_parser("show", parents=[common], help="the effective policy of one agent, as JSON")
+    p.add_argument("--agent", required=True)
+    p.add_argument("--project", help="the agent's project (default: the project of its keys)")
+    p.set_defaults(func=cmd_policy_show)
+
+    p = sub.add_parser("usage", parents=[common], help="quota use per agent: limit, committed, reserved, remaining")
+    p.add_argument("--project")
+    p.add_argument("--agent")
+    p.set_defaults(func=cmd_usage)
+
+    quota = sub.add_parser("quota", parents=[common], help="change a quota without editing the policy file")
+    qsub = quota.add_subparsers(dest="quota_command", required=True, metavar="ACTION")
+    p = qsub.add_parser("set", parents=[common], help="set a quota at one level, e.g. agent_quota.cost_usd.day 20")
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--agent")
+    who.add_argument("--project")
+    who.add_argument("--defaults", action="store_true")
+    p.add_argument(
+        "key",
+        help="agent_quota|project_quota . cost_usd|shots|qpu_seconds . day|month|total, "
+        "or .running_jobs / .queued_jobs",
+    )
+    p.add_argument("value", help="the new limit (dollars for cost_usd), or 'none' to remove it")
+    p.set_defaults(func=cmd_quota_set)
+
+    appr = sub.add_parser("approvals", parents=[common], help="jobs waiting for an operator's yes")
+    apsub = appr.add_subparsers(dest="approvals_command", required=True, metavar="ACTION")
+    p = apsub.add_parser("list", parents=[common], help="pending approvals")
+    p.set_defaults(func=cmd_approvals_list)
+    p = apsub.add_parser("approve", parents=[common], help="queue a held job")
+    p.add_argument("id")
+    p.set_defaults(func=cmd_approvals_decide)
+    p = apsub.add_parser("deny", parents=[common], help="reject a held job, releasing its reservation")
+    p.add_argument("id")
+    p.add_argument("--reason")
+    p.set_defaults(func=cmd_approvals_decide)
 
     jobs = sub.add_parser("jobs", parents=[common], help="list and inspect jobs")
     jsub = jobs.add_subparsers(dest="jobs_command", required=True, metavar="ACTION")

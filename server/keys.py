@@ -79,6 +79,19 @@ async def create_key(
     return record, key
 
 
+# "Last used" is for operators spotting idle keys, so a minute's precision is plenty and saves a
+# write on every call.
+TOUCH_EVERY_S = 60.0
+
+
+async def rotate_key(store: Store, key_id: str) -> str:
+    """A new secret for key `key_id` (same id, agent, scopes); the old secret stops working now."""
+    key = f"qpg_{key_id}_{secrets.token_urlsafe(32)}"
+    if not await store.rotate_key(key_id, hash_key(key)):
+        raise ValueError(f"no active key with id {key_id!r}")
+    return key
+
+
 async def authenticate(store: Store, key: str | None) -> Principal:
     """The principal for `key`, checked against the store on every call so revocation is immediate."""
     if not key:
@@ -89,6 +102,9 @@ async def authenticate(store: Store, key: str | None) -> Principal:
         raise Unauthorized(f"The gateway key is not valid. {HOW_TO_GET_A_KEY}")
     if record.revoked_at is not None:
         raise Unauthorized(f"The gateway key {record.id} has been revoked. {HOW_TO_GET_A_KEY}")
-    if record.expires_at is not None and record.expires_at <= time.time():
+    now = time.time()
+    if record.expires_at is not None and record.expires_at <= now:
         raise Unauthorized(f"The gateway key {record.id} has expired. {HOW_TO_GET_A_KEY}")
+    if record.last_used_at is None or now - record.last_used_at > TOUCH_EVERY_S:
+        await store.touch_key(record.id, now)
     return Principal(agent=record.agent, project=record.project, scopes=record.scopes, key_id=record.id)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import anyio
 
-from qpu_gateway.policy.file import Policy, PolicyFileError, load_policy
+from qpu_gateway.policy.file import Policy, PolicyFileError, load_policy, overrides_path
 
 log = logging.getLogger(__name__)
 
@@ -27,12 +27,17 @@ class PolicySource:
         self.current: Policy = load_policy(path)  # at start an invalid file is an error, not a fallback
         self.last_error: str | None = None
 
-    def _stat(self) -> tuple[int, int] | None:
-        try:
-            st = os.stat(self.path)
-        except OSError:
-            return None
-        return (st.st_mtime_ns, st.st_size)
+    def _stat(self) -> tuple[tuple[int, int] | None, ...]:
+        """The policy file's and the overrides file's (mtime, size); None for a missing file."""
+        stamps: list[tuple[int, int] | None] = []
+        for path in (self.path, overrides_path(self.path)):
+            try:
+                st = os.stat(path)
+            except OSError:
+                stamps.append(None)
+            else:
+                stamps.append((st.st_mtime_ns, st.st_size))
+        return tuple(stamps)
 
     def reload_if_changed(self) -> bool:
         """Reload when the file's mtime or size changed; True if a new policy took effect."""

@@ -103,6 +103,7 @@ class Gateway:
                         time.time(),
                         fields={"finished_at": time.time()},
                         audit=AuditEntry(tool="job.expired", decision="event", detail="no approval came in time"),
+                        from_state=JobState.PENDING_APPROVAL,
                     )
                     if expired is not None:
                         log.info("approval expired", extra={"job_id": job_id})

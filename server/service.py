@@ -13,6 +13,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from typing import Literal
 
 import anyio
 
@@ -25,11 +26,12 @@ from qpu_gateway.events import job_uri
 from qpu_gateway.jobs import TERMINAL, JobState
 from qpu_gateway.keys import Principal
 from qpu_gateway.policy.admission import backend_allowed
-from qpu_gateway.policy.file import Policy
+from qpu_gateway.policy.file import Policy, Quota, Rules
 from qpu_gateway.policy.pricing import price_for
 from qpu_gateway.policy.quotas import DIMENSIONS, PERIODS, Amounts, cap_units, caps_of
 from qpu_gateway.records import AuditEntry, JobRecord
 from qpu_gateway.runtime import Gateway
+from qpu_gateway.store import Store
 
 _JOB_ID = re.compile(r"^job_[0-9a-f]{20}$")
 # Results bigger than this are summarised in get_job; the job resource always has every count.
@@ -228,17 +230,19 @@ async def list_jobs(gw: Gateway, who: Principal, state: str | None, limit: int, 
     return models.JobPage(jobs=jobs, next_cursor=_encode_cursor(page[-1].seq) if len(rows) > limit else None)
 
 
-async def get_usage(gw: Gateway, who: Principal) -> models.Usage:
-    rows = await gw.store.usage_by_state(who.agent)
-    rules = gw.policy.rules_for(agent=who.agent, project=who.project)
+async def quota_usage(
+    store: Store, rules: Rules, *, agent: str, project: str
+) -> tuple[list[models.QuotaUse], dict[str, tuple[int, int]]]:
+    """Per scope, dimension and period: limit, committed, reserved, remaining; and (queued, running) counts."""
     now = time.time()
     lines: list[models.QuotaUse] = []
     counts: dict[str, tuple[int, int]] = {}
-    for scope, quota, who_id in (
-        ("agent", rules.agent_quota, who.agent),
-        ("project", rules.project_quota, who.project),
-    ):
-        totals = await gw.store.ledger_totals(scope, who_id, now)  # type: ignore[arg-type]
+    scopes: tuple[tuple[Literal["agent", "project"], Quota, str], ...] = (
+        ("agent", rules.agent_quota, agent),
+        ("project", rules.project_quota, project),
+    )
+    for scope, quota, who_id in scopes:
+        totals = await store.ledger_totals(scope, who_id, now)
         counts[scope] = (totals.queued_jobs, totals.running_jobs)
         for dimension in DIMENSIONS:
             for period in PERIODS:
@@ -256,6 +260,13 @@ async def get_usage(gw: Gateway, who: Principal) -> models.Usage:
                         remaining=None if cap is None else cap - committed - reserved,
                     )
                 )
+    return lines, counts
+
+
+async def get_usage(gw: Gateway, who: Principal) -> models.Usage:
+    rows = await gw.store.usage_by_state(who.agent)
+    rules = gw.policy.rules_for(agent=who.agent, project=who.project)
+    lines, counts = await quota_usage(gw.store, rules, agent=who.agent, project=who.project)
     return models.Usage(
         agent=who.agent,
         project=who.project,

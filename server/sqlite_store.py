@@ -165,7 +165,10 @@ class SqliteStore:
         """A write transaction: all or nothing, holding SQLite's write lock from the start."""
         async with self._lock:
             try:
-                await self._conn.execute("BEGIN IMMEDIATE")
+                # Shielded: a cancelled caller must not leave a transaction open that nobody ends
+                # (the statement runs in aiosqlite's thread whether or not we wait for it).
+                with anyio.CancelScope(shield=True):
+                    await self._conn.execute("BEGIN IMMEDIATE")
             except sqlite3.Error as exc:
                 raise _store_error(exc) from None
             try:
@@ -241,6 +244,17 @@ class SqliteStore:
                 "UPDATE keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL", (now, key_id)
             )
             return cursor.rowcount == 1
+
+    async def rotate_key(self, key_id: str, secret_hash: str) -> bool:
+        async with self._write() as db:
+            cursor = await db.execute(
+                "UPDATE keys SET secret_hash = ? WHERE id = ? AND revoked_at IS NULL", (secret_hash, key_id)
+            )
+            return cursor.rowcount == 1
+
+    async def touch_key(self, key_id: str, now: float) -> None:
+        async with self._write() as db:
+            await db.execute("UPDATE keys SET last_used_at = ? WHERE id = ?", (now, key_id))
 
     async def key_count(self) -> int:
         async with self._read() as db:
@@ -482,6 +496,7 @@ class SqliteStore:
         owner: str | None = None,
         fields: Mapping[str, Any] | None = None,
         audit: AuditEntry | None = None,
+        from_state: JobState | None = None,
     ) -> JobRecord | None:
         values = dict(fields or {})
         unknown = set(values) - set(_SETTABLE)
@@ -490,7 +505,8 @@ class SqliteStore:
         if values.get("result") is not None:
             values["result"] = json.dumps(values["result"])
         pairs = [x for column in _SETTABLE for x in (column in values, values.get(column))]
-        sources = json.dumps(sorted(s.value for s in sources_of(new)))
+        allowed = sources_of(new) if from_state is None else sources_of(new) & {from_state}
+        sources = json.dumps(sorted(s.value for s in allowed))
         async with self._write() as db:
             cursor = await db.execute(_TRANSITION, (new.value, now, *pairs, job_id, sources, owner, owner))
             row = await cursor.fetchone()

@@ -40,6 +40,15 @@ class Store(Protocol):
     async def key_by_id(self, key_id: str) -> KeyRecord | None: ...
     async def list_keys(self) -> list[KeyRecord]: ...
     async def revoke_key(self, key_id: str, now: float) -> bool: ...
+
+    async def rotate_key(self, key_id: str, secret_hash: str) -> bool:
+        """Replace an active key's secret: the old key stops working at once."""
+        ...
+
+    async def touch_key(self, key_id: str, now: float) -> None:
+        """Record that the key was just used."""
+        ...
+
     async def key_count(self) -> int: ...
 
     # jobs
@@ -109,11 +118,13 @@ class Store(Protocol):
         owner: str | None = None,
         fields: Mapping[str, Any] | None = None,
         audit: AuditEntry | None = None,
+        from_state: JobState | None = None,
     ) -> JobRecord | None:
         """Move a job to `new` if the transition table allows it from its current state.
 
-        With `owner`, only while that worker holds the lease. Returns the updated job, or None
-        when the job was not in a state (or lease) that allows the move.
+        With `owner`, only while that worker holds the lease; with `from_state`, only from that
+        state. Returns the updated job, or None when the job was not in a state (or lease) that
+        allows the move. A move to a terminal state settles the job's reservation in the ledger.
         """
         ...
 

@@ -7,11 +7,12 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import anyio
 import httpx2
 from mcp import Client, StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
@@ -154,3 +155,12 @@ async def http_client(url: str, key: str | None, *, mode: str = "auto") -> Async
         Client(streamable_http_client(url, http_client=http), mode=mode) as client,  # type: ignore[arg-type]
     ):
         yield client
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], *, within_s: float = 30.0, every: float = 0.1) -> None:
+    """Poll `check` until it holds; fail after `within_s` seconds."""
+    for _ in range(int(within_s / every)):
+        if await check():
+            return
+        await anyio.sleep(every)
+    raise AssertionError(f"condition not met within {within_s} s")

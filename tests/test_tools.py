@@ -313,7 +313,11 @@ async def test_resources_list_and_read(gateway: Gateway, alice_key: str) -> None
         job = json.loads((await client.read_resource(done["uri"])).contents[0].text)
     assert uris == {"qpu://backends", "qpu://usage", "qpu://policy"}
     assert templates == {"qpu://jobs/{job_id}"}
-    assert policy["agent"] == "alice" and policy["allowed_backends"] == ["aer/*", "faulty/*"] and policy["max_qubits"] == 24
+    assert (
+        policy["agent"] == "alice"
+        and policy["allowed_backends"] == ["aer/*", "faulty/*"]
+        and policy["max_qubits"] == 24
+    )
     assert backends["default_backend"] == "aer/simulator"
     assert job["job_id"] == done["job_id"] and job["state"] == "succeeded"
     reads = [r for r in await audit_rows(gateway) if r.tool.startswith("resources/read:")]

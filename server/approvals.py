@@ -1,0 +1,50 @@
+"""Operator decisions on held jobs: approve (queue it) or deny (reject it, releasing its reservation)."""
+
+from __future__ import annotations
+
+import getpass
+import time
+
+from qpu_gateway.jobs import JobState
+from qpu_gateway.records import AuditEntry, JobRecord
+from qpu_gateway.store import Store
+
+
+class ApprovalError(Exception):
+    """The job is not waiting for approval (unknown, or already decided)."""
+
+
+def operator_name() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # no user database entry: still record that an operator acted
+        return "unknown"
+
+
+async def approve(store: Store, job_id: str, *, by: str) -> JobRecord:
+    job = await store.transition(
+        job_id,
+        JobState.QUEUED,
+        time.time(),
+        fields={"approved_by": f"operator {by}"},
+        audit=AuditEntry(tool="approvals.approve", decision="ok", detail=f"approved by operator {by}"),
+        from_state=JobState.PENDING_APPROVAL,
+    )
+    if job is None:
+        raise ApprovalError(f"Job {job_id!r} is not waiting for approval (see `qpu-gateway approvals list`).")
+    return job
+
+
+async def deny(store: Store, job_id: str, *, by: str, reason: str | None) -> JobRecord:
+    why = f"denied by operator {by}" + (f": {reason}" if reason else "")
+    job = await store.transition(
+        job_id,
+        JobState.REJECTED,
+        time.time(),
+        fields={"error_code": "approval_denied", "error_message": why, "finished_at": time.time()},
+        audit=AuditEntry(tool="approvals.deny", decision="refused", error_code="approval_denied", detail=why[:500]),
+        from_state=JobState.PENDING_APPROVAL,
+    )
+    if job is None:
+        raise ApprovalError(f"Job {job_id!r} is not waiting for approval (see `qpu-gateway approvals list`).")
+    return job
