@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import tomllib
 from dataclasses import dataclass
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -76,9 +76,17 @@ class PeriodCaps(_Strict):
     @field_validator("day", "month", "total", mode="before")
     @classmethod
     def _number(cls, value: Any) -> Any:
+        if value is None:
+            return None
         if isinstance(value, bool):
             raise ValueError("must be a number")
-        return None if value is None else Decimal(str(value))
+        try:
+            number = Decimal(str(value))
+        except InvalidOperation:
+            raise ValueError(f"{value!r} is not a number") from None
+        if not number.is_finite() or number < 0:
+            raise ValueError("must be a number of zero or more")
+        return number
 
 
 class Quota(_Strict):

@@ -173,3 +173,20 @@ async def test_every_way_a_job_ends_returns_its_reservation(config: Config, alic
     committed, reserved = await totals(config)
     assert reserved == {}
     assert committed["day"][0] == 100_000  # only the job that succeeded is charged
+
+
+async def test_a_policy_edit_reaches_a_running_server_process(config: Config, alice_key: str) -> None:
+    server = start_http_server(config)
+    try:
+        async with http_client(server.url, alice_key) as client:
+            before = await client.call_tool("submit_job", {"circuit": BELL2, "shots": 500})
+            write_policy(config, "max_shots = 100\n")
+
+            async def refused() -> bool:
+                answer = await client.call_tool("estimate_job", {"circuit": BELL2, "shots": 500})
+                return bool(answer.is_error)
+
+            await eventually(refused, within_s=10, every=0.25)
+    finally:
+        server.stop()
+    assert not before.is_error
