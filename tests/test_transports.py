@@ -13,6 +13,7 @@ import httpx2
 import pytest
 from mcp import Client
 from mcp.client.sse import sse_client
+from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
 from qpu_gateway.config import Config
@@ -187,3 +188,42 @@ def test_serve_over_http_prints_the_url_the_local_key_and_a_client_config(tmp_pa
     config = json.loads(text[text.index("{") : text.rindex("}") + 1])
     server = config["mcpServers"]["qpu-gateway"]
     assert server == {"type": "http", "url": url, "headers": {"Authorization": f"Bearer {key}"}}
+
+
+@pytest.mark.parametrize("transport", ["stdio", "http"])
+async def test_a_person_approves_a_costly_job_over_a_real_transport(
+    config: Config, alice_key: str, transport: str
+) -> None:
+    from mcp_types import ElicitResult
+
+    config.policy_path.write_text(
+        '[defaults]\nallowed_backends = ["faulty/*"]\nconfirm_above_usd = "1.00"\n'
+        '[prices."faulty/*"]\nmodel = "per_task_shot"\nper_task_usd = "2.00"\nper_shot_usd = "0"\n',
+        encoding="utf-8",
+    )
+    asked: list[str] = []
+
+    async def approve(context: Any, params: Any) -> ElicitResult:
+        asked.append(params.message)
+        return ElicitResult(action="accept", content={"approve": True})
+
+    args = {"circuit": BELL2, "backend": "faulty/qpu"}
+    if transport == "stdio":
+        params = stdio_params(config, alice_key, QPU_GATEWAY_FAULTS="ok")
+        async with Client(params, mode="legacy", elicitation_callback=approve) as client:  # type: ignore[arg-type]
+            job = (await client.call_tool("submit_job", args)).structured_content
+            done = (await client.call_tool("wait_for_job", {"job_id": job["job_id"]})).structured_content
+    else:
+        server = start_http_server(config, QPU_GATEWAY_FAULTS="ok")
+        try:
+            headers = {"Authorization": f"Bearer {alice_key}"}
+            async with (
+                httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(30, read=300)) as http,
+                Client(streamable_http_client(server.url, http_client=http), elicitation_callback=approve) as client,  # type: ignore[arg-type]
+            ):
+                job = (await client.call_tool("submit_job", args)).structured_content
+                done = (await client.call_tool("wait_for_job", {"job_id": job["job_id"]})).structured_content
+        finally:
+            server.stop()
+    assert len(asked) == 1 and "$2.00" in asked[0]
+    assert done["state"] == "succeeded"
