@@ -98,6 +98,14 @@ class Quota(_Strict):
     running_jobs: StrictInt | None = Field(default=None, ge=0)
     queued_jobs: StrictInt | None = Field(default=None, ge=0)
 
+    @field_validator("shots")
+    @classmethod
+    def _whole_shots(cls, caps: PeriodCaps) -> PeriodCaps:
+        for value in (caps.day, caps.month, caps.total):
+            if value is not None and value != value.to_integral_value():
+                raise ValueError("a shots cap is a whole number")
+        return caps
+
     @field_validator("cost_usd")
     @classmethod
     def _whole_micro_dollars(cls, caps: PeriodCaps) -> PeriodCaps:
@@ -267,10 +275,17 @@ def parse_policy(text: str, *, path: str = "<policy>", overrides: dict[str, Any]
 
 
 def _line_of(text: str, loc: list[str]) -> str:
-    """'line N: ' for the deepest part of `loc` found in the file, searching in order."""
+    """'line N: ' for the deepest part of `loc` found in the file, searching in order.
+
+    A list position N (as in rate_limits.1.limit) moves the search to the N-th inline table of
+    the list, so an error in the second rule points at the second rule's line.
+    """
     lines, start, found = text.splitlines(), 0, None
     for part in loc:
         if part.isdigit():
+            items = [n for n in range(start, len(lines)) if "{" in lines[n].split("#", 1)[0]]
+            if int(part) < len(items):
+                start = items[int(part)]
             continue
         pattern = re.compile(rf'(^|[\s.\[{{,"]){re.escape(part)}("?\s*[=\].]|"\])')
         for number in range(start, len(lines)):

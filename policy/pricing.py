@@ -88,7 +88,7 @@ def _money(value: Any, where: str) -> Decimal:
         amount = Decimal(str(value))
     except InvalidOperation:
         raise PriceError(f"{where}: {value!r} is not an amount in USD") from None
-    if amount < 0 or not amount.is_finite():
+    if not amount.is_finite() or amount < 0:
         raise PriceError(f"{where}: {value!r} must be a non-negative amount")
     return amount
 
@@ -135,7 +135,12 @@ def parse_price(pattern: str, entry: dict[str, Any]) -> Price:
 
 
 def parse_price_table(table: dict[str, Any]) -> dict[str, Price]:
-    return {pattern: parse_price(pattern, dict(entry)) for pattern, entry in table.items()}
+    prices = {}
+    for pattern, entry in table.items():
+        if not isinstance(entry, dict):
+            raise PriceError(f'price {pattern!r} must be a table with a model, e.g. [prices."{pattern}"]')
+        prices[pattern] = parse_price(pattern, entry)
+    return prices
 
 
 def shipped_prices() -> dict[str, Price]:

@@ -104,6 +104,7 @@ SELECT j.* FROM jobs j LEFT JOIN agent_turns t ON t.agent = j.agent
 WHERE (j.state = 'queued' OR (j.state IN ('submitting', 'running') AND j.lease_expires < ?))
   AND substr(j.backend, 1, instr(j.backend, '/') - 1) IN (SELECT value FROM json_each(?))
   AND j.backend NOT IN (SELECT value FROM json_each(?))
+  AND (j.state != 'queued' OR j.agent NOT IN (SELECT value FROM json_each(?)))
 ORDER BY j.state != 'queued' DESC, j.priority DESC, coalesce(t.last_claimed_at, 0), j.seq
 LIMIT 64
 """
@@ -412,60 +413,89 @@ class SqliteStore:
         if not names:
             return None
         async with self._write() as db:
-            candidates = [
-                JobRecord.from_row(row)
-                for row in await db.execute_fetchall(
-                    _CLAIM_CANDIDATES, (now, json.dumps(names), json.dumps(sorted(set(busy_backends))))
-                )
-            ]
+            # Agents held back by `may_run` are excluded and the candidates read again, so one
+            # agent at its running cap with a long queue cannot hide everyone else's jobs.
             refused_agents: set[str] = set()
-            for candidate in candidates:
-                reclaim = candidate.state is not JobState.QUEUED
-                if not reclaim and may_run is not None:
-                    if candidate.agent in refused_agents:
-                        continue
-                    agent_running = (await _counts(db, "agent", candidate.agent))[1]
-                    project_running = (await _counts(db, "project", candidate.project))[1]
-                    if not may_run(candidate, agent_running, project_running):
-                        refused_agents.add(candidate.agent)
-                        continue
-                # A queued job becomes `submitting`; a job whose worker stopped heartbeating keeps
-                # its state (submitting or running) and changes hands, so a provider job already
-                # accepted is polled again rather than sent twice.
-                cursor = await db.execute(
-                    """
-                    UPDATE jobs SET
-                        state = CASE WHEN state = 'queued' THEN 'submitting' ELSE state END,
-                        lease_owner = ?, lease_expires = ?, version = version + 1, updated_at = ?,
-                        runs = runs + 1, started_at = coalesce(started_at, ?)
-                    WHERE seq = ?
-                      AND (state = 'queued' OR (state IN ('submitting', 'running') AND lease_expires < ?))
-                    RETURNING *
-                    """,
-                    (owner, now + lease_s, now, now, candidate.seq, now),
-                )
-                row = await cursor.fetchone()
-                if row is None:
+            while True:
+                candidates = [
+                    JobRecord.from_row(row)
+                    for row in await db.execute_fetchall(
+                        _CLAIM_CANDIDATES,
+                        (
+                            now,
+                            json.dumps(names),
+                            json.dumps(sorted(set(busy_backends))),
+                            json.dumps(sorted(refused_agents)),
+                        ),
+                    )
+                ]
+                if not candidates:
+                    return None
+                held_back = len(refused_agents)
+                job = await self._take_first(db, candidates, refused_agents, owner, lease_s, now, may_run)
+                if job is not None:
+                    return job
+                if len(refused_agents) == held_back:  # nobody new was held back: nothing else can run
+                    return None
+
+    async def _take_first(
+        self,
+        db: aiosqlite.Connection,
+        candidates: list[JobRecord],
+        refused_agents: set[str],
+        owner: str,
+        lease_s: float,
+        now: float,
+        may_run: Callable[[JobRecord, int, int], bool] | None,
+    ) -> JobRecord | None:
+        """Claim the first candidate that may run; agents found at their cap are added to `refused_agents`."""
+        for candidate in candidates:
+            reclaim = candidate.state is not JobState.QUEUED
+            if not reclaim and may_run is not None:
+                if candidate.agent in refused_agents:
                     continue
-                job = JobRecord.from_row(row)
-                await db.execute(
-                    "INSERT INTO agent_turns (agent, last_claimed_at) VALUES (?, ?) "
-                    "ON CONFLICT (agent) DO UPDATE SET last_claimed_at = excluded.last_claimed_at",
-                    (job.agent, now),
-                )
-                await _insert_audit(
-                    db,
-                    AuditEntry(
-                        tool="job.claimed",
-                        decision="event",
-                        agent=job.agent,
-                        project=job.project,
-                        job_id=job.id,
-                        detail=f"worker {owner}, run {job.runs}",
-                    ),
-                    now,
-                )
-                return job
+                agent_running = (await _counts(db, "agent", candidate.agent))[1]
+                project_running = (await _counts(db, "project", candidate.project))[1]
+                if not may_run(candidate, agent_running, project_running):
+                    refused_agents.add(candidate.agent)
+                    continue
+            # A queued job becomes `submitting`; a job whose worker stopped heartbeating keeps
+            # its state (submitting or running) and changes hands, so a provider job already
+            # accepted is polled again rather than sent twice.
+            cursor = await db.execute(
+                """
+                UPDATE jobs SET
+                    state = CASE WHEN state = 'queued' THEN 'submitting' ELSE state END,
+                    lease_owner = ?, lease_expires = ?, version = version + 1, updated_at = ?,
+                    runs = runs + 1, started_at = coalesce(started_at, ?)
+                WHERE seq = ?
+                  AND (state = 'queued' OR (state IN ('submitting', 'running') AND lease_expires < ?))
+                RETURNING *
+                """,
+                (owner, now + lease_s, now, now, candidate.seq, now),
+            )
+            row = await cursor.fetchone()
+            if row is None:
+                continue
+            job = JobRecord.from_row(row)
+            await db.execute(
+                "INSERT INTO agent_turns (agent, last_claimed_at) VALUES (?, ?) "
+                "ON CONFLICT (agent) DO UPDATE SET last_claimed_at = excluded.last_claimed_at",
+                (job.agent, now),
+            )
+            await _insert_audit(
+                db,
+                AuditEntry(
+                    tool="job.claimed",
+                    decision="event",
+                    agent=job.agent,
+                    project=job.project,
+                    job_id=job.id,
+                    detail=f"worker {owner}, run {job.runs}",
+                ),
+                now,
+            )
+            return job
         return None
 
     async def heartbeat(self, job_ids: Iterable[str], owner: str, until: float) -> set[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -10,14 +11,16 @@ import pytest
 from qpu_gateway.policy.admission import JobFacts, check_job
 from qpu_gateway.policy.decisions import Refusal
 from qpu_gateway.policy.file import (
-    Policy,
+    LoopGuard,
     PolicyFileError,
+    Quota,
+    RateRule,
     Rules,
     default_policy_text,
     load_policy,
     parse_policy,
 )
-from qpu_gateway.policy.pricing import FREE, PriceModel, estimate_cost_micro_usd, format_usd
+from qpu_gateway.policy.pricing import JobShape, Price, estimate_cost, format_usd
 
 RULES = Rules(
     allowed_backends=("aer/*", "ibm/ibm_torino"),
@@ -131,11 +134,29 @@ def test_the_first_broken_rule_is_the_one_reported() -> None:
 # -- the policy file ----------------------------------------------------------------------------------
 
 
-def test_the_shipped_policy_file_says_exactly_the_built_in_defaults() -> None:
-    shipped = parse_policy(default_policy_text())
+def test_the_shipped_default_policy_parses_and_is_safe_out_of_the_box() -> None:
+    shipped = parse_policy(default_policy_text(), path="<default policy>").defaults
 
-    assert shipped == Policy()
-    assert shipped.defaults == Rules()
+    # Hardware is allowed, but only within a daily budget, behind a per-agent rate limit and
+    # with a person's yes above $5 (an operator's above $50).
+    assert shipped.allowed_backends == ("aer/*", "ibm/*", "braket/*", "azure/*")
+    assert shipped.rate_limits == (
+        RateRule(limit="60/minute", per="agent", tools=("submit_job",)),
+        RateRule(limit="20/second", per="agent", tools=("*",)),
+    )
+    assert shipped.agent_quota == Quota.model_validate(
+        {"cost_usd": {"day": "10.00"}, "running_jobs": 8, "queued_jobs": 200}
+    )
+    assert shipped.project_quota == Quota()
+    assert (shipped.micro("confirm_above_usd"), shipped.micro("operator_above_usd")) == (5_000_000, 50_000_000)
+    assert (shipped.unknown_price, shipped.approval_ttl) == ("operator", 86_400)
+    assert (shipped.priority_ceiling, shipped.simulate_first) == ("normal", False)
+    assert shipped.loop_guard == LoopGuard(max_repeats=50, window_minutes=10)
+    # The per-job caps are the built-in ones; everything above is what the file adds to them.
+    caps = ("max_qubits", "max_depth", "max_shots", "max_circuits")
+    assert [getattr(shipped, cap) for cap in caps] == [getattr(Rules(), cap) for cap in caps]
+    assert shipped != Rules()
+    assert (Rules().rate_limits, Rules().agent_quota, Rules().confirm_above_usd) == ((), Quota(), None)
 
 
 def test_a_partial_policy_file_keeps_the_defaults_for_what_it_leaves_out() -> None:
@@ -157,19 +178,19 @@ def test_a_toml_syntax_error_names_the_file_and_the_line() -> None:
 
 
 @pytest.mark.parametrize(
-    ("text", "key"),
+    ("text", "said"),
     [
-        ("[defaults]\nmax_qbits = 5\n", "defaults.max_qbits"),
-        ("[default]\nmax_qubits = 5\n", "default"),
-        ("budget = 10\n", "budget"),
+        ("[defaults]\nmax_qbits = 5\n", "line 2: defaults.max_qbits: Extra inputs are not permitted"),
+        ("[default]\nmax_qubits = 5\n", "line 1: unknown section or key 'default'"),
+        ("budget = 10\n", "line 1: unknown section or key 'budget'"),
     ],
     ids=["misspelt-cap", "misspelt-table", "unknown-top-level"],
 )
-def test_an_unknown_key_is_an_error_naming_the_key(text: str, key: str) -> None:
+def test_an_unknown_key_is_an_error_naming_the_key_and_its_line(text: str, said: str) -> None:
     with pytest.raises(PolicyFileError) as error:
         parse_policy(text, path="policy.toml")
 
-    assert f"{key}: Extra inputs are not permitted" in str(error.value)
+    assert said in str(error.value)
 
 
 @pytest.mark.parametrize(
@@ -180,15 +201,21 @@ def test_an_unknown_key_is_an_error_naming_the_key(text: str, key: str) -> None:
         ('[defaults]\nallowed_backends = "aer/*"\n', "defaults.allowed_backends"),
         ("[defaults]\nmax_depth = 0\n", "defaults.max_depth"),
         ("[defaults]\nmax_qubits = 10001\n", "defaults.max_qubits"),
-        ("defaults = 3\n", "defaults"),
     ],
-    ids=["string-for-int", "fraction-for-int", "string-for-list", "zero-depth", "qubits-over-ceiling", "scalar-table"],
+    ids=["string-for-int", "fraction-for-int", "string-for-list", "zero-depth", "qubits-over-ceiling"],
 )
-def test_a_wrong_type_or_value_is_an_error_naming_the_key(text: str, key: str) -> None:
+def test_a_wrong_type_or_value_is_an_error_naming_the_key_and_its_line(text: str, key: str) -> None:
     with pytest.raises(PolicyFileError) as error:
         parse_policy(text, path="policy.toml")
 
-    assert str(error.value).startswith(f"policy.toml: {key}: ")
+    assert str(error.value).startswith(f"policy.toml: line 2: {key}: ")
+
+
+def test_a_level_that_is_not_a_table_is_an_error_naming_it() -> None:
+    with pytest.raises(PolicyFileError) as error:
+        parse_policy("defaults = 3\n", path="policy.toml")
+
+    assert str(error.value) == "policy.toml: line 1: defaults must be a table"
 
 
 @pytest.mark.parametrize(
@@ -199,8 +226,12 @@ def test_a_toml_value_of_the_wrong_type_is_refused_even_when_pydantic_could_coer
         parse_policy(text, path="policy.toml")
 
 
-def test_a_missing_policy_file_means_the_built_in_defaults(tmp_path: Path) -> None:
-    assert load_policy(tmp_path / "no-such-policy.toml") == Policy()
+def test_a_missing_policy_file_means_the_shipped_default_policy(tmp_path: Path) -> None:
+    missing = load_policy(tmp_path / "no-such-policy.toml")
+
+    assert missing.defaults == parse_policy(default_policy_text()).defaults
+    assert missing.defaults != Rules()
+    assert missing.rules_for(agent="alice", project="default") == missing.defaults
 
 
 def test_load_policy_reads_the_file_and_names_it_in_errors(tmp_path: Path) -> None:
@@ -222,11 +253,14 @@ def test_an_unreadable_policy_path_is_an_error_not_the_defaults(tmp_path: Path) 
 
 # -- pricing ------------------------------------------------------------------------------------------
 
-QPU = PriceModel(per_task_micro_usd=300_000, per_shot_micro_usd=1_450)
+QPU = Price(
+    "braket/iqm_garnet", "per_task_shot", True, {"per_task_usd": Decimal("0.30"), "per_shot_usd": Decimal("0.00145")}
+)
+FREE = Price("aer/*", "free", True)
 
 
 def test_a_cost_estimate_is_exact_integer_micro_dollars() -> None:
-    cost = estimate_cost_micro_usd(QPU, shots=1000, circuits=3)
+    cost = estimate_cost(QPU, JobShape(circuits=3, shots=1000)).micro_usd
 
     assert cost == 3 * (300_000 + 1000 * 1_450) == 5_250_000
     assert type(cost) is int
@@ -234,16 +268,20 @@ def test_a_cost_estimate_is_exact_integer_micro_dollars() -> None:
 
 
 def test_many_tiny_charges_add_up_without_rounding() -> None:
-    one_micro_per_shot = PriceModel(per_task_micro_usd=1, per_shot_micro_usd=1)
+    one_micro_each = Price(
+        "x/*", "per_task_shot", True, {"per_task_usd": Decimal("0.000001"), "per_shot_usd": Decimal("0.000001")}
+    )
 
-    cost = estimate_cost_micro_usd(one_micro_per_shot, shots=99_999, circuits=1_000)
+    cost = estimate_cost(one_micro_each, JobShape(circuits=1_000, shots=99_999)).micro_usd
 
     assert cost == 100_000_000
     assert format_usd(cost) == "$100.00"
 
 
 def test_simulators_are_free() -> None:
-    assert estimate_cost_micro_usd(FREE, shots=100_000, circuits=1_000) == 0
+    estimate = estimate_cost(FREE, JobShape(circuits=1_000, shots=100_000))
+
+    assert (estimate.micro_usd, estimate.qpu_seconds, estimate.pricing_known) == (0, 0.0, True)
     assert FREE.describe() == "free"
 
 
@@ -256,4 +294,4 @@ def test_format_usd_shows_dollars_and_cents_with_thousands_separators(micro_usd:
 
 
 def test_a_price_model_describes_itself_per_task_and_per_shot() -> None:
-    assert QPU.describe() == "$0.3000 per task + $0.001450 per shot"
+    assert QPU.describe() == "$0.30 per task + $0.00145 per shot"
