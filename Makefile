@@ -27,9 +27,11 @@ run: $(VENV)/.installed
 
 test: $(VENV)/.installed-test lint typecheck pytest
 
+LINT_PATHS := server policy adapters tests $(wildcard bench)
+
 lint: $(VENV)/.installed-test
-	$(VENV)/bin/ruff check server policy adapters tests bench
-	$(VENV)/bin/ruff format --check server policy adapters tests bench
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
 
 # mypy follows the import name `qpu_gateway`, which setuptools maps onto three folders; a tree of
 # symlinks in .typecheck/ gives mypy that same view of the sources.
