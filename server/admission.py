@@ -14,7 +14,7 @@ import secrets
 import time
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
-from typing import Literal
+from typing import Any, Literal
 
 from qpu_gateway import models
 from qpu_gateway.adapters import sdk_thread
@@ -62,6 +62,26 @@ class JobRequest:
     idempotency_key: str | None = None
     priority: str = "normal"
     dry_run: bool = False
+
+    @classmethod
+    def from_args(
+        cls,
+        *,
+        circuit: str | None,
+        circuits: list[str] | None,
+        backend: str,
+        shots: int,
+        max_cost_usd: str | float | None = None,
+        **rest: Any,
+    ) -> JobRequest:
+        """The request as a tool received it: one of circuit/circuits, and max_cost_usd as exact dollars."""
+        return cls(
+            sources=circuit_sources(circuit, circuits),
+            backend=backend,
+            shots=shots,
+            max_cost_usd=parse_money(max_cost_usd),
+            **rest,
+        )
 
     def payload(self) -> dict[str, object]:
         """What an idempotency key binds to: everything that changes what would run."""

@@ -120,12 +120,13 @@ async def ask_approval(
     if who is None or "submit" not in who.scopes or caps is None or caps.elicitation is None:
         return not_asked
     try:
-        request = admission.JobRequest(
-            sources=admission.circuit_sources(circuit, circuits),
+        request = admission.JobRequest.from_args(
+            circuit=circuit,
+            circuits=circuits,
             backend=backend,
             shots=shots,
+            max_cost_usd=max_cost_usd,
             dry_run=dry_run,
-            max_cost_usd=admission.parse_money(max_cost_usd),
             priority=priority,
         )
         question = await admission.approval_question(ctx.request_context.lifespan_context, who, request)
@@ -191,12 +192,13 @@ def build_server(
         """
 
         async def run(who: Any, _: Any) -> models.Estimate:
-            request = admission.JobRequest(
-                sources=admission.circuit_sources(circuit, circuits),
+            request = admission.JobRequest.from_args(
+                circuit=circuit,
+                circuits=circuits,
                 backend=backend,
                 shots=shots,
+                max_cost_usd=max_cost_usd,
                 dry_run=dry_run,
-                max_cost_usd=admission.parse_money(max_cost_usd),
             )
             return await admission.estimate_job(gateway, who, request)
 
@@ -235,12 +237,13 @@ def build_server(
         """
 
         async def run(who: Any, state: Any) -> models.Submitted:
-            request = admission.JobRequest(
-                sources=admission.circuit_sources(circuit, circuits),
+            request = admission.JobRequest.from_args(
+                circuit=circuit,
+                circuits=circuits,
                 backend=backend,
                 shots=shots,
+                max_cost_usd=max_cost_usd,
                 name=name,
-                max_cost_usd=admission.parse_money(max_cost_usd),
                 idempotency_key=idempotency_key,
                 priority=priority,
                 dry_run=dry_run,
