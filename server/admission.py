@@ -289,6 +289,10 @@ async def submit_job(
     if request.idempotency_key is not None and not 1 <= len(request.idempotency_key) <= 200:
         raise InvalidArguments("`idempotency_key` must be 1 to 200 characters.")
     a = await assess(gw, who, request)
+    if request.idempotency_key is not None:  # a retry of an earlier submit: no new charge, no new limits
+        earlier = await gw.store.job_by_idempotency_key(who.agent, request.idempotency_key)
+        if earlier is not None:
+            return _replay(earlier, request, a)
     if (refusal := a.refusal or _max_cost_refusal(a)) is not None:
         raise from_refusal(refusal)
     shot_rules = applicable(a.rules, "submit_job", cost="shots")
@@ -374,14 +378,8 @@ async def submit_job(
     if isinstance(outcome, Refusal):
         raise from_refusal(outcome)
     stored, created = outcome
-    if not created:
-        if stored.payload_hash != job.payload_hash:
-            raise Conflict(
-                f"idempotency_key {request.idempotency_key!r} was used for a different job ({stored.id}). "
-                "Use a new key for a new job.",
-                job_id=stored.id,
-            )
-        return _submitted(stored, _estimate_model(a, None, []), replayed=True)
+    if not created:  # another call with the same key won the race
+        return _replay(stored, request, a)
     gw.workers.wake()
     await gw.events.announce(stored)
     if stored.state is JobState.PENDING_APPROVAL:
@@ -394,6 +392,17 @@ async def submit_job(
             job_id=stored.id,
         )
     return _submitted(stored, _estimate_model(a, None, []), replayed=False)
+
+
+def _replay(earlier: JobRecord, request: JobRequest, a: Assessment) -> models.Submitted:
+    """The earlier job for a reused idempotency key, or `conflict` when the payload differs."""
+    if earlier.payload_hash != _payload_hash(request):
+        raise Conflict(
+            f"idempotency_key {request.idempotency_key!r} was used for a different job ({earlier.id}). "
+            "Use a new key for a new job.",
+            job_id=earlier.id,
+        )
+    return _submitted(earlier, _estimate_model(a, None, []), replayed=True)
 
 
 def _submitted(job: JobRecord, estimate: models.Estimate, *, replayed: bool) -> models.Submitted:

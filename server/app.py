@@ -352,8 +352,15 @@ def build_server(
     # -- prompt -----------------------------------------------------------------------------
 
     @mcp.prompt(title="Run a circuit safely")
-    def run_circuit(goal: str = "prepare and measure a Bell pair") -> str:
+    async def run_circuit(goal: str = "prepare and measure a Bell pair") -> str:
         """Walk through estimate -> simulate -> read counts for a circuit you describe."""
+        state = current_call()
+        state.ran = True
+        try:
+            state.require("read")
+        except GatewayError as exc:
+            state.refuse(exc)
+            raise MCPError(INVALID_REQUEST, f"{exc.code}: {exc.message}", data=exc.body()) from None
         return (
             f"Goal: {goal}.\n"
             '1. Write the circuit as OpenQASM 2.0 (include "qelib1.inc") or 3.0 (include "stdgates.inc"), '

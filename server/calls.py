@@ -49,6 +49,7 @@ AUDITED_METHODS = frozenset(
         "prompts/get",
     }
 )
+BACKEND_TOOLS = frozenset({"submit_job", "estimate_job"})
 STATIC_RESOURCES = frozenset({"qpu://backends", "qpu://usage", "qpu://policy"})
 _UNEXPECTED = "The gateway failed unexpectedly; the operator's log has the details. Try again later."
 
@@ -264,11 +265,15 @@ class Calls:
     async def _rate_limit(self, state: CallState, who: Principal, progress: Progress | None) -> None:
         rules = self.gateway.policy.rules_for(agent=who.agent, project=who.project)
         counted = applicable(rules, state.name, cost="calls")
-        if counted:
-            backend = state.arguments.get("backend", DEFAULT_BACKEND) if state.name.endswith("_job") else None
-            await self.gateway.rate_limiter.enforce(
-                counted, who, backend=str(backend) if backend is not None else None, progress=progress
-            )
+        if not counted:
+            return
+        # Only the tools that name a backend count against per-backend rules.
+        backend = state.arguments.get("backend", DEFAULT_BACKEND) if state.name in BACKEND_TOOLS else None
+        if backend is None:
+            counted = [rule for rule in counted if rule.per != "backend"]
+        await self.gateway.rate_limiter.enforce(
+            counted, who, backend=str(backend) if backend is not None else None, progress=progress
+        )
 
     async def resource(self, scope: str, uri: str, run: Callable[[Principal], Awaitable[BaseModel]]) -> str:
         """Run one resource read; refusals become protocol errors (resources have no isError)."""

@@ -16,6 +16,7 @@ from qpu_gateway.errors import InvalidCircuit, LimitExceeded
 if TYPE_CHECKING:
     from qiskit import QuantumCircuit
 
+_QUBIT_CAP = "at most {} are allowed here (the lower of the policy's max_qubits and the backend's qubits)."
 _NOT_GATES = frozenset({"measure", "barrier", "reset", "delay", "store"})
 
 
@@ -51,16 +52,12 @@ def _inspect(source: str, *, max_qubits: int, where: str) -> CircuitFacts:
         version, code = qasm.screen(source)
         declared = qasm.declared_qubits(code)
         if declared > max_qubits:
-            raise LimitExceeded(
-                f"{where}the program declares {declared} qubits; the policy allows at most {max_qubits}."
-            )
+            raise LimitExceeded(f"{where}the program declares {declared} qubits; {_QUBIT_CAP.format(max_qubits)}")
         circuit = qasm.load(source)
     except qasm.CircuitSourceError as exc:
         raise InvalidCircuit(f"{where}{exc}") from None
     if circuit.num_qubits > max_qubits:  # a backstop: the text screen should have caught it
-        raise LimitExceeded(
-            f"{where}the circuit uses {circuit.num_qubits} qubits; the policy allows at most {max_qubits}."
-        )
+        raise LimitExceeded(f"{where}the circuit uses {circuit.num_qubits} qubits; {_QUBIT_CAP.format(max_qubits)}")
     measurements = sum(1 for inst in circuit.data if inst.operation.name == "measure")
     if measurements == 0:
         raise InvalidCircuit(f"{where}the circuit measures nothing, so it would return no counts. Add measure.")

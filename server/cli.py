@@ -182,6 +182,7 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
                         "created_at": k.created_at,
                         "expires_at": k.expires_at,
                         "revoked_at": k.revoked_at,
+                        "last_used_at": k.last_used_at,
                     }
                     for k in keys
                 ],
@@ -198,11 +199,12 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
             ",".join(sorted(k.scopes)),
             _when(k.created_at),
             _when(k.expires_at),
+            _when(k.last_used_at),
             "revoked" if k.revoked_at else ("expired" if k.expires_at and k.expires_at <= now else "active"),
         ]
         for k in keys
     ]
-    print(_table(rows, ["id", "agent", "project", "scopes", "created", "expires", "status"]))
+    print(_table(rows, ["id", "agent", "project", "scopes", "created", "expires", "last used", "status"]))
     return 0
 
 
@@ -357,7 +359,8 @@ def cmd_approvals_decide(args: argparse.Namespace) -> int:
             raise CliError(str(exc)) from None
 
     job = _with_store(_config(args), action)
-    print(f"Job {job.id} is now {job.state.value} ({args.approvals_command}d by operator {by}).")
+    verb = "approved" if args.approvals_command == "approve" else "denied"
+    print(f"Job {job.id} is now {job.state.value} ({verb} by operator {by}).")
     return 0
 
 

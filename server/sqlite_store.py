@@ -361,6 +361,13 @@ class SqliteStore:
         async with self._read() as db:
             return await _totals(db, column, who, day, month)
 
+    async def job_by_idempotency_key(self, agent: str, key: str) -> JobRecord | None:
+        async with self._read() as db:
+            rows = list(
+                await db.execute_fetchall("SELECT * FROM jobs WHERE agent = ? AND idempotency_key = ?", (agent, key))
+            )
+        return JobRecord.from_row(rows[0]) if rows else None
+
     async def has_simulation(self, project: str, fingerprint: str) -> bool:
         async with self._read() as db:
             rows = list(
@@ -568,35 +575,70 @@ class SqliteStore:
     async def release_lease(self, job_id: str, owner: str, *, requeue: bool, now: float) -> bool:
         async with self._write() as db:
             if requeue:
-                cursor = await db.execute(
-                    "UPDATE jobs SET state = 'queued', lease_owner = NULL, lease_expires = NULL, "
-                    "provider_ref = NULL, version = version + 1, updated_at = ? "
-                    "WHERE id = ? AND lease_owner = ? AND state IN ('submitting', 'running')",
-                    (now, job_id, owner),
-                )
-            else:
-                cursor = await db.execute(
-                    "UPDATE jobs SET lease_owner = NULL, lease_expires = NULL WHERE id = ? AND lease_owner = ?",
-                    (job_id, owner),
-                )
+                rows = await (
+                    await db.execute(
+                        "UPDATE jobs SET state = 'queued', lease_owner = NULL, lease_expires = NULL, "
+                        "provider_ref = NULL, version = version + 1, updated_at = ? "
+                        "WHERE id = ? AND lease_owner = ? AND state IN ('submitting', 'running') "
+                        "RETURNING agent, project",
+                        (now, job_id, owner),
+                    )
+                ).fetchall()
+                for agent, project in rows:
+                    await _insert_audit(
+                        db,
+                        AuditEntry(
+                            tool="job.requeued",
+                            decision="event",
+                            agent=agent,
+                            project=project,
+                            job_id=job_id,
+                            detail="the provider no longer knows the job; it runs again",
+                        ),
+                        now,
+                    )
+                return bool(rows)
+            cursor = await db.execute(
+                "UPDATE jobs SET lease_owner = NULL, lease_expires = NULL WHERE id = ? AND lease_owner = ?",
+                (job_id, owner),
+            )
             return cursor.rowcount == 1
 
     async def hand_back(self, owner: str, now: float) -> int:
         async with self._write() as db:
             # Not yet at the provider: back in the queue. Already at the provider: keep the
             # reference and drop the lease, so the next worker polls instead of resubmitting.
-            first = await db.execute(
-                "UPDATE jobs SET state = 'queued', lease_owner = NULL, lease_expires = NULL, "
-                "version = version + 1, updated_at = ? "
-                "WHERE lease_owner = ? AND state IN ('submitting', 'running') AND provider_ref IS NULL",
-                (now, owner),
-            )
-            second = await db.execute(
-                "UPDATE jobs SET lease_owner = NULL, lease_expires = 0, version = version + 1, updated_at = ? "
-                "WHERE lease_owner = ? AND state IN ('submitting', 'running')",
-                (now, owner),
-            )
-            return (first.rowcount or 0) + (second.rowcount or 0)
+            requeued = await (
+                await db.execute(
+                    "UPDATE jobs SET state = 'queued', lease_owner = NULL, lease_expires = NULL, "
+                    "version = version + 1, updated_at = ? "
+                    "WHERE lease_owner = ? AND state IN ('submitting', 'running') AND provider_ref IS NULL "
+                    "RETURNING id, agent, project",
+                    (now, owner),
+                )
+            ).fetchall()
+            released = await (
+                await db.execute(
+                    "UPDATE jobs SET lease_owner = NULL, lease_expires = 0, version = version + 1, updated_at = ? "
+                    "WHERE lease_owner = ? AND state IN ('submitting', 'running') RETURNING id, agent, project",
+                    (now, owner),
+                )
+            ).fetchall()
+            for rows, what in ((requeued, "queued again"), (released, "left with the provider, lease released")):
+                for row in rows:
+                    await _insert_audit(
+                        db,
+                        AuditEntry(
+                            tool="job.handed_back",
+                            decision="event",
+                            agent=row[1],
+                            project=row[2],
+                            job_id=row[0],
+                            detail=f"worker {owner} stopped: {what}",
+                        ),
+                        now,
+                    )
+            return len(list(requeued)) + len(list(released))
 
     async def job_versions(self, job_ids: Iterable[str]) -> dict[str, tuple[int, JobState]]:
         ids = list(job_ids)

@@ -101,7 +101,9 @@ class Workers:
     async def _claim(self) -> JobRecord | None:
         busy = [b for b, n in self._per_backend.items() if n >= self.config.per_backend_concurrency]
         try:
-            job = await self.store.claim(self.providers.adapters, busy, self.owner, self.config.lease_s, time.time())
+            job = await self.store.claim(
+                self.providers.adapters, busy, self.owner, self.config.lease_s, time.time(), may_run=self._may_run
+            )
         except StoreError as exc:
             log.warning("cannot claim jobs: %s", exc)
             return None
@@ -168,9 +170,9 @@ class Workers:
         except PermanentError as exc:
             await self._settle_failure(job, "provider_error", str(exc))
         except TransientError as exc:
-            await self._settle_failure(
-                job, "provider_error", f"Gave up after {self.config.retry_max_tries} attempts: {exc}"
-            )
+            tried = await self.store.get_job(job.id)
+            attempts = tried.attempts if tried is not None else self.config.retry_max_tries
+            await self._settle_failure(job, "provider_error", f"Gave up after {attempts} attempt(s): {exc}")
 
     async def _poll(self, job: JobRecord, adapter: Adapter, ref: ProviderRef) -> Result | None:
         delay = POLL_START_S
@@ -226,6 +228,7 @@ class Workers:
         return moved
 
     async def _settle_success(self, job: JobRecord, result: Result) -> None:
+        # The ledger commits what the provider reports; where it reports nothing, the estimate.
         await self._move(
             job,
             JobState.SUCCEEDED,
@@ -233,6 +236,8 @@ class Workers:
             finished_at=time.time(),
             lease_owner=None,
             lease_expires=None,
+            actual_cost_micro_usd=result.cost_micro_usd,
+            actual_qpu_seconds=result.qpu_seconds,
         )
 
     async def _settle_failure(self, job: JobRecord, code: str, message: str) -> None:

@@ -192,7 +192,7 @@ def test_keys_create_prints_the_key_alone_and_listings_never_show_its_secret(cli
 
     table = cli.ok("keys", "list")
     header, *rows = table.splitlines()
-    assert header.split() == ["id", "agent", "project", "scopes", "created", "expires", "status"]
+    assert header.split() == ["id", "agent", "project", "scopes", "created", "expires", "last", "used", "status"]
     assert len(rows) == 1
     cells = rows[0].split()
     assert cells[:4] == [key_id(key), "a", "p", "read,submit"]

@@ -49,6 +49,12 @@ async def test_a_job_in_flight_survives_a_server_restart(config: Config, alice_k
             assert first.process.wait(timeout=20) == 0
             handed_back = await job_state(config, job_id)
             assert handed_back.state is JobState.QUEUED and handed_back.lease_owner is None
+            store = await open_store(config.db_path)
+            try:
+                trail = [r.tool for r in await store.audit_tail(limit=100, job_id=job_id)]
+            finally:
+                await store.close()
+            assert trail[-1] == "job.handed_back"
         else:
             first.process.send_signal(signal.SIGKILL)
             first.process.wait(timeout=20)

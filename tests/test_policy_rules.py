@@ -418,3 +418,43 @@ async def test_a_rotated_key_stops_at_once_and_the_new_one_works(gateway: Gatewa
     assert body(refused)["code"] == "unauthorized" and not fine.is_error
     (record,) = [k for k in await gateway.store.list_keys() if k.agent == "erin"]
     assert record.last_used_at is not None
+
+
+async def test_a_replayed_idempotency_key_counts_no_shots_again(config: Config, alice_key: str) -> None:
+    policy(config, 'rate_limits = [{ limit = "1000/hour", per = "agent", cost = "shots" }]')
+    gateway = Gateway(config)
+    async with gateway.running(), in_memory(gateway, alice_key) as client:
+        first = body(await client.call_tool("submit_job", {"circuit": BELL2, "shots": 800, "idempotency_key": "k"}))
+        again = body(await client.call_tool("submit_job", {"circuit": BELL2, "shots": 800, "idempotency_key": "k"}))
+    assert again["job_id"] == first["job_id"] and again["idempotent_replay"] is True
+
+
+async def test_running_jobs_caps_how_many_of_an_agents_jobs_run_at_once(config: Config, alice_key: str) -> None:
+    policy(config, "agent_quota = { running_jobs = 1 }", extra='[prices."faulty/*"]\nmodel = "free"\n')
+    gateway = Gateway(
+        Config(**{**config.__dict__, "faults": "slow:0.4,slow:0.4,slow:0.4", "per_backend_concurrency": 3})
+    )
+    most = 0
+    async with gateway.running(), in_memory(gateway, alice_key) as client:
+        ids = [
+            body(await client.call_tool("submit_job", {"circuit": BELL2, "backend": HARDWARE}))["job_id"]
+            for _ in range(3)
+        ]
+
+        async def all_done() -> bool:
+            nonlocal most
+            jobs = [await gateway.store.get_job(i) for i in ids]
+            most = max(most, sum(1 for j in jobs if j is not None and j.state.value in ("submitting", "running")))
+            return all(j is not None and j.state.value == "succeeded" for j in jobs)
+
+        await eventually(all_done, within_s=30, every=0.05)
+    assert most == 1
+
+
+@pytest.mark.parametrize("mode", ERAS)
+async def test_the_prompt_needs_a_key_too(gateway: Gateway, mode: str) -> None:
+    from mcp.shared.exceptions import MCPError
+
+    async with in_memory(gateway, None, mode=mode) as client:
+        with pytest.raises(MCPError, match="unauthorized"):
+            await client.get_prompt("run_circuit", {})

@@ -36,7 +36,7 @@ async def test_transient_faults_are_retried_until_the_job_succeeds(config: Confi
 async def test_transient_faults_past_the_retry_cap_fail_the_job(config: Config, alice_key: str) -> None:
     view, _ = await run_on_faulty(config, alice_key, "transient," * 4, retry_max_tries=3)
     assert view["state"] == "failed" and view["attempts"] == 3
-    assert view["error"]["code"] == "provider_error" and "3 attempts" in view["error"]["message"]
+    assert view["error"]["code"] == "provider_error" and "after 3 attempt(s)" in view["error"]["message"]
 
 
 @pytest.mark.parametrize(("fault", "code"), [("quota", "quota_exhausted"), ("permanent", "provider_error")])
