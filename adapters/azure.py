@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 PROVIDER = "azure"
+_JOB_NAMESPACE = uuid.UUID("6b1f6f4e-5a53-4c1e-9a55-0f3a1c2d7e10")  # fixed: the same job id maps the same way
 ENV_RESOURCE_ID = "AZURE_QUANTUM_RESOURCE_ID"
 ENV_LOCATION = "AZURE_QUANTUM_LOCATION"
 ENV_CONNECTION_STRING = "AZURE_QUANTUM_CONNECTION_STRING"
@@ -486,8 +488,9 @@ class AzureAdapter:
         if len(job.circuits) != 1:
             raise PermanentError("An Azure Quantum job runs one circuit; submit each circuit as its own job.")
         payload = await sdk_thread.run_sync(lambda: translate(job.circuits[0], target, job.shots))
-        await self._call(lambda ws: _submit_once(ws, job.job_id, target, job.shots, payload))
-        return ProviderRef(provider_job_id=job.job_id)
+        azure_id = azure_job_id(job.job_id)
+        await self._call(lambda ws: _submit_once(ws, azure_id, target, job.shots, payload))
+        return ProviderRef(provider_job_id=azure_id)
 
     async def status(self, ref: ProviderRef) -> ProviderStatus:
         details = await self._call(lambda ws: _job_details(ws, ref.provider_job_id))
@@ -518,6 +521,15 @@ def _unavailable(reason: str) -> Backend:
         status="unavailable",
         reason=reason,
     )
+
+
+def azure_job_id(job_id: str) -> str:
+    """The Azure job id for our job: a UUID derived from our id, the same on every attempt.
+
+    Azure's own SDK names jobs with UUIDs; deriving ours (uuid5) keeps that form while a
+    resubmission after a crash still names, and so finds, the job it already created.
+    """
+    return str(uuid.uuid5(_JOB_NAMESPACE, job_id))
 
 
 def _job_details(workspace: Any, job_id: str) -> Any:

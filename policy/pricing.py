@@ -193,6 +193,19 @@ def estimate_cost(price: Price | None, shape: JobShape) -> CostEstimate:
     return CostEstimate(math.ceil(usd * _MICRO), qpu_seconds, True)
 
 
+def cost_of_usage(price: Price | None, qpu_seconds: float) -> int | None:
+    """What reported QPU time costs on a time-priced backend (None where price is not by time)."""
+    if price is None or not price.known:
+        return None
+    seconds = Decimal(str(qpu_seconds))
+    if price.model == "per_qpu_second":
+        return math.ceil(seconds * price.figures["per_second_usd"] * _MICRO)
+    if price.model == "per_minute":
+        billed = max(seconds, price.figures.get("min_seconds", Decimal(0)))
+        return math.ceil(billed / 60 * price.figures["per_minute_usd"] * _MICRO)
+    return None
+
+
 def to_micro_usd(value: Any, where: str = "amount") -> int:
     """A USD amount (string or number) as integer micro-dollars; refuses sub-micro precision."""
     micro = _money(value, where) * _MICRO

@@ -34,6 +34,7 @@ from qpu_gateway.config import Config
 from qpu_gateway.events import JobEvents
 from qpu_gateway.jobs import JobState
 from qpu_gateway.policy.file import Policy
+from qpu_gateway.policy.pricing import cost_of_usage, price_for
 from qpu_gateway.policy.quotas import may_start
 from qpu_gateway.providers import Providers
 from qpu_gateway.records import AuditEntry, JobRecord
@@ -229,6 +230,10 @@ class Workers:
 
     async def _settle_success(self, job: JobRecord, result: Result) -> None:
         # The ledger commits what the provider reports; where it reports nothing, the estimate.
+        # A provider that reports QPU time but no cost (IBM) is charged its time at the list price.
+        cost = result.cost_micro_usd
+        if cost is None and result.qpu_seconds is not None:
+            cost = cost_of_usage(price_for(self.policy().prices, job.backend), result.qpu_seconds)
         await self._move(
             job,
             JobState.SUCCEEDED,
@@ -236,7 +241,7 @@ class Workers:
             finished_at=time.time(),
             lease_owner=None,
             lease_expires=None,
-            actual_cost_micro_usd=result.cost_micro_usd,
+            actual_cost_micro_usd=cost,
             actual_qpu_seconds=result.qpu_seconds,
         )
 

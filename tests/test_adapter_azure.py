@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from qpu_gateway.adapters import azure
-from qpu_gateway.adapters.azure import AzureAdapter, classify
+from qpu_gateway.adapters.azure import AzureAdapter, azure_job_id, classify
 from qpu_gateway.adapters.base import (
     JobSpec,
     PermanentError,
@@ -312,10 +312,10 @@ async def test_bell_circuit_runs_on_an_azure_simulator_and_returns_the_workspace
     counts = view["result"]["counts"][0]["c"]
     assert sum(counts.values()) == 10 and set(counts) == {"00", "11"}
     # The Azure job id is ours, created once, with what the target takes.
-    assert fake.hits["PUT job"] == 1 and job_id in fake.jobs
-    job = fake.jobs[job_id]
+    assert fake.hits["PUT job"] == 1 and azure_job_id(job_id) in fake.jobs
+    job = fake.jobs[azure_job_id(job_id)]
     assert job["target"] == target and job["inputParams"]["shots"] == 10
-    sent = fake.input_blob(job_id).decode()
+    sent = fake.input_blob(azure_job_id(job_id)).decode()
     if target.startswith("ionq"):
         assert job["inputDataFormat"] == "ionq.circuit.v1"
         assert json.loads(sent)["circuit"] == [
@@ -395,10 +395,10 @@ async def test_cancel_job_cancels_the_azure_job(config: Config, fake: FakeWorksp
         cancelled = await client.call_tool("cancel_job", {"job_id": job_id})
         assert not cancelled.is_error, cancelled.content
         for _ in range(100):
-            if fake.jobs[job_id]["status"] == "Cancelled":
+            if fake.jobs[azure_job_id(job_id)]["status"] == "Cancelled":
                 break
             await __import__("anyio").sleep(0.05)
-    assert fake.jobs[job_id]["status"] == "Cancelled"
+    assert fake.jobs[azure_job_id(job_id)]["status"] == "Cancelled"
     assert fake.hits["POST cancel"] == 1
 
 
@@ -436,15 +436,15 @@ async def test_submitting_the_same_job_twice_creates_one_azure_job(fake: FakeWor
     first = await adapter.submit(job)
     # The worker crashed after the request went out and before it saved the ref: it submits again.
     second = await adapter.submit(job)
-    assert first == second == ProviderRef("job_0123456789abcdef0123")
-    assert fake.hits["PUT job"] == 1 and list(fake.jobs) == ["job_0123456789abcdef0123"]
+    assert first == second == ProviderRef(azure_job_id("job_0123456789abcdef0123"))
+    assert fake.hits["PUT job"] == 1 and list(fake.jobs) == [azure_job_id("job_0123456789abcdef0123")]
 
 
 async def test_a_job_created_by_a_racing_submit_is_taken_as_ours(fake: FakeWorkspace, adapter: AzureAdapter) -> None:
     job = spec("job_race")
     await adapter.submit(job)
     fake.hide_next_get = True  # our lookup misses it, the PUT then conflicts
-    assert await adapter.submit(job) == ProviderRef("job_race")
+    assert await adapter.submit(job) == ProviderRef(azure_job_id("job_race"))
     assert fake.hits["PUT job"] == 2 and len(fake.jobs) == 1
 
 
@@ -462,7 +462,7 @@ async def test_status_and_result_follow_the_job_and_record_its_cost(fake: FakeWo
 async def test_a_failed_azure_job_reports_its_reason(fake: FakeWorkspace, adapter: AzureAdapter) -> None:
     fake.progress = ["Failed"]
     ref = await adapter.submit(spec("job_fails"))
-    fake.jobs["job_fails"]["errorData"] = {"code": "InvalidInputData", "message": "gate not supported"}
+    fake.jobs[azure_job_id("job_fails")]["errorData"] = {"code": "InvalidInputData", "message": "gate not supported"}
     status = await adapter.status(ref)
     assert status.state is ProviderState.FAILED and "InvalidInputData" in (status.message or "")
 
@@ -488,7 +488,7 @@ async def test_each_workspace_error_answer_is_classified(
     with pytest.raises(expected) as raised:
         await adapter.submit(spec("job_err"))
     assert API_KEY not in str(raised.value)
-    assert "job_err" not in fake.jobs
+    assert azure_job_id("job_err") not in fake.jobs
 
 
 async def test_status_and_cancel_errors_are_classified(fake: FakeWorkspace, adapter: AzureAdapter) -> None:

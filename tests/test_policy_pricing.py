@@ -268,3 +268,12 @@ def test_a_price_entry_that_cannot_be_used_is_refused_with_its_pattern(entry: di
         parse_price("lab/qpu", entry)
 
     assert "price 'lab/qpu'" in str(error.value)
+
+
+def test_reported_qpu_time_is_charged_at_the_list_price_per_second() -> None:
+    from qpu_gateway.policy.pricing import cost_of_usage, price_for, shipped_prices
+
+    table = shipped_prices()
+    assert cost_of_usage(price_for(table, "ibm/ibm_brisbane"), 2.5) == 4_000_000  # 2.5 s x $1.60
+    assert cost_of_usage(price_for(table, "braket/iqm_garnet"), 2.5) is None  # priced per task and shot
+    assert cost_of_usage(price_for(table, "braket/dm1"), 2.5) is None  # price not known
