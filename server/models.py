@@ -22,6 +22,7 @@ class BackendInfo(BaseModel):
     simulator: bool
     status: str = Field(description="'online', 'offline' or 'unavailable'.")
     max_shots: int | None = None
+    basis_gates: list[str] = Field(default_factory=list, description="Native gates, where the provider lists them.")
     queue_depth: int | None = None
     price_model: str = Field(description="How the backend charges, e.g. 'free'.")
     allowed: bool = Field(description="Whether your policy lets you submit to this backend.")

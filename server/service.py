@@ -65,6 +65,7 @@ async def list_backends(gw: Gateway, who: Principal) -> models.BackendList:
                 simulator=backend.simulator,
                 status=backend.status,
                 max_shots=backend.max_shots,
+                basis_gates=list(backend.basis_gates),
                 queue_depth=backend.queue_depth,
                 price_model=price.describe() if price else "unknown",
                 allowed=allowed,
