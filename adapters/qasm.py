@@ -88,6 +88,27 @@ def declared_qubits(code: str) -> int:
     return max([registers, *physical])
 
 
+MAX_NESTING = 64
+_OPERATOR_RUN = re.compile(rf"[-+~!]{{{MAX_NESTING + 1},}}")
+
+
+def check_nesting(code: str) -> None:
+    """Refuse brackets nested deeper than MAX_NESTING, or long runs of unary operators.
+
+    Parsers recurse on both; a 100 KB program of nested parentheses costs seconds and hundreds
+    of MB before it fails, so it is refused on the text.
+    """
+    depth = deepest = 0
+    for char in code:
+        if char in "([{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in ")]}":
+            depth -= 1
+    if deepest > MAX_NESTING or _OPERATOR_RUN.search(code):
+        raise CircuitSourceError(f"Expressions are nested deeper than {MAX_NESTING} levels; simplify the program.")
+
+
 def screen(source: str) -> tuple[int, str]:
     """Size, header and include checks; returns the version and the comment-free text."""
     if len(source.encode("utf-8", errors="replace")) > MAX_SOURCE_BYTES:
@@ -96,6 +117,7 @@ def screen(source: str) -> tuple[int, str]:
     code = strip_comments(source, version)
     qasm_version(code)  # the header must still open the program under this version's comment rules
     check_includes(code, version)
+    check_nesting(code)
     return version, code
 
 

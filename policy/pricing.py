@@ -83,13 +83,20 @@ class CostEstimate:
     pricing_known: bool
 
 
+# No price, threshold or cap is anywhere near a trillion dollars; refusing larger amounts keeps
+# huge exponents ("1e999999") from costing seconds of integer arithmetic.
+MAX_USD = Decimal(10) ** 12
+
+
 def _money(value: Any, where: str) -> Decimal:
     try:
         amount = Decimal(str(value))
-    except InvalidOperation:
+    except (InvalidOperation, ArithmeticError):
         raise PriceError(f"{where}: {value!r} is not an amount in USD") from None
     if not amount.is_finite() or amount < 0:
         raise PriceError(f"{where}: {value!r} must be a non-negative amount")
+    if amount > MAX_USD:
+        raise PriceError(f"{where}: {value!r} is more than $1,000,000,000,000")
     return amount
 
 

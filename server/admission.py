@@ -452,5 +452,5 @@ def parse_money(value: str | float | None) -> str | None:
         return None
     try:
         return str(Decimal(str(value)))
-    except InvalidOperation:
+    except (InvalidOperation, ArithmeticError):
         raise InvalidArguments('max_cost_usd must be an amount in dollars, e.g. "2.50".') from None

@@ -7,6 +7,7 @@ so a hostile program is refused before anything heavy happens.
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +17,9 @@ from qpu_gateway.errors import InvalidCircuit, LimitExceeded
 if TYPE_CHECKING:
     from qiskit import QuantumCircuit
 
+# Operations after unfolding every custom gate: far above any real job, far below what would
+# exhaust memory when a simulator unfolds it.
+MAX_EXPANDED_OPERATIONS = 1_000_000
 _QUBIT_CAP = "at most {} are allowed here (the lower of the policy's max_qubits and the backend's qubits)."
 _NOT_GATES = frozenset({"measure", "barrier", "reset", "delay", "store"})
 
@@ -61,18 +65,26 @@ def _inspect(source: str, *, max_qubits: int, where: str) -> CircuitFacts:
     measurements = sum(1 for inst in circuit.data if inst.operation.name == "measure")
     if measurements == 0:
         raise InvalidCircuit(f"{where}the circuit measures nothing, so it would return no counts. Add measure.")
+    digest, expanded = _Walker().walk(circuit)
+    if expanded > MAX_EXPANDED_OPERATIONS:
+        raise LimitExceeded(
+            f"{where}the circuit expands to {expanded} operations once its gate definitions are unfolded; "
+            f"at most {MAX_EXPANDED_OPERATIONS} are accepted."
+        )
     two_qubit = sum(1 for inst in circuit.data if len(inst.qubits) == 2 and inst.operation.name not in _NOT_GATES)
     one_qubit = sum(1 for inst in circuit.data if len(inst.qubits) == 1 and inst.operation.name not in _NOT_GATES)
     return CircuitFacts(
         version=version,
         qubits=circuit.num_qubits,
         clbits=circuit.num_clbits,
-        depth=circuit.depth(),
+        # A custom gate counts as one layer in circuit.depth(); the unfolded operations spread over
+        # the qubits give a lower bound on the real depth, so max_depth cannot be dodged by nesting.
+        depth=max(circuit.depth(), math.ceil(expanded / max(circuit.num_qubits, 1))),
         one_qubit_gates=one_qubit,
         two_qubit_gates=two_qubit,
         measurements=measurements,
         registers=tuple(creg.name for creg in circuit.cregs),
-        fingerprint=fingerprint(circuit),
+        fingerprint=digest,
     )
 
 
@@ -80,31 +92,51 @@ def fingerprint(circuit: QuantumCircuit) -> str:
     """sha256 of the parsed circuit's canonical form: the same program hashes the same however written.
 
     Whitespace, comments and gate spelling in the source do not change it; register layout,
-    operations, their parameters and their wiring do.
+    operations, their parameters and their wiring do, and so do custom gates' bodies.
     """
-    from qiskit.circuit.library import get_standard_gate_name_mapping
-
-    standard = frozenset(get_standard_gate_name_mapping()) | {"measure", "barrier", "reset", "delay"}
-    digest = hashlib.sha256()
-    _hash_circuit(digest, circuit, standard)
-    return digest.hexdigest()
+    return _Walker().walk(circuit)[0]
 
 
-def _hash_circuit(digest: Any, circuit: QuantumCircuit, standard: frozenset[str]) -> None:
-    digest.update(f"q{circuit.num_qubits};".encode())
-    for creg in circuit.cregs:
-        digest.update(f"c {creg.name} {creg.size};".encode())
-    for inst in circuit.data:
-        qubits = ",".join(str(circuit.find_bit(q).index) for q in inst.qubits)
-        clbits = ",".join(str(circuit.find_bit(c).index) for c in inst.clbits)
-        params = ",".join(_param(p) for p in inst.operation.params)
-        digest.update(f"{inst.operation.name}({params}) {qubits} -> {clbits};".encode())
-        definition = getattr(inst.operation, "definition", None)
-        if inst.operation.name not in standard and definition is not None:
-            # A custom gate is what its body does: two gates named alike with other bodies differ.
-            digest.update(b"{")
-            _hash_circuit(digest, definition, standard)
-            digest.update(b"}")
+class _Walker:
+    """One pass over a circuit and its custom gates' bodies, each distinct body visited once.
+
+    Gates defined in terms of other gates can multiply (each calling the previous one twice
+    doubles the work per level), so bodies are memoised by gate, and the expanded operation
+    count is computed from the memo instead of by expanding.
+    """
+
+    def __init__(self) -> None:
+        from qiskit.circuit.library import get_standard_gate_name_mapping
+
+        self.standard = frozenset(get_standard_gate_name_mapping()) | {"measure", "barrier", "reset", "delay"}
+        self.memo: dict[tuple[object, ...], tuple[str, int]] = {}
+
+    def walk(self, circuit: QuantumCircuit) -> tuple[str, int]:
+        """(sha256 of the canonical form, operations after expanding every custom gate)."""
+        digest = hashlib.sha256()
+        digest.update(f"q{circuit.num_qubits};".encode())
+        for creg in circuit.cregs:
+            digest.update(f"c {creg.name} {creg.size};".encode())
+        expanded = 0
+        for inst in circuit.data:
+            qubits = ",".join(str(circuit.find_bit(q).index) for q in inst.qubits)
+            clbits = ",".join(str(circuit.find_bit(c).index) for c in inst.clbits)
+            params = ",".join(_param(p) for p in inst.operation.params)
+            digest.update(f"{inst.operation.name}({params}) {qubits} -> {clbits};".encode())
+            body, count = self._body(inst.operation, params)
+            if body:
+                digest.update(b"{" + body.encode() + b"}")
+            expanded += count
+        return digest.hexdigest(), expanded
+
+    def _body(self, operation: Any, params: str) -> tuple[str, int]:
+        if operation.name in self.standard:
+            return "", 1
+        key = (operation.name, params, operation.num_qubits, operation.num_clbits)
+        if key not in self.memo:
+            definition = getattr(operation, "definition", None)
+            self.memo[key] = ("", 1) if definition is None else self.walk(definition)
+        return self.memo[key]
 
 
 def _param(value: object) -> str:

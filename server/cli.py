@@ -7,12 +7,15 @@ Exit codes: 0 ok, 1 runtime error, 2 usage error (argparse's own). Output meant 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from contextlib import aclosing
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,6 +26,7 @@ from qpu_gateway.config import Config
 from qpu_gateway.jobs import JobState
 from qpu_gateway.keys import SCOPES, create_key, parse_scopes
 from qpu_gateway.policy.file import PolicyFileError, default_policy_text
+from qpu_gateway.records import AuditRecord
 from qpu_gateway.store import Store, StoreError, open_store
 
 T = TypeVar("T")
@@ -446,6 +450,78 @@ def cmd_audit_tail(args: argparse.Namespace) -> int:
         time.sleep(1.0)
 
 
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from qpu_gateway.audit import ChainVerifier
+
+    async def action(store: Store) -> Any:
+        # Read the high-water mark first: rows appended while we read are then never taken for a cut-off tail.
+        highest = await store.audit_highest_seq()
+        verifier = ChainVerifier(anchor=args.anchor)
+        async with aclosing(store.audit_pages()) as pages:
+            async for page in pages:
+                if not verifier.feed(page):
+                    break
+        return verifier.finish(highest)
+
+    report = _with_store(_config(args), action)
+    if report.broken is not None:
+        print(f"chain broken at seq {report.broken.seq}: {report.broken.message}")
+        return 1
+    print(f"{report.rows} rows, chain intact")
+    if report.legacy_rows:
+        print(f"{report.legacy_rows} rows written before the chain existed carry no hash (seq 1-{report.legacy_rows})")
+    if report.head_seq is not None:
+        print(f"head {report.head_seq}:{report.head_hash}  (keep it elsewhere; check later with --anchor)")
+    return 0
+
+
+def cmd_audit_export(args: argparse.Namespace) -> int:
+    after_seq, from_time = args.since
+
+    async def action(store: Store) -> int:
+        written = 0
+        async with aclosing(store.audit_pages(after_seq=after_seq)) as pages:
+            async for page in pages:
+                lines = [
+                    json.dumps(_exported(row), separators=(",", ":")) + "\n"
+                    for row in page
+                    if from_time is None or row.at >= from_time
+                ]
+                sys.stdout.write("".join(lines))
+                sys.stdout.flush()
+                written += len(lines)
+        return written
+
+    _with_store(_config(args), action)
+    return 0
+
+
+def _exported(row: AuditRecord) -> dict[str, Any]:
+    """One audit row as a SIEM reads it: every stored field, its hashes, and the time in ISO 8601."""
+    when = datetime.fromtimestamp(row.at, UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    return {"seq": row.seq, "at": row.at, "time": when, **dataclasses.asdict(row)}
+
+
+def _since(text: str) -> tuple[int, float | None]:
+    """`--since`: a seq (rows after it) or an ISO 8601 time (rows at or after it; UTC unless it says)."""
+    if text.isdigit():
+        return int(text), None
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected a seq (1200) or an ISO time (2026-11-25T19:00:00Z)") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return 0, moment.timestamp()
+
+
+def _anchor(text: str) -> tuple[int, str]:
+    seq, _, digest = text.partition(":")
+    if not seq.isdigit() or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise argparse.ArgumentTypeError("expected SEQ:HASH as printed by 'audit verify' (head 42:9f86d0...)")
+    return int(seq), digest
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from qpu_gateway.demo import run_demo
 
@@ -573,6 +649,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--agent")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing new rows")
     p.set_defaults(func=cmd_audit_tail)
+    p = asub.add_parser("verify", parents=[common], help="check the audit hash chain (exit 1 at the first broken link)")
+    p.add_argument(
+        "--anchor",
+        type=_anchor,
+        metavar="SEQ:HASH",
+        help="a head printed by an earlier verify: that row must still carry that hash",
+    )
+    p.set_defaults(func=cmd_audit_verify)
+    p = asub.add_parser("export", parents=[common], help="audit rows with their hashes, one JSON object per line")
+    p.add_argument("--format", choices=["jsonl"], default="jsonl")
+    p.add_argument(
+        "--since",
+        type=_since,
+        default=(0, None),
+        metavar="SEQ_OR_ISO_TIME",
+        help="only rows after this seq, or at or after this time (ISO 8601, UTC unless it has an offset)",
+    )
+    p.set_defaults(func=cmd_audit_export)
 
     p = sub.add_parser(
         "demo", parents=[common], help="a scripted agent session over stdio against a throw-away database"

@@ -38,6 +38,11 @@ class Config:
     # process on this machine); `async+redis://host:6379` shares them across machines.
     rate_storage: str | None = None
     approval_sweep_s: float = 5.0  # how often pending approvals are checked for expiry
+    # A backend's breaker opens after this many transient failures in a row, and lets a probe
+    # through after the cooldown: long enough for a provider blip to pass, short enough that a
+    # recovered backend is used again within a minute.
+    breaker_threshold: int = 5
+    breaker_cooldown_s: float = 30.0
     extra: dict[str, str] = field(default_factory=dict)
 
     @classmethod

@@ -25,6 +25,10 @@ class BackendInfo(BaseModel):
     basis_gates: list[str] = Field(default_factory=list, description="Native gates, where the provider lists them.")
     queue_depth: int | None = None
     price_model: str = Field(description="How the backend charges, e.g. 'free'.")
+    breaker: str = Field(
+        default="closed",
+        description="'closed' (jobs run), 'open' (the backend keeps failing: jobs wait) or 'half_open' (probing).",
+    )
     allowed: bool = Field(description="Whether your policy lets you submit to this backend.")
     reason: str | None = Field(default=None, description="Why the backend is unavailable or not allowed.")
 

@@ -135,6 +135,8 @@ class AuditRecord:
     args_hash: str | None
     job_id: str | None
     detail: str | None
+    prev_hash: str | None = None  # the previous row's row_hash (None on rows older than the chain)
+    row_hash: str | None = None  # sha256(prev_hash || canonical content), see server/audit.py
 
 
 @dataclass(frozen=True, slots=True)

@@ -66,6 +66,7 @@ async def list_backends(gw: Gateway, who: Principal) -> models.BackendList:
                 status=backend.status,
                 max_shots=backend.max_shots,
                 basis_gates=list(backend.basis_gates),
+                breaker=gw.workers.breakers.state(backend.id) if gw.started else "closed",
                 queue_depth=backend.queue_depth,
                 price_model=price.describe() if price else "unknown",
                 allowed=allowed,
@@ -198,8 +199,10 @@ def _encode_cursor(seq: int) -> str:
 def _decode_cursor(cursor: str) -> int:
     try:
         text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        if text.startswith("seq:"):
-            return int(text[4:])
+        if text.startswith("seq:") and len(text) <= 24:
+            seq = int(text[4:])
+            if 0 <= seq < 2**63:
+                return seq
     except (binascii.Error, UnicodeDecodeError, ValueError):
         pass
     raise InvalidArguments("`cursor` is not one list_jobs returned; omit it to start from the newest job.")

@@ -11,7 +11,7 @@ import json
 import math
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from importlib import resources
@@ -21,6 +21,7 @@ from typing import Any, Literal
 import aiosqlite
 import anyio
 
+from qpu_gateway.audit import GENESIS, chain_hash
 from qpu_gateway.jobs import TERMINAL, JobState, sources_of
 from qpu_gateway.policy.decisions import Refusal
 from qpu_gateway.records import (
@@ -116,6 +117,14 @@ _LIST_JOBS = {
     (False, False): "SELECT * FROM jobs WHERE seq < ? ORDER BY seq DESC LIMIT ?",
 }
 _BUSY_TIMEOUT_MS = 10_000
+# The next audit seq and the hash to chain to. The seq comes from AUTOINCREMENT's counter, not
+# max(seq): a deleted last row then leaves a gap the verifier sees, instead of its seq being
+# reused and the chain continuing as if nothing had been cut off.
+_AUDIT_NEXT = """
+SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'audit'), 0),
+           coalesce((SELECT max(seq) FROM audit), 0)) + 1,
+       (SELECT row_hash FROM audit ORDER BY seq DESC LIMIT 1)
+"""
 
 
 def _store_error(exc: sqlite3.Error) -> StoreError:
@@ -141,13 +150,31 @@ class SqliteStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             conn = await aiosqlite.connect(str(path), isolation_level=None, timeout=_BUSY_TIMEOUT_MS / 1000)
-            conn.row_factory = aiosqlite.Row
-            await conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
-            await conn.execute("PRAGMA journal_mode = WAL")
-            # FULL: a job reported as queued survives power loss, not only a process crash.
-            await conn.execute("PRAGMA synchronous = FULL")
         except sqlite3.Error as exc:
             raise _store_error(exc) from None
+        try:
+            conn.row_factory = aiosqlite.Row
+            await conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+            # Switching a brand-new file to WAL can fail at once with "locked" while another
+            # process is creating it (the busy timeout does not cover it); it is safe to repeat.
+            deadline = time.monotonic() + _BUSY_TIMEOUT_MS / 1000
+            while True:
+                try:
+                    await conn.execute("PRAGMA journal_mode = WAL")
+                    break
+                except sqlite3.OperationalError as exc:
+                    if "locked" not in str(exc).lower() or time.monotonic() > deadline:
+                        raise
+                    await anyio.sleep(0.05)
+            # FULL: a job reported as queued survives power loss, not only a process crash.
+            await conn.execute("PRAGMA synchronous = FULL")
+        except BaseException as exc:
+            # The connection's worker thread would otherwise keep the process from exiting.
+            with anyio.CancelScope(shield=True):
+                await conn.close()
+            if isinstance(exc, sqlite3.Error):
+                raise _store_error(exc) from None
+            raise
         return cls(conn)
 
     async def close(self) -> None:
@@ -599,7 +626,8 @@ class SqliteStore:
                     )
                 return bool(rows)
             cursor = await db.execute(
-                "UPDATE jobs SET lease_owner = NULL, lease_expires = NULL WHERE id = ? AND lease_owner = ?",
+                # lease_expires 0: any worker may claim it again (and will poll, not resubmit).
+                "UPDATE jobs SET lease_owner = NULL, lease_expires = 0 WHERE id = ? AND lease_owner = ?",
                 (job_id, owner),
             )
             return cursor.rowcount == 1
@@ -687,6 +715,19 @@ class SqliteStore:
             )
         return [AuditRecord(**dict(row)) for row in rows]
 
+    async def audit_pages(self, *, after_seq: int = 0, page_size: int = 1000) -> AsyncGenerator[list[AuditRecord]]:
+        while page := await self.audit_since(after_seq=after_seq, limit=page_size):
+            yield page
+            after_seq = page[-1].seq
+
+    async def audit_highest_seq(self) -> int:
+        async with self._read() as db:
+            [(seq,)] = await db.execute_fetchall(
+                "SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'audit'), 0), "
+                "coalesce((SELECT max(seq) FROM audit), 0))"
+            )
+        return int(seq)
+
 
 def _periods(now: float) -> tuple[str, str]:
     """The UTC day and month a reservation made at `now` counts in."""
@@ -713,21 +754,27 @@ async def _totals(
 
 
 async def _insert_audit(db: aiosqlite.Connection, entry: AuditEntry, now: float) -> None:
+    """Append one row, chained to the row with the highest seq (exact across processes: the
+    caller holds the write lock from BEGIN IMMEDIATE, so no other writer comes between)."""
+    [(seq, prev_hash)] = await db.execute_fetchall(_AUDIT_NEXT)
+    content = {
+        "seq": int(seq),
+        "at": float(now),
+        "agent": entry.agent,
+        "project": entry.project,
+        "key_id": entry.key_id,
+        "tool": entry.tool,
+        "decision": entry.decision,
+        "error_code": entry.error_code,
+        "args_hash": entry.args_hash,
+        "job_id": entry.job_id,
+        "detail": entry.detail,
+    }
+    prev_hash = prev_hash or GENESIS  # the first row, or the first after rows older than the chain
     await db.execute(
-        "INSERT INTO audit (at, agent, project, key_id, tool, decision, error_code, args_hash, job_id, detail) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (
-            now,
-            entry.agent,
-            entry.project,
-            entry.key_id,
-            entry.tool,
-            entry.decision,
-            entry.error_code,
-            entry.args_hash,
-            entry.job_id,
-            entry.detail,
-        ),
+        "INSERT INTO audit (seq, at, agent, project, key_id, tool, decision, error_code, args_hash, job_id, detail, "
+        "prev_hash, row_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (*content.values(), prev_hash, chain_hash(prev_hash, content)),
     )
 
 

@@ -6,7 +6,7 @@ later behind this same interface (claiming with `FOR UPDATE SKIP LOCKED`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -155,6 +155,14 @@ class Store(Protocol):
         self, *, after_seq: int, limit: int, job_id: str | None = None, agent: str | None = None
     ) -> list[AuditRecord]:
         """The oldest `limit` rows after `after_seq`, oldest first: for reading the log forward."""
+        ...
+
+    def audit_pages(self, *, after_seq: int = 0, page_size: int = 1000) -> AsyncGenerator[list[AuditRecord]]:
+        """Every row after `after_seq` in seq order, a page at a time (the connection is free between pages)."""
+        ...
+
+    async def audit_highest_seq(self) -> int:
+        """The highest seq the audit log ever assigned; deleting the last rows does not lower it."""
         ...
 
 

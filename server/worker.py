@@ -30,6 +30,7 @@ from qpu_gateway.adapters.base import (
     Result,
     TransientError,
 )
+from qpu_gateway.breaker import Breakers
 from qpu_gateway.config import Config
 from qpu_gateway.events import JobEvents
 from qpu_gateway.jobs import JobState
@@ -60,6 +61,7 @@ class Workers:
         self._wake = anyio.Event()
         self._in_flight: dict[str, anyio.CancelScope] = {}
         self._per_backend: Counter[str] = Counter()
+        self.breakers = Breakers(threshold=config.breaker_threshold, cooldown_s=config.breaker_cooldown_s)
 
     def wake(self) -> None:
         """Look for work now (a job was just queued here) instead of at the next poll."""
@@ -101,6 +103,7 @@ class Workers:
 
     async def _claim(self) -> JobRecord | None:
         busy = [b for b, n in self._per_backend.items() if n >= self.config.per_backend_concurrency]
+        busy += self.breakers.blocked()
         try:
             job = await self.store.claim(
                 self.providers.adapters, busy, self.owner, self.config.lease_s, time.time(), may_run=self._may_run
@@ -109,6 +112,7 @@ class Workers:
             log.warning("cannot claim jobs: %s", exc)
             return None
         if job is not None:
+            self.breakers.started(job.backend)
             await self.events.announce(job)
         return job
 
@@ -171,6 +175,17 @@ class Workers:
         except PermanentError as exc:
             await self._settle_failure(job, "provider_error", str(exc))
         except TransientError as exc:
+            if self.breakers.is_open(job.backend):
+                # The backend's breaker opened while this job retried: it waits for the backend
+                # to recover instead of failing (queued again if the provider never took it;
+                # otherwise left for a later poll).
+                current = await self.store.get_job(job.id)
+                requeue = current is None or current.provider_ref is None
+                if await self.store.release_lease(job.id, self.owner, requeue=requeue, now=time.time()):
+                    released = await self.store.get_job(job.id)
+                    if released is not None:
+                        await self.events.announce(released)
+                return
             tried = await self.store.get_job(job.id)
             attempts = tried.attempts if tried is not None else self.config.retry_max_tries
             await self._settle_failure(job, "provider_error", f"Gave up after {attempts} attempt(s): {exc}")
@@ -208,6 +223,7 @@ class Workers:
             jitter=backoff.full_jitter,
             factor=self.config.retry_base_s,
             max_value=30,
+            giveup=lambda _: self.breakers.is_open(job.backend),
             on_backoff=lambda details: log.info(
                 "transient provider failure, retrying",
                 extra={"job_id": job.id, "try": details["tries"], "wait_s": round(details.get("wait", 0), 3)},
@@ -217,7 +233,13 @@ class Workers:
         async def attempt() -> T:
             if count_attempts:
                 await self.store.record_attempt(job.id, self.owner)
-            return await call()
+            try:
+                value = await call()
+            except TransientError:
+                self.breakers.failure(job.backend)
+                raise
+            self.breakers.success(job.backend)
+            return value
 
         result: T = await attempt()
         return result

@@ -433,6 +433,8 @@ COMMANDS = [
     ("jobs", "show"),
     ("audit",),
     ("audit", "tail"),
+    ("audit", "verify"),
+    ("audit", "export"),
     ("demo",),
 ]
 

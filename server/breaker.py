@@ -1,0 +1,63 @@
+"""Circuit breakers, one per backend: a backend that keeps failing is left alone for a while.
+
+closed: jobs run. After `threshold` transient failures in a row the breaker opens: the worker
+stops claiming jobs for that backend (they wait in the queue; none fails because of it) and a
+job mid-retry is handed back. After `cooldown_s` it is half-open: one job goes through as a
+probe; its success closes the breaker, its failure opens it again. Each process keeps its own
+breakers (they describe what this process has seen of the provider).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+State = Literal["closed", "open", "half_open"]
+
+
+@dataclass
+class _Breaker:
+    failures: int = 0
+    opened_at: float | None = None
+    probing: bool = False
+
+
+class Breakers:
+    def __init__(self, *, threshold: int, cooldown_s: float) -> None:
+        self.threshold = threshold
+        self.cooldown_s = cooldown_s
+        self._by_backend: dict[str, _Breaker] = {}
+
+    def state(self, backend: str) -> State:
+        breaker = self._by_backend.get(backend)
+        if breaker is None or breaker.opened_at is None:
+            return "closed"
+        if time.monotonic() - breaker.opened_at < self.cooldown_s:
+            return "open"
+        return "half_open"
+
+    def blocked(self) -> list[str]:
+        """Backends no job may be claimed for now: open, or half-open with its probe under way."""
+        return [
+            backend
+            for backend, breaker in self._by_backend.items()
+            if self.state(backend) == "open" or (self.state(backend) == "half_open" and breaker.probing)
+        ]
+
+    def started(self, backend: str) -> None:
+        """A job for `backend` was claimed; when half-open, it is the probe."""
+        if self.state(backend) == "half_open":
+            self._by_backend[backend].probing = True
+
+    def success(self, backend: str) -> None:
+        self._by_backend.pop(backend, None)
+
+    def failure(self, backend: str) -> None:
+        breaker = self._by_backend.setdefault(backend, _Breaker())
+        breaker.failures += 1
+        if breaker.probing or breaker.failures >= self.threshold:
+            breaker.opened_at, breaker.probing = time.monotonic(), False
+
+    def is_open(self, backend: str) -> bool:
+        return self.state(backend) == "open"
