@@ -129,8 +129,25 @@ class Assessment:
         return combined_fingerprint(self.facts)
 
 
-async def assess(gw: Gateway, who: Principal, request: JobRequest) -> Assessment:
-    """Validate and price a job. A cap the job breaks is returned in `refusal`, not raised."""
+Memo = dict[tuple[object, ...], "Assessment"]
+
+
+async def assess(gw: Gateway, who: Principal, request: JobRequest, *, memo: Memo | None = None) -> Assessment:
+    """Validate and price a job. A cap the job breaks is returned in `refusal`, not raised.
+
+    With `memo` (one call's), a job already assessed in this call (by the approval question) is
+    not parsed again.
+    """
+    key = (who.key_id, request.sources, request.backend, request.shots, request.dry_run, request.priority)
+    if memo is not None and key in memo:
+        return memo[key]
+    assessment = await _assess(gw, who, request)
+    if memo is not None:
+        memo[key] = assessment
+    return assessment
+
+
+async def _assess(gw: Gateway, who: Principal, request: JobRequest) -> Assessment:
     rules = gw.policy.rules_for(agent=who.agent, project=who.project)
     if (refusal := check_priority(rules, request.priority)) is not None:
         raise from_refusal(refusal)
@@ -281,14 +298,14 @@ def _quota_after(rules: Rules, agent: LedgerTotals, project: LedgerTotals, job: 
 
 
 async def submit_job(
-    gw: Gateway, who: Principal, request: JobRequest, audit: AuditEntry, answer: Answer
+    gw: Gateway, who: Principal, request: JobRequest, audit: AuditEntry, answer: Answer, memo: Memo | None = None
 ) -> models.Submitted:
     """Admit and durably queue a job, or hold it for approval, or refuse it with a code."""
     if request.name is not None and len(request.name) > 200:
         raise InvalidArguments("`name` is limited to 200 characters.")
     if request.idempotency_key is not None and not 1 <= len(request.idempotency_key) <= 200:
         raise InvalidArguments("`idempotency_key` must be 1 to 200 characters.")
-    a = await assess(gw, who, request)
+    a = await assess(gw, who, request, memo=memo)
     if request.idempotency_key is not None:  # a retry of an earlier submit: no new charge, no new limits
         earlier = await gw.store.job_by_idempotency_key(who.agent, request.idempotency_key)
         if earlier is not None:
@@ -424,13 +441,15 @@ def _when(ts: float | None) -> str:
 # -- the approval question, asked of the person at the client -------------------------------
 
 
-async def approval_question(gw: Gateway, who: Principal, request: JobRequest) -> str | None:
+async def approval_question(
+    gw: Gateway, who: Principal, request: JobRequest, *, memo: Memo | None = None
+) -> str | None:
     """The question to put to the person when the job needs their yes; None when it does not.
 
     Deterministic for the same job and budget, as the SDK's multi-round flow requires.
     """
     try:
-        a = await assess(gw, who, request)
+        a = await assess(gw, who, request, memo=memo)
     except GatewayError:
         return None  # the tool body raises the same error with its code
     if a.refusal is not None or a.approval != "person" or _max_cost_refusal(a) is not None:

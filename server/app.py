@@ -129,7 +129,9 @@ async def ask_approval(
             dry_run=dry_run,
             priority=priority,
         )
-        question = await admission.approval_question(ctx.request_context.lifespan_context, who, request)
+        question = await admission.approval_question(
+            ctx.request_context.lifespan_context, who, request, memo=current_call().memo
+        )
     except Exception:  # the tool body reports any problem with its code
         return not_asked
     return not_asked if question is None else Elicit(question, ApprovalAnswer)
@@ -250,7 +252,7 @@ def build_server(
             )
             answer = _answer(approval)
             try:
-                result = await admission.submit_job(gateway, who, request, state.entry(), answer)
+                result = await admission.submit_job(gateway, who, request, state.entry(), answer, memo=state.memo)
             except GatewayError as exc:
                 if exc.code == "approval_required":  # the job row and its audit row were written together
                     state.audited = True

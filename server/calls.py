@@ -69,6 +69,7 @@ class CallState:
     error_code: str | None = None
     job_id: str | None = None
     audited: bool = False  # the service wrote the row inside its own transaction
+    memo: dict[tuple[object, ...], Any] = field(default_factory=dict)  # work shared by resolvers and the handler
 
     def require(self, scope: str) -> Principal:
         if self.principal is None:
