@@ -13,6 +13,7 @@ import json
 import os
 import threading
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
@@ -360,32 +361,28 @@ def _largest_remainder(probabilities: dict[int, float], shots: int) -> dict[int,
 
 def quantinuum_counts(output: dict[str, Any], metadata: dict[str, str]) -> RegisterCounts:
     """Quantinuum's per-shot register values (`{"c": ["00", "11", ...]}`) as counts per register."""
-    registers = json.loads(metadata[_META_REGISTERS])
-    counts: RegisterCounts = {}
-    for name, _ in registers:
-        shots = output.get(name)
-        if not isinstance(shots, list):
-            raise PermanentError(f"the Quantinuum result has no register {name!r}")
-        tally: dict[str, int] = {}
-        for value in shots:
-            tally[str(value)] = tally.get(str(value), 0) + 1
-        counts[str(name)] = tally
-    return counts
+    return _per_shot_counts(output, metadata, "the Quantinuum result has no register", str)
 
 
 def rigetti_counts(output: dict[str, Any], metadata: dict[str, str]) -> RegisterCounts:
     """Rigetti's per-shot memory regions (`{"c": [[0, 0], [1, 1], ...]}`) as counts per register."""
-    registers = json.loads(metadata[_META_REGISTERS])
+
+    def bitstring(bits: Any) -> str:
+        return "".join(str(int(b)) for b in reversed(bits))  # register bit 0 is the rightmost
+
+    return _per_shot_counts(output, metadata, "the Rigetti result has no memory region", bitstring)
+
+
+def _per_shot_counts(
+    output: dict[str, Any], metadata: dict[str, str], missing: str, value_of: Callable[[Any], str]
+) -> RegisterCounts:
+    """Tally per-shot values into counts, for each of the job's classical registers in order."""
     counts: RegisterCounts = {}
-    for name, _ in registers:
+    for name, _ in json.loads(metadata[_META_REGISTERS]):
         shots = output.get(name)
         if not isinstance(shots, list):
-            raise PermanentError(f"the Rigetti result has no memory region {name!r}")
-        tally: dict[str, int] = {}
-        for bits in shots:
-            value = "".join(str(int(b)) for b in reversed(bits))  # register bit 0 is the rightmost
-            tally[value] = tally.get(value, 0) + 1
-        counts[str(name)] = tally
+            raise PermanentError(f"{missing} {name!r}")
+        counts[str(name)] = dict(Counter(value_of(shot) for shot in shots))
     return counts
 
 
