@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 HOST   ?= 127.0.0.1
 PORT   ?= 8765
 
-.PHONY: run test lint typecheck pytest demo lock clean
+.PHONY: run test lint typecheck pytest chaos bench demo lock clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,16 @@ typecheck: $(VENV)/.installed-test
 
 pytest: $(VENV)/.installed-test
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# Every chaos scenario at full size against real server processes, and 10,000 fuzzed calls; prints
+# one table (CHAOS_ARGS="--only crash,storm" for some). make test runs the same scenarios smaller.
+chaos: $(VENV)/.installed-test
+	$(PY) -m tests.chaos $(CHAOS_ARGS)
+
+# The benchmark suite: prints a table of ratios against baselines measured in the same run and
+# writes bench/results/<date>-<host>.json (BENCH_ARGS="--quick" for a smoke run).
+bench: $(VENV)/.installed-test
+	$(PY) -m bench $(BENCH_ARGS)
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/qpu-gateway demo

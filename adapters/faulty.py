@@ -1,33 +1,72 @@
-"""A fault-injecting adapter for tests: answers on a schedule, then runs the job on Aer.
+"""A fault-injecting adapter for tests and the chaos suite: misbehaves on purpose, then runs on Aer.
 
-Registered only when the configuration names a schedule (`QPU_GATEWAY_FAULTS` or
-`Config.faults`), never by default. The schedule is a comma-separated list consumed one entry
-per submit call: `ok`, `transient`, `quota`, `permanent`, `slow:SECONDS`. Once it runs out,
-every call is `ok`.
+Registered only when the configuration names a fault spec (`QPU_GATEWAY_FAULTS` or
+`Config.faults`), never by default. It stands in for a provider's hardware (backend
+`faulty/qpu`), so policy on hardware and every failure path can be exercised without a cloud.
+
+Two kinds of spec:
+
+- A schedule, consumed one entry per submit call: `ok`, `transient`, `quota`, `permanent`,
+  `slow:SECONDS` (`"transient,slow:0.5,ok"`). Once it runs out, every call is `ok`.
+- A mix, `mix:transient=0.3,quota=0.05,permanent=0.05,slow=0.05,slow_s=5,seed=1,...`: each job
+  draws its fate once from its id and the seed, so every process that handles the job agrees.
+  A transient job fails its first 1..`transient_tries` submits, then succeeds; a quota or
+  permanent job fails every submit; a slow job's submits take `slow_s` seconds.
+
+With a provider directory (`QPU_GATEWAY_FAULTS_DIR` or `Config.faults_dir`) the adapter keeps
+the provider's side in `provider.db` there, shared by every gateway process, as a real provider
+would: every submit call it received and what it answered (`calls`), and every job it accepted
+and ran (`runs`). A submit whose job id it already accepted is answered with the same job and
+runs nothing (the idempotency token every cloud adapter sends), so `runs` counts what was really
+executed and billed. Two files there steer it from outside: `down` makes every submit fail
+transiently (an outage, for the circuit breaker) while it exists, and `kill-after-accept` makes
+the next process that accepts a job delete it and SIGKILL itself before returning the job to the
+gateway: a crash exactly between "provider accepted" and "state saved".
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import signal
+import sqlite3
 import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import anyio
 
+from qpu_gateway.adapters import sdk_thread
 from qpu_gateway.adapters.aer import AerAdapter
 from qpu_gateway.adapters.base import (
     Backend,
     JobSpec,
     PermanentError,
     ProviderRef,
+    ProviderState,
     ProviderStatus,
     QuotaError,
     Result,
     TransientError,
 )
 
-# It stands in for a provider's hardware, so policy on hardware (prices, approvals,
-# simulate-first) can be exercised without a cloud.
 BACKEND_ID = "faulty/qpu"
 _KINDS = {"ok", "transient", "quota", "permanent", "slow"}
+_MIX_KEYS = {"transient", "quota", "permanent", "slow", "slow_s", "seed", "transient_tries", "price_usd"}
+_REF_PREFIX = "faulty-"
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS calls (
+    id INTEGER PRIMARY KEY, job_id TEXT NOT NULL, at REAL NOT NULL, pid INTEGER NOT NULL, outcome TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS calls_job ON calls (job_id);
+CREATE TABLE IF NOT EXISTS runs (
+    job_id TEXT NOT NULL, accepted_at REAL NOT NULL, pid INTEGER NOT NULL,
+    counts TEXT, cost_micro_usd INTEGER NOT NULL, spec TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS runs_job ON runs (job_id);
+"""
 
 
 def parse_schedule(text: str) -> list[tuple[str, float]]:
@@ -44,22 +83,170 @@ def parse_schedule(text: str) -> list[tuple[str, float]]:
     return steps
 
 
+@dataclass(frozen=True)
+class Mix:
+    """Fractions of jobs per fate, and how the fates behave."""
+
+    transient: float = 0.0
+    quota: float = 0.0
+    permanent: float = 0.0
+    slow: float = 0.0
+    slow_s: float = 2.0
+    seed: int = 0
+    transient_tries: int = 2  # a transient job fails 1..this many submits before one succeeds
+    price_usd: float = 0.0  # what the provider bills per run it executes
+
+    @classmethod
+    def parse(cls, text: str) -> Mix:
+        """`"transient=0.3,quota=0.05"` -> Mix(transient=0.3, quota=0.05)."""
+        values: dict[str, float] = {}
+        for raw in text.split(","):
+            key, sep, value = raw.strip().partition("=")
+            if not key:
+                continue
+            if key not in _MIX_KEYS or not sep:
+                known = ", ".join(sorted(_MIX_KEYS))
+                raise ValueError(f"unknown mix entry {raw.strip()!r}; use key=value with {known}")
+            values[key] = float(value)
+        mix = cls(
+            **{k: v for k, v in values.items() if k not in ("seed", "transient_tries")},
+            seed=int(values.get("seed", 0)),
+            transient_tries=int(values.get("transient_tries", 2)),
+        )
+        if mix.transient + mix.quota + mix.permanent + mix.slow > 1:
+            raise ValueError("the mix's fractions add up to more than 1")
+        return mix
+
+    def fate(self, job_id: str) -> tuple[str, int]:
+        """The job's fate and, for a transient job, how many submits fail first."""
+        # A digest, not a PRNG: every process must draw the same fate for the same job.
+        digest = hashlib.sha256(f"{self.seed}:{job_id}".encode()).digest()
+        roll = int.from_bytes(digest[:8], "big") / 2**64
+        tries = 1 + int.from_bytes(digest[8:12], "big") % max(1, self.transient_tries)
+        for kind in ("transient", "quota", "permanent", "slow"):
+            share: float = getattr(self, kind)
+            if roll < share:
+                return kind, tries if kind == "transient" else 0
+            roll -= share
+        return "ok", 0
+
+
+class ProviderLedger:
+    """The fake provider's own records, in a SQLite file every gateway process shares."""
+
+    def __init__(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.directory = directory
+        self.path = directory / "provider.db"
+        with self._connect() as db:
+            db.executescript(_SCHEMA)
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        db.execute("PRAGMA journal_mode = WAL")
+        return db
+
+    @property
+    def down(self) -> bool:
+        return (self.directory / "down").exists()
+
+    def take_kill_trigger(self) -> bool:
+        """True in exactly one process once `kill-after-accept` exists (it deletes the file)."""
+        try:
+            (self.directory / "kill-after-accept").unlink()
+        except FileNotFoundError:
+            return False
+        return True
+
+    def decide(self, job: JobSpec, choose: str, failures_before_ok: int, price_micro_usd: int) -> str:
+        """Answer one submit call, atomically: 'duplicate', 'accepted', or the fault it gets."""
+        job_id = job.job_id
+        db = self._connect()
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            accepted = db.execute("SELECT 1 FROM runs WHERE job_id = ?", (job_id,)).fetchone()
+            (transients,) = db.execute(
+                "SELECT count(*) FROM calls WHERE job_id = ? AND outcome = 'transient'", (job_id,)
+            ).fetchone()
+            if self.down:
+                outcome = "transient"
+            elif accepted:
+                outcome = "duplicate"
+            elif choose == "transient" and transients < failures_before_ok:
+                outcome = "transient"
+            elif choose in ("quota", "permanent"):
+                outcome = choose
+            else:
+                outcome = "accepted"
+            db.execute(
+                "INSERT INTO calls (job_id, at, pid, outcome) VALUES (?, ?, ?, ?)",
+                (job_id, time.time(), os.getpid(), outcome),
+            )
+            if outcome == "accepted":
+                db.execute(
+                    "INSERT INTO runs (job_id, accepted_at, pid, counts, cost_micro_usd, spec) "
+                    "VALUES (?, ?, ?, NULL, ?, ?)",
+                    (job_id, time.time(), os.getpid(), price_micro_usd, _spec_json(job)),
+                )
+            db.execute("COMMIT")
+            return outcome
+        finally:
+            db.close()
+
+    def finish(self, job_id: str, counts: str) -> None:
+        with self._connect() as db:
+            db.execute("UPDATE runs SET counts = ? WHERE job_id = ? AND counts IS NULL", (counts, job_id))
+
+    def run_of(self, job_id: str) -> tuple[str | None, int, int] | None:
+        """(counts JSON or None while running, pid running it, cost) of the job's first run."""
+        with self._connect() as db:
+            row = db.execute(
+                "SELECT counts, pid, cost_micro_usd FROM runs WHERE job_id = ? ORDER BY rowid LIMIT 1", (job_id,)
+            ).fetchone()
+        return None if row is None else (row[0], int(row[1]), int(row[2]))
+
+    def take_over(self, job_id: str, dead_pid: int) -> JobSpec | None:
+        """Carry on a run whose process died: the spec to run if this process won it, else None."""
+        with self._connect() as db:
+            moved = db.execute(
+                "UPDATE runs SET pid = ? WHERE job_id = ? AND counts IS NULL AND pid = ?",
+                (os.getpid(), job_id, dead_pid),
+            ).rowcount
+            if not moved:
+                return None
+            (spec,) = db.execute("SELECT spec FROM runs WHERE job_id = ?", (job_id,)).fetchone()
+        data = json.loads(spec)
+        return JobSpec(job_id=job_id, backend=data["backend"], circuits=tuple(data["circuits"]), shots=data["shots"])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class FaultyAdapter:
-    """Wraps `AerAdapter`; each submit first takes the next scheduled fault."""
+    """Wraps `AerAdapter`; each submit first meets its scheduled or drawn fault."""
 
     provider = "faulty"
 
-    def __init__(self, schedule: str) -> None:
-        self._steps = parse_schedule(schedule)
+    def __init__(self, spec: str, directory: Path | None = None) -> None:
+        self._mix = Mix.parse(spec.removeprefix("mix:")) if spec.startswith("mix:") else None
+        self._steps = [] if self._mix is not None else parse_schedule(spec)
         self._aer = AerAdapter()
         self._lock = threading.Lock()
-        self.submits = 0  # every submit call, faulted or not
+        self._ledger = ProviderLedger(directory) if directory is not None else None
+        self.submits = 0  # every submit call this process made, faulted or not
 
     @property
     def executions(self) -> int:
         return self._aer.executions
 
-    def _next(self) -> tuple[str, float]:
+    def _next_step(self) -> tuple[str, float]:
         with self._lock:
             self.submits += 1
             return self._steps.pop(0) if self._steps else ("ok", 0.0)
@@ -78,22 +265,91 @@ class FaultyAdapter:
         ]
 
     async def submit(self, job: JobSpec) -> ProviderRef:
-        kind, arg = self._next()
-        if kind == "transient":
-            raise TransientError("injected transient fault (HTTP 503 from the provider)")
-        if kind == "quota":
-            raise QuotaError("injected provider quota fault: monthly allocation used up")
-        if kind == "permanent":
-            raise PermanentError("injected permanent fault: the provider rejected the circuit")
+        if self._mix is not None:
+            kind, failures = self._mix.fate(job.job_id)
+            arg = self._mix.slow_s if kind == "slow" else 0.0
+            with self._lock:
+                self.submits += 1
+        else:
+            kind, arg = self._next_step()
+            failures = 1 if kind == "transient" else 0
         if kind == "slow":
             await anyio.sleep(arg)
-        return await self._aer.submit(job)
+        if self._ledger is None:
+            _raise_for(kind)
+            return await self._aer.submit(job)
+        return await self._submit_recorded(job, kind, failures)
+
+    async def _submit_recorded(self, job: JobSpec, kind: str, failures: int) -> ProviderRef:
+        assert self._ledger is not None
+        ledger = self._ledger
+        price = round((self._mix.price_usd if self._mix else 0.0) * 1_000_000)
+        outcome = await sdk_thread.run_sync(lambda: ledger.decide(job, kind, failures, price))
+        _raise_for(outcome)
+        ref = ProviderRef(provider_job_id=_REF_PREFIX + job.job_id)
+        if outcome == "duplicate":
+            return ref  # already accepted under this job id: nothing runs twice
+        await self._execute(job)
+        if ledger.take_kill_trigger():
+            os.kill(os.getpid(), signal.SIGKILL)
+        return ref
+
+    async def _execute(self, job: JobSpec) -> None:
+        assert self._ledger is not None
+        ledger = self._ledger
+        try:
+            await self._aer.submit(job)
+            result = await self._aer.result(ProviderRef(job.job_id))
+            counts = json.dumps([dict(c) for c in result.counts], sort_keys=True)
+        except PermanentError as exc:
+            counts = json.dumps({"failed": str(exc)})
+        await sdk_thread.run_sync(lambda: ledger.finish(job.job_id, counts))
 
     async def status(self, ref: ProviderRef) -> ProviderStatus:
-        return await self._aer.status(ref)
+        if self._ledger is None:
+            return await self._aer.status(ref)
+        job_id = ref.provider_job_id.removeprefix(_REF_PREFIX)
+        ledger = self._ledger
+        run = await sdk_thread.run_sync(lambda: ledger.run_of(job_id))
+        if run is None:
+            return ProviderStatus(ProviderState.UNKNOWN, "the provider has no such job")
+        counts, pid, _ = run
+        if counts is None:
+            # The process standing in for the provider died mid-run; a real provider carries on
+            # with its run, so this process finishes that same run (it is not a second one).
+            spec = None if _alive(pid) else await sdk_thread.run_sync(lambda: ledger.take_over(job_id, pid))
+            if spec is not None:
+                await self._execute(spec)
+                return await self.status(ref)
+            return ProviderStatus(ProviderState.RUNNING)
+        if "failed" in json.loads(counts):
+            return ProviderStatus(ProviderState.FAILED, json.loads(counts)["failed"])
+        return ProviderStatus(ProviderState.DONE)
 
     async def result(self, ref: ProviderRef) -> Result:
-        return await self._aer.result(ref)
+        if self._ledger is None:
+            return await self._aer.result(ref)
+        job_id = ref.provider_job_id.removeprefix(_REF_PREFIX)
+        ledger = self._ledger
+        run = await sdk_thread.run_sync(lambda: ledger.run_of(job_id))
+        if run is None or run[0] is None:
+            raise TransientError("the provider has no result for this job yet")
+        counts = tuple(json.loads(run[0]))
+        return Result(counts=counts, cost_micro_usd=run[2], metadata={"provider": "faulty"})
 
     async def cancel(self, ref: ProviderRef) -> None:
-        await self._aer.cancel(ref)
+        if self._ledger is None:
+            await self._aer.cancel(ref)
+
+
+def _raise_for(kind: str) -> None:
+    if kind == "transient":
+        raise TransientError("injected transient fault (HTTP 503 from the provider)")
+    if kind == "quota":
+        raise QuotaError("injected provider quota fault: monthly allocation used up")
+    if kind == "permanent":
+        raise PermanentError("injected permanent fault: the provider rejected the circuit")
+
+
+def _spec_json(job: JobSpec) -> str:
+    return json.dumps({"backend": job.backend, "circuits": list(job.circuits), "shots": job.shots})

@@ -120,6 +120,13 @@ class LoopGuard(_Strict):
     window_minutes: StrictInt = Field(default=10, ge=1)
 
 
+class StormAlert(_Strict):
+    """Alert the operator when one agent has this many calls refused within the window."""
+
+    refused_calls: StrictInt = Field(default=100, ge=1)
+    window_seconds: StrictInt = Field(default=60, ge=1)
+
+
 class Rules(_Strict):
     """The rules that apply to one agent; every key is optional in the file."""
 
@@ -140,6 +147,7 @@ class Rules(_Strict):
     priority_ceiling: Priority = "normal"
     simulate_first: StrictBool = False
     loop_guard: LoopGuard = LoopGuard()
+    storm_alert: StormAlert = StormAlert()
 
     @field_validator("confirm_above_usd", "operator_above_usd", mode="before")
     @classmethod

@@ -26,7 +26,15 @@ from mcp_types import INVALID_PARAMS, INVALID_REQUEST, CallToolResult, TextConte
 from pydantic import BaseModel
 
 from qpu_gateway.adapters.aer import BACKEND_ID as DEFAULT_BACKEND
-from qpu_gateway.errors import Forbidden, GatewayError, InternalError, InvalidArguments, NotFound, Unauthorized
+from qpu_gateway.errors import (
+    Forbidden,
+    GatewayError,
+    InternalError,
+    InvalidArguments,
+    NotFound,
+    Unauthorized,
+    Unavailable,
+)
 from qpu_gateway.events import job_id_of
 from qpu_gateway.keys import Principal, authenticate
 from qpu_gateway.logs import redact
@@ -82,7 +90,7 @@ class CallState:
         return self.principal
 
     def refuse(self, error: GatewayError) -> None:
-        self.decision = "refused" if not isinstance(error, InternalError) else "error"
+        self.decision = "error" if isinstance(error, InternalError | Unavailable) else "refused"
         self.error_code = error.code
         self.job_id = self.job_id or error.job_id
 
@@ -160,7 +168,7 @@ class Calls:
         except GatewayError as exc:
             state.auth_error = exc
         except StoreError as exc:
-            state.auth_error = InternalError(str(exc))
+            state.auth_error = store_failure(exc)
         token = _CURRENT.set(state)
         watched: list[str] = []
         try:
@@ -229,10 +237,33 @@ class Calls:
         return {**result, "content": wire["content"], "structuredContent": wire["structuredContent"]}
 
     async def _audit(self, state: CallState) -> None:
-        try:
-            await self.gateway.store.append_audit(state.entry(), time.time())
-        except StoreError as exc:
-            log.error("could not write the audit row for %s: %s", state.name, exc)
+        now = time.time()
+        await self.gateway.audit_spool.write(self.gateway.store, state.entry(), now)
+        if state.decision == "refused" and state.principal is not None and state.error_code:
+            await self._watch_for_storm(state.principal, state.error_code, now)
+
+    async def _watch_for_storm(self, who: Principal, code: str, now: float) -> None:
+        """An agent refused in bulk is probably looping: tell the operator, in the log and the audit."""
+        rule = self.gateway.policy.rules_for(agent=who.agent, project=who.project).storm_alert
+        storm = self.gateway.storms.refused(who.agent, code, now, rule)
+        if storm is None:
+            return
+        log.warning(
+            "agent storm: %s from agent %s",
+            storm.describe(),
+            who.agent,
+            extra={"agent": who.agent, "project": who.project, "refused": storm.refused, "codes": storm.codes},
+        )
+        entry = AuditEntry(
+            tool="agent.storm",
+            decision="alert",
+            agent=who.agent,
+            project=who.project,
+            key_id=who.key_id,
+            error_code="storm",
+            detail=storm.describe(),
+        )
+        await self.gateway.audit_spool.write(self.gateway.store, entry, now)
 
     # -- handler wrappers -------------------------------------------------------------------
 
@@ -254,7 +285,7 @@ class Calls:
             state.refuse(exc)
             return error_result(exc)
         except StoreError as exc:
-            error = InternalError(str(exc))
+            error = store_failure(exc)
             state.refuse(error)
             return error_result(error)
         except Exception:
@@ -289,9 +320,17 @@ class Calls:
             state.refuse(exc)
             raise MCPError(INVALID_REQUEST, f"{exc.code}: {exc.message}", data=exc.body()) from None
         except StoreError as exc:
-            state.refuse(InternalError(str(exc)))
-            raise MCPError(INVALID_REQUEST, f"internal_error: {exc}") from None
+            error = store_failure(exc)
+            state.refuse(error)
+            raise MCPError(INVALID_REQUEST, f"{error.code}: {exc}", data=error.body()) from None
         return model.model_dump_json(indent=1)
+
+
+def store_failure(exc: StoreError) -> GatewayError:
+    """The agent-facing error for a database that refused: `unavailable` when waiting may help."""
+    if exc.retry_after_s is not None:
+        return Unavailable(str(exc), retry_after_s=exc.retry_after_s)
+    return InternalError(str(exc))
 
 
 def _code_of(exc: MCPError) -> str:

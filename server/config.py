@@ -10,8 +10,16 @@ ENV_DB = "QPU_GATEWAY_DB"
 ENV_POLICY = "QPU_GATEWAY_POLICY"
 ENV_KEY = "QPU_GATEWAY_KEY"
 ENV_FAULTS = "QPU_GATEWAY_FAULTS"
+ENV_FAULTS_DIR = "QPU_GATEWAY_FAULTS_DIR"
 ENV_LEASE = "QPU_GATEWAY_LEASE_S"
 ENV_RATE_STORAGE = "QPU_GATEWAY_RATE_STORAGE"
+# Timings an operator (or the chaos suite) may tune per process without a flag for each.
+ENV_SECONDS = {
+    ENV_LEASE: "lease_s",
+    "QPU_GATEWAY_POLL_S": "poll_interval_s",
+    "QPU_GATEWAY_RETRY_BASE_S": "retry_base_s",
+    "QPU_GATEWAY_BREAKER_COOLDOWN_S": "breaker_cooldown_s",
+}
 
 
 def default_db_path() -> Path:
@@ -34,6 +42,7 @@ class Config:
     retry_max_time_s: float = 120.0
     retry_base_s: float = 0.5
     faults: str | None = None  # enables the fault-injecting adapter (tests only)
+    faults_dir: Path | None = None  # where that adapter keeps the fake provider's shared records
     # Where rate-limit counts live: None means the gateway's own database file (shared by every
     # process on this machine); `async+redis://host:6379` shares them across machines.
     rate_storage: str | None = None
@@ -53,8 +62,11 @@ class Config:
         env: dict[str, object] = {}
         if os.environ.get(ENV_FAULTS):
             env["faults"] = os.environ[ENV_FAULTS]
-        if os.environ.get(ENV_LEASE):
-            env["lease_s"] = float(os.environ[ENV_LEASE])
+        if os.environ.get(ENV_FAULTS_DIR):
+            env["faults_dir"] = Path(os.environ[ENV_FAULTS_DIR])
+        for name, setting in ENV_SECONDS.items():
+            if os.environ.get(name):
+                env[setting] = float(os.environ[name])
         if os.environ.get(ENV_RATE_STORAGE):
             env["rate_storage"] = os.environ[ENV_RATE_STORAGE]
         env.update({k: v for k, v in overrides.items() if v is not None})

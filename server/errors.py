@@ -91,6 +91,12 @@ class ProviderError(GatewayError):
     code = "provider_error"
 
 
+class Unavailable(GatewayError):
+    """The gateway's database cannot take writes now (busy, read-only, full); try again later."""
+
+    code = "unavailable"
+
+
 class InternalError(GatewayError):
     code = "internal_error"
 
@@ -113,6 +119,7 @@ BY_CODE: dict[str, type[GatewayError]] = {
         NotFound,
         Conflict,
         ProviderError,
+        Unavailable,
         InternalError,
     )
 }

@@ -42,7 +42,7 @@ def default_adapters(config: Config) -> dict[str, Adapter]:
     if config.faults:
         from qpu_gateway.adapters.faulty import FaultyAdapter
 
-        adapters["faulty"] = FaultyAdapter(config.faults)
+        adapters["faulty"] = FaultyAdapter(config.faults, config.faults_dir)
     return adapters
 
 

@@ -10,10 +10,12 @@ from contextlib import asynccontextmanager
 import anyio
 from mcp.server.subscriptions import InMemorySubscriptionBus
 
+from qpu_gateway.audit_spool import AuditSpool
 from qpu_gateway.config import Config
 from qpu_gateway.events import JobEvents
 from qpu_gateway.jobs import JobState
 from qpu_gateway.policy.file import Policy
+from qpu_gateway.policy.storm import StormWatch
 from qpu_gateway.policy_source import PolicySource
 from qpu_gateway.providers import Providers
 from qpu_gateway.ratelimit import RateLimiter, default_storage_uri
@@ -33,6 +35,8 @@ class Gateway:
         self.events = JobEvents(self.bus)
         self.providers = Providers(config)
         self.policy_source = PolicySource(config.policy_path)
+        self.audit_spool = AuditSpool()
+        self.storms = StormWatch()
         self._store: Store | None = None
         self._workers: Workers | None = None
         self._rate_limiter: RateLimiter | None = None
@@ -78,6 +82,7 @@ class Gateway:
                 tg.start_soon(self.events.watch_foreign_changes, store, self.config.poll_interval_s)
                 tg.start_soon(self.policy_source.watch)
                 tg.start_soon(self._expire_approvals)
+                tg.start_soon(self._flush_audit_spool)
                 log.info("gateway running", extra={"db": str(self.config.db_path), "worker": self._workers.owner})
                 try:
                     yield self
@@ -85,11 +90,20 @@ class Gateway:
                     tg.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
+                if not await self.audit_spool.flush(store):
+                    log.error("%d audit row(s) could not be written before exit", self.audit_spool.waiting)
                 await self._rate_limiter.aclose()
                 await store.close()
             self._store = None
             self._workers = None
             self._rate_limiter = None
+
+    async def _flush_audit_spool(self) -> None:
+        """Write audit rows set aside while the database refused writes, once it takes them again."""
+        while True:
+            await anyio.sleep(self.config.approval_sweep_s)
+            if self.audit_spool.waiting:
+                await self.audit_spool.flush(self.store)
 
     async def _expire_approvals(self) -> None:
         """Pending approvals past their time become `expired`, releasing their reservation."""

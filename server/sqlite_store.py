@@ -8,7 +8,9 @@ claim is a single guarded UPDATE that two processes can never both win.
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 import sqlite3
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping
@@ -35,6 +37,8 @@ from qpu_gateway.records import (
     StateUsage,
 )
 from qpu_gateway.store import StoreError
+
+log = logging.getLogger(__name__)
 
 # Columns a transition may set besides the state; anything else is a programming error.
 _SETTABLE = (
@@ -116,7 +120,18 @@ _LIST_JOBS = {
     (False, True): "SELECT * FROM jobs WHERE state = ? AND seq < ? ORDER BY seq DESC LIMIT ?",
     (False, False): "SELECT * FROM jobs WHERE seq < ? ORDER BY seq DESC LIMIT ?",
 }
-_BUSY_TIMEOUT_MS = 10_000
+# How long a store call waits for the database (another process's write lock, or this process's
+# connection busy with other calls) before it is refused as busy. Tunable for operators whose
+# backups or maintenance hold the lock longer, and shortened by the chaos suite.
+ENV_BUSY_TIMEOUT = "QPU_GATEWAY_BUSY_TIMEOUT_S"
+DEFAULT_BUSY_TIMEOUT_S = 10.0
+
+
+def _busy_timeout_s() -> float:
+    return float(os.environ.get(ENV_BUSY_TIMEOUT) or DEFAULT_BUSY_TIMEOUT_S)
+
+
+_BUSY = "The gateway database is busy (another process holds its write lock); nothing was written. Try again shortly."
 # The next audit seq and the hash to chain to. The seq comes from AUTOINCREMENT's counter, not
 # max(seq): a deleted last row then leaves a gap the verifier sees, instead of its seq being
 # reused and the chain continuing as if nothing had been cut off.
@@ -127,20 +142,34 @@ SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'audit'), 0),
 """
 
 
+def _read_only(path: Path) -> bool:
+    """True if the database's folder is on a read-only mount, or the file or folder is not writable."""
+    if os.statvfs(path.parent).f_flag & os.ST_RDONLY:
+        return True
+    return not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK))
+
+
 def _store_error(exc: sqlite3.Error) -> StoreError:
     text = str(exc).lower()
     if "locked" in text or "busy" in text:
-        return StoreError("The gateway database is busy (another process holds its write lock); try again shortly.")
+        return StoreError(_BUSY, retry_after_s=1.0)
     if "readonly" in text or "read-only" in text:
-        return StoreError("The gateway database is read-only; the operator must fix its file permissions.")
+        return StoreError(
+            "The gateway database is read-only; nothing was written. The operator must make its disk or file writable.",
+            retry_after_s=60.0,
+        )
     if "full" in text:
-        return StoreError("The disk holding the gateway database is full; nothing was written.")
+        return StoreError(
+            "The disk holding the gateway database is full; nothing was written. The operator must free space.",
+            retry_after_s=60.0,
+        )
     return StoreError(f"database error: {exc}")
 
 
 class SqliteStore:
-    def __init__(self, conn: aiosqlite.Connection) -> None:
+    def __init__(self, conn: aiosqlite.Connection, busy_s: float = DEFAULT_BUSY_TIMEOUT_S) -> None:
         self._conn = conn
+        self._busy_s = busy_s
         # One connection per process: statements of one transaction must not interleave with
         # another task's, so every use of the connection holds this lock.
         self._lock = anyio.Lock()
@@ -148,16 +177,25 @@ class SqliteStore:
     @classmethod
     async def open(cls, path: Path) -> SqliteStore:
         path.parent.mkdir(parents=True, exist_ok=True)
+        if _read_only(path):
+            # Said up front: on a read-only disk SQLite may open the file and fail only at the
+            # first write (or fail with "unable to open"), neither of which tells the operator why.
+            raise StoreError(
+                f"The gateway database {path} is on a read-only disk or is not writable; the gateway must "
+                "write its jobs and audit rows. Make it writable, or use --db to put it elsewhere.",
+                retry_after_s=60.0,
+            )
         try:
-            conn = await aiosqlite.connect(str(path), isolation_level=None, timeout=_BUSY_TIMEOUT_MS / 1000)
+            busy_s = _busy_timeout_s()
+            conn = await aiosqlite.connect(str(path), isolation_level=None, timeout=busy_s)
         except sqlite3.Error as exc:
             raise _store_error(exc) from None
         try:
             conn.row_factory = aiosqlite.Row
-            await conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+            await conn.execute(f"PRAGMA busy_timeout = {int(busy_s * 1000)}")
             # Switching a brand-new file to WAL can fail at once with "locked" while another
             # process is creating it (the busy timeout does not cover it); it is safe to repeat.
-            deadline = time.monotonic() + _BUSY_TIMEOUT_MS / 1000
+            deadline = time.monotonic() + busy_s
             while True:
                 try:
                     await conn.execute("PRAGMA journal_mode = WAL")
@@ -175,14 +213,28 @@ class SqliteStore:
             if isinstance(exc, sqlite3.Error):
                 raise _store_error(exc) from None
             raise
-        return cls(conn)
+        return cls(conn, busy_s)
 
     async def close(self) -> None:
         await self._conn.close()
 
     @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[None]:
+        """This process's one connection, waited for no longer than the busy timeout: behind a
+        worker stuck on another process's lock, a call is refused as busy instead of hanging."""
+        try:
+            with anyio.fail_after(self._busy_s):
+                await self._lock.acquire()
+        except TimeoutError:
+            raise StoreError(_BUSY, retry_after_s=1.0) from None
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+    @asynccontextmanager
     async def _read(self) -> AsyncIterator[aiosqlite.Connection]:
-        async with self._lock:
+        async with self._connection():
             try:
                 yield self._conn
             except sqlite3.Error as exc:
@@ -191,7 +243,7 @@ class SqliteStore:
     @asynccontextmanager
     async def _write(self) -> AsyncIterator[aiosqlite.Connection]:
         """A write transaction: all or nothing, holding SQLite's write lock from the start."""
-        async with self._lock:
+        async with self._connection():
             try:
                 # Shielded: a cancelled caller must not leave a transaction open that nobody ends
                 # (the statement runs in aiosqlite's thread whether or not we wait for it).
@@ -202,8 +254,7 @@ class SqliteStore:
             try:
                 yield self._conn
             except BaseException as exc:
-                with anyio.CancelScope(shield=True):
-                    await self._conn.execute("ROLLBACK")
+                await self._rollback()
                 if isinstance(exc, sqlite3.Error):
                     raise _store_error(exc) from None
                 raise
@@ -212,8 +263,20 @@ class SqliteStore:
                     with anyio.CancelScope(shield=True):
                         await self._conn.execute("COMMIT")
                 except sqlite3.Error as exc:
-                    await self._conn.execute("ROLLBACK")
+                    await self._rollback()
                     raise _store_error(exc) from None
+
+    async def _rollback(self) -> None:
+        """End a failed transaction. SQLite has already rolled back some (a full disk, an I/O
+        error) by itself, so there may be nothing left to end; a failed ROLLBACK is logged, and
+        the original error is what the caller sees."""
+        with anyio.CancelScope(shield=True):
+            if not self._conn.in_transaction:
+                return
+            try:
+                await self._conn.execute("ROLLBACK")
+            except sqlite3.Error as exc:
+                log.error("rollback failed: %s", exc)
 
     # -- migrations -------------------------------------------------------------------------
 

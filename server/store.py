@@ -25,7 +25,15 @@ from qpu_gateway.records import (
 
 
 class StoreError(Exception):
-    """The database could not do what was asked (locked, read-only, full); safe to show."""
+    """The database could not do what was asked (locked, read-only, full); safe to show.
+
+    `retry_after_s` is set when the trouble is the database's state rather than the request (busy,
+    read-only, full): the call may succeed later, and agents are told when to try again.
+    """
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class Store(Protocol):

@@ -40,13 +40,8 @@ class GatewayTokenVerifier:
             who = await authenticate(self.gateway.store, token)
         except (GatewayError, StoreError) as exc:
             reason = exc.code if isinstance(exc, GatewayError) else "store_error"
-            try:
-                await self.gateway.store.append_audit(
-                    AuditEntry(tool="http.auth", decision="refused", error_code="unauthorized", detail=reason),
-                    time.time(),
-                )
-            except StoreError:
-                log.error("could not audit a refused HTTP request")
+            entry = AuditEntry(tool="http.auth", decision="refused", error_code="unauthorized", detail=reason)
+            await self.gateway.audit_spool.write(self.gateway.store, entry, time.time())
             return None
         return AccessToken(token=token, client_id=who.key_id, scopes=sorted(who.scopes), subject=who.agent)
 

@@ -140,10 +140,18 @@ class Workers:
         try:
             with scope:
                 await self._drive(job)
+        except StoreError as exc:
+            # The database refused a write (busy, read-only, full), so the job's progress was not
+            # saved. It is left to its lease: once that lapses, a worker claims it again and
+            # resubmits under the same job id, which the provider recognises.
+            log.warning("job %s paused until its lease lapses: %s", job.id, exc)
         except Exception:
             log.exception("worker failed on job %s", job.id)
             with anyio.CancelScope(shield=True):
-                await self._settle_failure(job, "internal_error", "The gateway failed while running this job.")
+                try:
+                    await self._settle_failure(job, "internal_error", "The gateway failed while running this job.")
+                except StoreError as exc:
+                    log.error("could not record the failure of job %s: %s", job.id, exc)
         finally:
             self._in_flight.pop(job.id, None)
             self._per_backend[job.backend] -= 1

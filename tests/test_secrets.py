@@ -62,7 +62,10 @@ def server_env(config: Config) -> dict[str, str]:
 
 def secret_parts(key: str) -> list[str]:
     """A gateway key, and its secret half on its own (the id half is public)."""
-    return [key, key.rsplit("_", 1)[-1]]
+    # qpg_<id>_<secret>; the secret itself may contain "_", so split at the second one only.
+    secret = key.split("_", 2)[2]
+    assert len(secret) >= 40
+    return [key, secret]
 
 
 class Recorder:
