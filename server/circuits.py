@@ -57,7 +57,7 @@ def _inspect(source: str, *, max_qubits: int, where: str) -> CircuitFacts:
         declared = qasm.declared_qubits(code)
         if declared > max_qubits:
             raise LimitExceeded(f"{where}the program declares {declared} qubits; {_QUBIT_CAP.format(max_qubits)}")
-        circuit = qasm.load(source)
+        circuit = qasm.load(source, version=version)
     except qasm.CircuitSourceError as exc:
         raise InvalidCircuit(f"{where}{exc}") from None
     if circuit.num_qubits > max_qubits:  # a backstop: the text screen should have caught it

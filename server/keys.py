@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import re
 import secrets
 import time
@@ -16,7 +17,9 @@ from dataclasses import dataclass
 
 from qpu_gateway.errors import Unauthorized
 from qpu_gateway.records import KeyRecord
-from qpu_gateway.store import Store
+from qpu_gateway.store import Store, StoreError
+
+log = logging.getLogger(__name__)
 
 SCOPES = ("submit", "read", "cancel", "estimate")
 _KEY = re.compile(r"^qpg_([a-z0-9]{12})_([A-Za-z0-9_\-]{43})$")
@@ -106,5 +109,10 @@ async def authenticate(store: Store, key: str | None) -> Principal:
     if record.expires_at is not None and record.expires_at <= now:
         raise Unauthorized(f"The gateway key {record.id} has expired. {HOW_TO_GET_A_KEY}")
     if record.last_used_at is None or now - record.last_used_at > TOUCH_EVERY_S:
-        await store.touch_key(record.id, now)
+        try:
+            await store.touch_key(record.id, now)
+        except StoreError as exc:
+            # "Last used" is advisory: a database too busy (or full) to note it must not turn a
+            # valid key away. The next call notes it.
+            log.info("could not note the key's last use: %s", exc)
     return Principal(agent=record.agent, project=record.project, scopes=record.scopes, key_id=record.id)

@@ -44,6 +44,12 @@ class RateLimiter:
         self.uri = uri
         self.storage = storage_from_string(uri, **options)
         self.strategy = MovingWindowRateLimiter(self.storage)
+        # (rule id, key) -> (until, cost): a window known to be spent. In a moving window the count
+        # cannot fall below the limit before its oldest hit leaves (the reset time the storage
+        # reported), whatever other processes do, so until then a call of at least that cost is
+        # refused here without asking the storage: a looping agent costs no storage write per call.
+        # The rule id names the limit, so an operator who raises it is not held to the old one.
+        self._spent: dict[tuple[str, str], tuple[float, int]] = {}
 
     async def aclose(self) -> None:
         close = getattr(self.storage, "aclose", None)
@@ -77,10 +83,16 @@ class RateLimiter:
         deadline = time.monotonic() + rule.max_wait_s
         waited = 0
         while True:
-            if await self.strategy.hit(item, "qpu", rule.id, key, cost=cost):
+            spent_until, spent_cost = self._spent.get((rule.id, key), (0.0, 0))
+            if spent_until > time.time() and cost >= spent_cost:
+                retry_after = spent_until - time.time()
+            elif await self.strategy.hit(item, "qpu", rule.id, key, cost=cost):
                 return
-            stats = await self.strategy.get_window_stats(item, "qpu", rule.id, key)
-            retry_after = max(stats.reset_time - time.time(), 0.05)
+            else:
+                stats = await self.strategy.get_window_stats(item, "qpu", rule.id, key)
+                retry_after = max(stats.reset_time - time.time(), 0.05)
+                self._spent[(rule.id, key)] = (time.time() + retry_after, cost)
+                self._forget_old()
             if rule.mode == "reject" or time.monotonic() + retry_after > deadline:
                 log.info("rate limited", extra={"rule": rule.id, "agent": who.agent, "retry_after_s": retry_after})
                 raise RateLimited(
@@ -92,6 +104,11 @@ class RateLimiter:
             if progress is not None:
                 await progress(waited, f"waiting {retry_after:.1f} s for rate limit {rule.limit} per {rule.per}")
             await anyio.sleep(retry_after)
+
+    def _forget_old(self) -> None:
+        if len(self._spent) > 10_000:
+            now = time.time()
+            self._spent = {k: v for k, v in self._spent.items() if v[0] > now}
 
 
 def _key(rule: RateRule, who: Principal, backend: str | None) -> str:

@@ -142,6 +142,15 @@ SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'audit'), 0),
 """
 
 
+async def _connect(path: Path, busy_s: float) -> aiosqlite.Connection:
+    try:
+        conn = await aiosqlite.connect(str(path), isolation_level=None, timeout=busy_s)
+    except sqlite3.Error as exc:
+        raise _store_error(exc) from None
+    conn.row_factory = aiosqlite.Row
+    return conn
+
+
 def _read_only(path: Path) -> bool:
     """True if the database's folder is on a read-only mount, or the file or folder is not writable."""
     if os.statvfs(path.parent).f_flag & os.ST_RDONLY:
@@ -167,12 +176,22 @@ def _store_error(exc: sqlite3.Error) -> StoreError:
 
 
 class SqliteStore:
-    def __init__(self, conn: aiosqlite.Connection, busy_s: float = DEFAULT_BUSY_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        conn: aiosqlite.Connection,
+        busy_s: float = DEFAULT_BUSY_TIMEOUT_S,
+        reader: aiosqlite.Connection | None = None,
+    ) -> None:
         self._conn = conn
         self._busy_s = busy_s
-        # One connection per process: statements of one transaction must not interleave with
-        # another task's, so every use of the connection holds this lock.
+        # One writing connection per process: statements of one transaction must not interleave
+        # with another task's, so every use of the connection holds this lock.
         self._lock = anyio.Lock()
+        # Plain reads (a job, a key, a page of jobs) go through a second connection, so a tool
+        # call's reads do not queue behind the workers' write transactions (WAL lets readers and
+        # the writer work at once; each read sees the last committed state).
+        self._reader = reader or conn
+        self._read_lock = anyio.Lock() if reader is not None else self._lock
 
     @classmethod
     async def open(cls, path: Path) -> SqliteStore:
@@ -185,11 +204,8 @@ class SqliteStore:
                 "write its jobs and audit rows. Make it writable, or use --db to put it elsewhere.",
                 retry_after_s=60.0,
             )
-        try:
-            busy_s = _busy_timeout_s()
-            conn = await aiosqlite.connect(str(path), isolation_level=None, timeout=busy_s)
-        except sqlite3.Error as exc:
-            raise _store_error(exc) from None
+        busy_s = _busy_timeout_s()
+        conn = await _connect(path, busy_s)
         try:
             conn.row_factory = aiosqlite.Row
             await conn.execute(f"PRAGMA busy_timeout = {int(busy_s * 1000)}")
@@ -206,6 +222,7 @@ class SqliteStore:
                     await anyio.sleep(0.05)
             # FULL: a job reported as queued survives power loss, not only a process crash.
             await conn.execute("PRAGMA synchronous = FULL")
+            reader = await _connect(path, busy_s)
         except BaseException as exc:
             # The connection's worker thread would otherwise keep the process from exiting.
             with anyio.CancelScope(shield=True):
@@ -213,37 +230,49 @@ class SqliteStore:
             if isinstance(exc, sqlite3.Error):
                 raise _store_error(exc) from None
             raise
-        return cls(conn, busy_s)
+        try:
+            await reader.execute("PRAGMA query_only = 1")
+        except BaseException as exc:
+            with anyio.CancelScope(shield=True):
+                await reader.close()
+                await conn.close()
+            if isinstance(exc, sqlite3.Error):
+                raise _store_error(exc) from None
+            raise
+        return cls(conn, busy_s, reader)
 
     async def close(self) -> None:
-        await self._conn.close()
+        with anyio.CancelScope(shield=True):
+            if self._reader is not self._conn:
+                await self._reader.close()
+            await self._conn.close()
 
     @asynccontextmanager
-    async def _connection(self) -> AsyncIterator[None]:
-        """This process's one connection, waited for no longer than the busy timeout: behind a
-        worker stuck on another process's lock, a call is refused as busy instead of hanging."""
+    async def _connection(self, lock: anyio.Lock) -> AsyncIterator[None]:
+        """One of this process's connections, waited for no longer than the busy timeout: behind
+        a worker stuck on another process's lock, a call is refused as busy instead of hanging."""
         try:
             with anyio.fail_after(self._busy_s):
-                await self._lock.acquire()
+                await lock.acquire()
         except TimeoutError:
             raise StoreError(_BUSY, retry_after_s=1.0) from None
         try:
             yield
         finally:
-            self._lock.release()
+            lock.release()
 
     @asynccontextmanager
     async def _read(self) -> AsyncIterator[aiosqlite.Connection]:
-        async with self._connection():
+        async with self._connection(self._read_lock):
             try:
-                yield self._conn
+                yield self._reader
             except sqlite3.Error as exc:
                 raise _store_error(exc) from None
 
     @asynccontextmanager
     async def _write(self) -> AsyncIterator[aiosqlite.Connection]:
         """A write transaction: all or nothing, holding SQLite's write lock from the start."""
-        async with self._connection():
+        async with self._connection(self._lock):
             try:
                 # Shielded: a cancelled caller must not leave a transaction open that nobody ends
                 # (the statement runs in aiosqlite's thread whether or not we wait for it).

@@ -230,7 +230,7 @@ async def test_concurrent_claims_from_two_connections_take_each_job_exactly_once
     async def drain(connection: Store, owner: str) -> None:
         while (job := await connection.claim(["aer"], [], owner, LEASE_S, T0)) is not None:
             claims.append((job.id, owner))
-            await anyio.sleep(0.005)  # a worker does some work between claims
+            await anyio.sleep(0.02)  # a worker does some work between claims (and lets the other in)
 
     async with anyio.create_task_group() as tg:
         for loop in range(3):

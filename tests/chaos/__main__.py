@@ -11,6 +11,7 @@ import argparse
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import anyio
@@ -36,10 +37,14 @@ def main() -> int:
     for name in chosen:
         print(f"running {name} ...", file=sys.stderr, flush=True)
         began = time.monotonic()
-        if name == "fuzz":
-            row = fuzz(root / name, size) if size.fuzz_calls else Row("hostile input: skipped (--small)")
-        else:
-            row = anyio.run(SCENARIOS[name], root, size)
+        try:
+            if name == "fuzz":
+                row = fuzz(root / name, size) if size.fuzz_calls else Row("hostile input: skipped (--small)")
+            else:
+                row = anyio.run(SCENARIOS[name], root, size)
+        except Exception as exc:  # a scenario that crashed is a broken row, and the others still run
+            traceback.print_exc()
+            row = Row(name, broken=[f"the scenario crashed: {type(exc).__name__}: {str(exc)[:300]}"])
         row.seconds = time.monotonic() - began
         rows.append(row)
         print(render([row]), file=sys.stderr, flush=True)
