@@ -7,8 +7,6 @@ an agent's behalf, whatever the parser's own include search would do.
 from __future__ import annotations
 
 import re
-import threading
-from collections import OrderedDict
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -123,60 +121,14 @@ def screen(source: str) -> tuple[int, str]:
     return version, code
 
 
-# Parsed circuits by source text, so a job admitted in this process is not parsed again when its
-# worker runs it (admission parses every circuit to check and price it). A QuantumCircuit is
-# mutable, so callers always get a copy (about a tenth of a parse). Bounded by the sources' total
-# size: 1 MB of source holds a 1,000-circuit sweep of small circuits several times over, and
-# keeps the parsed objects to tens of MB.
-PARSED_CACHE_BYTES = 1024 * 1024
-_parsed: OrderedDict[str, QuantumCircuit] = OrderedDict()
-_parsed_size = 0
-_parsed_lock = threading.Lock()
-
-
 def load(source: str, *, version: int | None = None) -> QuantumCircuit:
     """Parse OpenQASM into a circuit; parser errors become `CircuitSourceError`.
 
     `version` is for a caller that has already screened the source; otherwise it is screened here.
     """
-    with _parsed_lock:
-        known = _parsed.get(source)
-        if known is not None:
-            _parsed.move_to_end(source)
-    if known is not None:
-        return known.copy()
     if version is None:
         version, _ = screen(source)
-    circuit = _parse(source, version)
-    _remember(source, circuit)
-    return circuit
-
-
-def _remember(source: str, circuit: QuantumCircuit) -> None:
-    """Keep a copy of a plain circuit (standard gates only). A circuit with custom gates is not
-    kept: copying nested gate definitions can cost far more than parsing them again."""
-    global _parsed_size
-    if len(source) > PARSED_CACHE_BYTES // 8 or not _plain(circuit):
-        return
-    circuit = circuit.copy()
-    with _parsed_lock:
-        if source in _parsed:
-            return
-        _parsed[source] = circuit
-        _parsed_size += len(source)
-        while _parsed_size > PARSED_CACHE_BYTES:
-            dropped, _ = _parsed.popitem(last=False)
-            _parsed_size -= len(dropped)
-
-
-def _plain(circuit: QuantumCircuit) -> bool:
-    from qiskit.circuit.library import get_standard_gate_name_mapping
-
-    standard = get_standard_gate_name_mapping()
-    return all(
-        inst.operation.name == "barrier" or type(inst.operation) is type(standard.get(inst.operation.name))
-        for inst in circuit.data
-    )
+    return _parse(source, version)
 
 
 def _parse(source: str, version: int) -> QuantumCircuit:

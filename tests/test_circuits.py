@@ -393,20 +393,3 @@ def test_the_combined_fingerprint_of_a_sweep_depends_on_order() -> None:
     assert forward == combined_fingerprint([first, second])
     assert forward != combined_fingerprint([second, first])
     assert forward not in {first.fingerprint, second.fingerprint}
-
-
-def test_a_parsed_circuit_is_reused_as_a_fresh_copy_and_custom_gates_are_never_kept() -> None:
-    from qpu_gateway.adapters import qasm
-
-    plain = BELL2.replace("h q[0];", "h q[0];\nrz(0.125) q[1];")
-    first = qasm.load(plain)
-    first.x(0)  # a caller changing its circuit must not change what the next caller gets
-    again = qasm.load(plain)
-    assert again is not first and again == qasm.load(plain)
-    assert [inst.operation.name for inst in again.data].count("x") == 0
-    custom = (
-        'OPENQASM 2.0;\ninclude "qelib1.inc";\ngate twice a { h a; h a; }\n'
-        "qreg q[1];\ncreg c[1];\ntwice q[0];\nmeasure q -> c;\n"
-    )
-    qasm.load(custom)
-    assert custom not in qasm._parsed
