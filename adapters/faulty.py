@@ -248,7 +248,6 @@ class FaultyAdapter:
 
     def _next_step(self) -> tuple[str, float]:
         with self._lock:
-            self.submits += 1
             return self._steps.pop(0) if self._steps else ("ok", 0.0)
 
     async def backends(self) -> list[Backend]:
@@ -265,11 +264,11 @@ class FaultyAdapter:
         ]
 
     async def submit(self, job: JobSpec) -> ProviderRef:
+        with self._lock:
+            self.submits += 1
         if self._mix is not None:
             kind, failures = self._mix.fate(job.job_id)
             arg = self._mix.slow_s if kind == "slow" else 0.0
-            with self._lock:
-                self.submits += 1
         else:
             kind, arg = self._next_step()
             failures = 1 if kind == "transient" else 0
@@ -305,12 +304,18 @@ class FaultyAdapter:
             counts = json.dumps({"failed": str(exc)})
         await sdk_thread.run_sync(lambda: ledger.finish(job.job_id, counts))
 
+    async def _run_of(self, ref: ProviderRef) -> tuple[str, tuple[str | None, int, int] | None]:
+        """The job id behind `ref`, and the provider's record of its run (None if it has none)."""
+        assert self._ledger is not None
+        ledger = self._ledger
+        job_id = ref.provider_job_id.removeprefix(_REF_PREFIX)
+        return job_id, await sdk_thread.run_sync(lambda: ledger.run_of(job_id))
+
     async def status(self, ref: ProviderRef) -> ProviderStatus:
         if self._ledger is None:
             return await self._aer.status(ref)
-        job_id = ref.provider_job_id.removeprefix(_REF_PREFIX)
         ledger = self._ledger
-        run = await sdk_thread.run_sync(lambda: ledger.run_of(job_id))
+        job_id, run = await self._run_of(ref)
         if run is None:
             return ProviderStatus(ProviderState.UNKNOWN, "the provider has no such job")
         counts, pid, _ = run
@@ -322,16 +327,15 @@ class FaultyAdapter:
                 await self._execute(spec)
                 return await self.status(ref)
             return ProviderStatus(ProviderState.RUNNING)
-        if "failed" in json.loads(counts):
-            return ProviderStatus(ProviderState.FAILED, json.loads(counts)["failed"])
+        outcome = json.loads(counts)
+        if "failed" in outcome:
+            return ProviderStatus(ProviderState.FAILED, outcome["failed"])
         return ProviderStatus(ProviderState.DONE)
 
     async def result(self, ref: ProviderRef) -> Result:
         if self._ledger is None:
             return await self._aer.result(ref)
-        job_id = ref.provider_job_id.removeprefix(_REF_PREFIX)
-        ledger = self._ledger
-        run = await sdk_thread.run_sync(lambda: ledger.run_of(job_id))
+        _, run = await self._run_of(ref)
         if run is None or run[0] is None:
             raise TransientError("the provider has no result for this job yet")
         counts = tuple(json.loads(run[0]))

@@ -9,17 +9,13 @@ from __future__ import annotations
 
 import random
 
+from qpu_gateway.demo import BELL as DEMO_BELL
+
 QUBITS = 5
 SHOTS = 100
 
-BELL = """OPENQASM 2.0;
-include "qelib1.inc";
-qreg q[2];
-creg c[2];
-h q[0];
-cx q[0], q[1];
-measure q -> c;
-"""
+# The demo's Bell pair: one short, fixed program for the latency measures.
+BELL = DEMO_BELL
 
 
 def circuit(index: int, *, seed: int = 6) -> str:

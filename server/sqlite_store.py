@@ -179,8 +179,8 @@ class SqliteStore:
     def __init__(
         self,
         conn: aiosqlite.Connection,
+        reader: aiosqlite.Connection,
         busy_s: float = DEFAULT_BUSY_TIMEOUT_S,
-        reader: aiosqlite.Connection | None = None,
     ) -> None:
         self._conn = conn
         self._busy_s = busy_s
@@ -190,8 +190,8 @@ class SqliteStore:
         # Plain reads (a job, a key, a page of jobs) go through a second connection, so a tool
         # call's reads do not queue behind the workers' write transactions (WAL lets readers and
         # the writer work at once; each read sees the last committed state).
-        self._reader = reader or conn
-        self._read_lock = anyio.Lock() if reader is not None else self._lock
+        self._reader = reader
+        self._read_lock = anyio.Lock()
 
     @classmethod
     async def open(cls, path: Path) -> SqliteStore:
@@ -206,8 +206,8 @@ class SqliteStore:
             )
         busy_s = _busy_timeout_s()
         conn = await _connect(path, busy_s)
+        opened = [conn]
         try:
-            conn.row_factory = aiosqlite.Row
             await conn.execute(f"PRAGMA busy_timeout = {int(busy_s * 1000)}")
             # Switching a brand-new file to WAL can fail at once with "locked" while another
             # process is creating it (the busy timeout does not cover it); it is safe to repeat.
@@ -223,28 +223,21 @@ class SqliteStore:
             # FULL: a job reported as queued survives power loss, not only a process crash.
             await conn.execute("PRAGMA synchronous = FULL")
             reader = await _connect(path, busy_s)
-        except BaseException as exc:
-            # The connection's worker thread would otherwise keep the process from exiting.
-            with anyio.CancelScope(shield=True):
-                await conn.close()
-            if isinstance(exc, sqlite3.Error):
-                raise _store_error(exc) from None
-            raise
-        try:
+            opened.append(reader)
             await reader.execute("PRAGMA query_only = 1")
         except BaseException as exc:
+            # A connection's worker thread would otherwise keep the process from exiting.
             with anyio.CancelScope(shield=True):
-                await reader.close()
-                await conn.close()
+                for each in opened:
+                    await each.close()
             if isinstance(exc, sqlite3.Error):
                 raise _store_error(exc) from None
             raise
-        return cls(conn, busy_s, reader)
+        return cls(conn, reader, busy_s)
 
     async def close(self) -> None:
         with anyio.CancelScope(shield=True):
-            if self._reader is not self._conn:
-                await self._reader.close()
+            await self._reader.close()
             await self._conn.close()
 
     @asynccontextmanager

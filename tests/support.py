@@ -101,13 +101,33 @@ class HttpServer:
     port: int
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
+
+
+def stop_process(process: subprocess.Popen[bytes], *, grace_s: float = 15.0) -> None:
+    """SIGTERM, and SIGKILL if the process has not exited after `grace_s`."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def wait_listening(process: subprocess.Popen[bytes], port: int, *, what: str = "server", within_s: float = 30) -> None:
+    """Wait until `process` accepts connections on 127.0.0.1:`port`; raise if it exits or never does."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited with {process.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    process.kill()
+    raise RuntimeError(f"{what} did not start listening")
 
 
 def start_http_server(config: Config, transport: str = "http", **env: str) -> HttpServer:
@@ -130,18 +150,7 @@ def start_http_server(config: Config, transport: str = "http", **env: str) -> Ht
         env={**os.environ, "QPU_GATEWAY_LEASE_S": str(config.lease_s), **env},
         stdout=subprocess.DEVNULL,
     )
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                break
-        except OSError:
-            time.sleep(0.1)
-    else:
-        process.kill()
-        raise RuntimeError("server did not start listening")
+    wait_listening(process, port)
     path = "/mcp" if transport == "http" else "/sse"
     return HttpServer(url=f"http://127.0.0.1:{port}{path}", process=process, port=port)
 

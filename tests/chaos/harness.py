@@ -24,12 +24,11 @@ from typing import Any
 import anyio
 from mcp import Client, StdioServerParameters
 
+from qpu_gateway.jobs import TERMINAL
 from qpu_gateway.keys import SCOPES, create_key
 from qpu_gateway.store import open_store
 
-from ..support import free_port, http_client
-
-TERMINAL = ("succeeded", "failed", "cancelled", "rejected", "expired")
+from ..support import free_port, http_client, stop_process, wait_listening
 
 # The fake provider's hardware, priced per task so that a job's cost is known exactly: ten cents
 # a job, whatever its shots (a round figure chosen for the suite, not a provider's price).
@@ -319,18 +318,7 @@ class Server:
                 stderr=log,
                 cwd=str(self.site.root),
             )
-        deadline = time.monotonic() + 60
-        import socket
-
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.process.returncode}; see {self.log_path}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError(f"{self.name} did not start listening")
+        wait_listening(self.process, self.port, what=f"{self.name} (log: {self.log_path})", within_s=60)
 
     @property
     def alive(self) -> bool:
@@ -343,13 +331,8 @@ class Server:
             self.process.wait()
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            stop_process(self.process, grace_s=20)
 
     def log_text(self) -> str:
         return self.log_path.read_text(encoding="utf-8", errors="replace") if self.log_path.exists() else ""

@@ -19,7 +19,6 @@ from contextlib import suppress
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
-from typing import Any
 
 import anyio
 from mcp import Client
@@ -29,7 +28,6 @@ from qpu_gateway.adapters.faulty import Mix
 from ..support import http_client
 from .harness import (
     JOB_PRICE_MICRO,
-    TERMINAL,
     Agent,
     Row,
     Server,
@@ -211,7 +209,8 @@ async def provider_faults(root: Path, size: Size) -> Row:
     buckets = Counter(int((history[1][0]) / 0.05) for history in by_job.values() if len(history) > 1)
     counted = Counter(fates.values())
     spent = site.committed_micro()
-    row.check(spent == counted_succeeded(jobs, admitted) * JOB_PRICE_MICRO, "committed differs from jobs run")
+    succeeded = sum(1 for j in admitted.values() if jobs[j]["state"] == "succeeded")
+    row.check(spent == succeeded * JOB_PRICE_MICRO, "committed differs from jobs run")
     row.other = [
         "fates " + ", ".join(f"{k} {counted[k]}" for k in ("ok", "transient", "quota", "permanent", "slow")),
         f"transient jobs all succeeded, at most {most} provider calls (cap {RETRY_MAX_TRIES})",
@@ -221,10 +220,6 @@ async def provider_faults(root: Path, size: Size) -> Row:
         f"all finished {time.monotonic() - started:.0f} s",
     ]
     return row
-
-
-def counted_succeeded(jobs: dict[str, dict[str, Any]], admitted: dict[str, str]) -> int:
-    return sum(1 for j in admitted.values() if jobs[j]["state"] == "succeeded")
 
 
 # -- circuit breaker ---------------------------------------------------------------------------------
@@ -696,4 +691,4 @@ def clean(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-__all__ = ["FULL", "SCENARIOS", "SMALL", "TERMINAL", "Size", "clean", "fuzz", "json_rows"]
+__all__ = ["FULL", "SCENARIOS", "SMALL", "Size", "clean", "fuzz", "json_rows"]
