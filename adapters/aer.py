@@ -1,8 +1,17 @@
-"""The local Qiskit Aer simulator: free, always there, the default backend and the dry-run path."""
+"""The local Qiskit Aer simulator: free, always there, the default backend and the dry-run path.
+
+Jobs that arrive while a simulation runs are run together in the next one (micro-batching):
+Aer runs a list of circuits in one call much faster than one call per circuit (here, 5-qubit
+100-shot circuits: about 2,650/s batched against 1,350/s one at a time), and nothing waits on a
+timer, since a batch starts as soon as the previous one ends.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import threading
+from collections.abc import Sequence
+from concurrent.futures import Future
 from typing import Any
 
 from qpu_gateway.adapters import qasm, sdk_thread
@@ -18,18 +27,32 @@ from qpu_gateway.adapters.base import (
 )
 
 BACKEND_ID = "aer/simulator"
+# Below this many qubits a circuit is so cheap that Aer's OpenMP threads cost more than they
+# give: on 2 cores, one 5-qubit 100-shot circuit took 3.6 ms of CPU with them and 1.6 ms on one
+# thread (the same wall time batched), CPU the event loop and the other jobs need. 14 is Aer's
+# own threshold for parallelising a statevector (`statevector_parallel_threshold`).
+SMALL_QUBITS = 14
+# A batch holds at most this many circuits, so one huge sweep does not keep every other job
+# waiting for it, and a batch's memory stays bounded.
+BATCH_CIRCUITS = 2_000
 
 
 class AerAdapter:
     """Runs jobs on Aer's SamplerV2 in a worker thread; results are held in memory until read."""
 
     provider = "aer"
+    # Jobs a worker may hand this adapter at once per process: they share simulator calls.
+    jobs_at_once = 32
 
     def __init__(self) -> None:
         self._finished: dict[str, Result] = {}
         self._max_qubits: int | None = None
         self._lock = threading.Lock()
+        self._waiting: list[tuple[JobSpec, Future[Result]]] = []
+        self._draining = False
+        self._samplers: dict[bool, Any] = {}  # small circuits or not -> SamplerV2; used by one drain at a time
         self.executions = 0  # how many jobs this adapter actually simulated (tests count re-runs)
+        self.batches = 0  # how many simulator calls ran them
 
     async def backends(self) -> list[Backend]:
         if self._max_qubits is None:
@@ -46,8 +69,9 @@ class AerAdapter:
         ]
 
     async def submit(self, job: JobSpec) -> ProviderRef:
-        # Abandoned on cancel: a shutdown does not wait for a long simulation to finish.
-        result = await sdk_thread.run_sync(lambda: self._run(job))
+        # Abandoned on cancel: a shutdown does not wait for a long simulation to finish, and a
+        # job cancelled before its batch starts is left out of it.
+        result = await asyncio.wrap_future(self._enqueue(job))
         self._finished[job.job_id] = result
         return ProviderRef(provider_job_id=job.job_id)
 
@@ -66,24 +90,102 @@ class AerAdapter:
     async def cancel(self, ref: ProviderRef) -> None:
         self._finished.pop(ref.provider_job_id, None)
 
-    def _run(self, job: JobSpec) -> Result:
-        from qiskit_aer.primitives import SamplerV2
-
+    def _enqueue(self, job: JobSpec) -> Future[Result]:
+        """Queue `job` for the next batch; start draining the queue if nobody is."""
+        future: Future[Result] = Future()
         with self._lock:
-            self.executions += 1
+            self._waiting.append((job, future))
+            start, self._draining = not self._draining, True
+        if start:
+            sdk_thread.submit(self._drain)
+        return future
+
+    def _drain(self) -> None:
+        """On an SDK thread: run batches of the waiting jobs until none is left."""
         try:
-            circuits = [qasm.load(source) for source in job.circuits]
-        except qasm.CircuitSourceError as exc:
-            raise PermanentError(str(exc)) from None
+            while True:
+                with self._lock:
+                    batch = _take_batch(self._waiting)
+                    if not batch:
+                        return
+                # A job whose submit was cancelled before its batch started is left out.
+                self._run_batch([(job, future) for job, future in batch if future.set_running_or_notify_cancel()])
+        finally:
+            with self._lock:
+                # Jobs still waiting here were queued after the last look, or this loop died: go on.
+                restart = self._draining = bool(self._waiting)
+            if restart:
+                sdk_thread.submit(self._drain)
+
+    def _run_batch(self, batch: list[tuple[JobSpec, Future[Result]]]) -> None:
+        """Simulate every job of `batch` in one call and give each its own result or error."""
+        with self._lock:
+            self.executions += len(batch)
+            self.batches += 1 if batch else 0
+        parsed: list[tuple[Future[Result], int, list[Any]]] = []
+        for job, future in batch:
+            try:
+                parsed.append((future, job.shots, [qasm.load(source) for source in job.circuits]))
+            except qasm.CircuitSourceError as exc:
+                future.set_exception(PermanentError(str(exc)))
+        if not parsed:
+            return
         try:
-            pub_results = SamplerV2().run([(c,) for c in circuits], shots=job.shots).result()
+            results = self._simulate([(shots, circuits) for _, shots, circuits in parsed])
+        except PermanentError as exc:
+            if len(parsed) == 1:
+                parsed[0][0].set_exception(exc)
+                return
+            # One job's circuit broke the shared call: run each on its own, so only that one fails.
+            for future, shots, circuits in parsed:
+                try:
+                    future.set_result(self._simulate([(shots, circuits)])[0])
+                except Exception as own:
+                    future.set_exception(own)
+            return
+        except Exception as exc:
+            for future, _, _ in parsed:
+                future.set_exception(exc)
+            return
+        for (future, _, _), result in zip(parsed, results, strict=True):
+            future.set_result(result)
+
+    def _simulate(self, jobs: Sequence[tuple[int, list[Any]]]) -> list[Result]:
+        """Run every job's circuits, each with its job's shots, in one SamplerV2 call."""
+        small = all(circuit.num_qubits < SMALL_QUBITS for _, circuits in jobs for circuit in circuits)
+        sampler = self._samplers.get(small)
+        if sampler is None:
+            from qiskit_aer.primitives import SamplerV2
+
+            options = {"backend_options": {"max_parallel_threads": 1}} if small else None
+            sampler = self._samplers[small] = SamplerV2(options=options)
+        pubs = [(circuit, None, shots) for shots, circuits in jobs for circuit in circuits]
+        try:
+            pub_results = list(sampler.run(pubs).result())
         except Exception as exc:  # Aer raises its own and numpy's errors for circuits it cannot run
             raise PermanentError(f"Aer could not run the circuit: {str(exc).splitlines()[0][:300]}") from None
-        counts = tuple(
-            _register_counts(pub.data, [creg.name for creg in circuit.cregs])
-            for pub, circuit in zip(pub_results, circuits, strict=True)
-        )
-        return Result(counts=counts, metadata={"simulator": "aer"})
+        results, start = [], 0
+        for _, circuits in jobs:
+            counts = tuple(
+                _register_counts(pub.data, [creg.name for creg in circuit.cregs])
+                for pub, circuit in zip(pub_results[start : start + len(circuits)], circuits, strict=True)
+            )
+            results.append(Result(counts=counts, metadata={"simulator": "aer"}))
+            start += len(circuits)
+        return results
+
+
+def _take_batch(waiting: list[tuple[JobSpec, Future[Result]]]) -> list[tuple[JobSpec, Future[Result]]]:
+    """The oldest waiting jobs, up to BATCH_CIRCUITS circuits (at least one job), removed from `waiting`."""
+    taken, circuits = 0, 0
+    for job, _ in waiting:
+        if taken and circuits + len(job.circuits) > BATCH_CIRCUITS:
+            break
+        taken += 1
+        circuits += len(job.circuits)
+    batch = waiting[:taken]
+    del waiting[:taken]
+    return batch
 
 
 def _register_counts(data: Any, registers: list[str]) -> RegisterCounts:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -32,3 +32,8 @@ async def run_sync(func: Callable[[], T]) -> T:
     If the caller is cancelled the call is abandoned: it finishes in its thread, unobserved.
     """
     return await asyncio.wrap_future(_executor().submit(func))
+
+
+def submit(func: Callable[[], T]) -> Future[T]:
+    """Start `func` on the SDK thread pool and return its future, for work nobody awaits directly."""
+    return _executor().submit(func)

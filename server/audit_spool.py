@@ -37,6 +37,14 @@ class AuditSpool:
 
     async def write(self, store: Store, entry: AuditEntry, at: float) -> None:
         """Write `entry` after any rows still waiting; set it aside if the database refuses."""
+        if not self._waiting:
+            # The usual case: written at once, side by side with other calls' rows (the store
+            # commits rows that arrive together in one transaction).
+            try:
+                await store.append_audit(entry, at)
+            except StoreError as exc:
+                self._set_aside(entry, at, str(exc))
+            return
         async with self._lock:
             if self._waiting and not await self._flush(store):
                 self._set_aside(entry, at, "earlier audit rows are still waiting")

@@ -16,7 +16,8 @@ has no `storage_from_string` of its own; the one factory serves sync and async s
 
 Every acquire runs in one `BEGIN IMMEDIATE` transaction: the write lock is taken before the
 count is read, so check-and-insert is one step for every process and the decision is exact
-under any contention.
+under any contention. The transaction runs whole on the connection's thread
+(`server/sqlite_thread.py`), committed together with the other hits waiting at that moment.
 """
 
 from __future__ import annotations
@@ -24,11 +25,10 @@ from __future__ import annotations
 import sqlite3
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Iterable
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Iterable
 from math import floor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiosqlite
 import anyio
@@ -36,7 +36,10 @@ from limits.aio.storage import MovingWindowSupport, SlidingWindowCounterSupport,
 from limits.errors import ConfigurationError
 from limits.storage.base import TimestampedSlidingWindow
 
+from qpu_gateway.sqlite_thread import Busy, GroupWriter, read, write_gate
+
 SCHEME = "async+qpu-sqlite"
+T = TypeVar("T")
 _BUSY_TIMEOUT_S = 10.0
 
 _SCHEMA = (
@@ -95,11 +98,11 @@ def _path_of(uri: str) -> Path:
     return Path(urllib.parse.unquote(parts.path))
 
 
-async def _one_row(db: aiosqlite.Connection, sql: str, params: Iterable[Any]) -> sqlite3.Row:
-    rows = list(await db.execute_fetchall(sql, params))
-    if not rows:  # only called for aggregates and RETURNING, which always give one row
+def _one_row(db: sqlite3.Connection, sql: str, params: Iterable[Any]) -> Any:
+    row = db.execute(sql, tuple(params)).fetchone()
+    if row is None:  # only called for aggregates and RETURNING, which always give one row
         raise sqlite3.DatabaseError("expected one row, got none")
-    return rows[0]
+    return row
 
 
 async def _prepare(conn: aiosqlite.Connection) -> None:
@@ -127,9 +130,10 @@ class SqliteRateStorage(Storage, MovingWindowSupport, SlidingWindowCounterSuppor
     def __init__(self, uri: str, wrap_exceptions: bool = False, **options: float | str | bool) -> None:
         super().__init__(uri, wrap_exceptions=wrap_exceptions, **options)
         self.path = _path_of(uri)
+        self._gate = write_gate(self.path)  # shared with the store's writer in this process
         self._conn: aiosqlite.Connection | None = None
-        # One connection per instance: statements of one transaction must not interleave with
-        # another task's, so every use of the connection holds this lock.
+        self._writer: GroupWriter | None = None
+        # Held while the connection is opened or closed; its work queues on its thread.
         self._lock = anyio.Lock()
 
     @property
@@ -140,14 +144,20 @@ class SqliteRateStorage(Storage, MovingWindowSupport, SlidingWindowCounterSuppor
         """Close the connection; a later call opens a new one."""
         async with self._lock:
             if self._conn is not None:
-                conn, self._conn = self._conn, None
+                conn, self._conn, self._writer = self._conn, None, None
                 await conn.close()
 
     # -- connection and transactions -------------------------------------------------------------
 
-    async def _connection(self) -> aiosqlite.Connection:
-        """The open connection, made on first use (the caller holds the lock)."""
-        if self._conn is None:
+    async def _connection(self) -> tuple[aiosqlite.Connection, GroupWriter]:
+        """The open connection and its writer, made on first use."""
+        if self._conn is not None and self._writer is not None:
+            return self._conn, self._writer
+        async with self._lock:
+            return await self._open()
+
+    async def _open(self) -> tuple[aiosqlite.Connection, GroupWriter]:
+        if self._conn is None or self._writer is None:
             await anyio.Path(self.path.parent).mkdir(parents=True, exist_ok=True)
             conn = await aiosqlite.connect(self.path, isolation_level=None, timeout=_BUSY_TIMEOUT_S)
             try:
@@ -172,84 +182,75 @@ class SqliteRateStorage(Storage, MovingWindowSupport, SlidingWindowCounterSuppor
                 with anyio.CancelScope(shield=True):
                     await conn.close()
                 raise
-            self._conn = conn
-        return self._conn
+            self._conn, self._writer = conn, GroupWriter(conn, self._gate, _BUSY_TIMEOUT_S)
+        return self._conn, self._writer
 
-    @asynccontextmanager
-    async def _read(self) -> AsyncIterator[tuple[aiosqlite.Connection, float]]:
-        """The connection and the current time, for single statements (each is its own snapshot)."""
-        async with self._lock:
-            yield await self._connection(), time.time()
+    async def _read(self, work: Callable[[sqlite3.Connection, float], T]) -> T:
+        """`work(connection, now)` for single statements (each is its own snapshot), in one hop."""
+        conn, _ = await self._connection()
+        try:
+            return await read(conn, lambda db: work(db, time.time()), _BUSY_TIMEOUT_S)
+        except Busy:
+            raise sqlite3.OperationalError("database is locked") from None
 
-    @asynccontextmanager
-    async def _write(self) -> AsyncIterator[tuple[aiosqlite.Connection, float]]:
-        """A write transaction holding SQLite's write lock from its start, and the time it began.
-
-        The time is read after the lock is taken: a process that waited for the lock must not
-        decide with the instant it started waiting.
-        """
-        async with self._lock:
-            db = await self._connection()
-            # Shielded: a BEGIN abandoned by a cancelled caller would still run on aiosqlite's
-            # thread and leave a transaction open under the next caller's feet.
-            with anyio.CancelScope(shield=True):
-                await db.execute("BEGIN IMMEDIATE")
-            try:
-                yield db, time.time()
-            except BaseException:
-                with anyio.CancelScope(shield=True):
-                    await db.execute("ROLLBACK")
-                raise
-            try:
-                with anyio.CancelScope(shield=True):
-                    await db.execute("COMMIT")
-            except sqlite3.Error:
-                await db.execute("ROLLBACK")
-                raise
+    async def _write(self, work: Callable[[sqlite3.Connection, float], T]) -> T:
+        """`work(connection, now)` in a write transaction holding SQLite's write lock (committed with
+        the other hits waiting then). `now` is read once the lock is held: a process that waited
+        for the lock must not decide with the instant it started waiting."""
+        _, writer = await self._connection()
+        try:
+            return await writer.run(lambda db: work(db, time.time()))
+        except Busy:
+            raise sqlite3.OperationalError("database is locked") from None
 
     # -- counters (fixed window) -----------------------------------------------------------------
 
     async def incr(self, key: str, expiry: int, amount: int = 1) -> int:
         """Add `amount` to the counter at `key`, creating it to expire in `expiry` seconds."""
-        async with self._write() as (db, now):
-            await db.execute(_PRUNE_COUNTERS, (now,))
-            row = await _one_row(db, _ADD_TO_COUNTER, (key, amount, now + expiry))
-        return int(row[0])
+
+        def work(db: sqlite3.Connection, now: float) -> int:
+            db.execute(_PRUNE_COUNTERS, (now,))
+            return int(_one_row(db, _ADD_TO_COUNTER, (key, amount, now + expiry))[0])
+
+        return await self._write(work)
 
     async def get(self, key: str) -> int:
         """The counter at `key`, 0 once it has expired."""
-        async with self._read() as (db, now):
-            rows = list(await db.execute_fetchall(_COUNTER, (key, now)))
-        return int(rows[0][0]) if rows else 0
+        row = await self._read(lambda db, now: db.execute(_COUNTER, (key, now)).fetchone())
+        return int(row[0]) if row is not None else 0
 
     async def get_expiry(self, key: str) -> float:
         """When the counter at `key` expires (now if there is none)."""
-        async with self._read() as (db, now):
-            rows = list(await db.execute_fetchall(_COUNTER, (key, now)))
-        return float(rows[0][1]) if rows else now
+        row, now = await self._read(lambda db, now: (db.execute(_COUNTER, (key, now)).fetchone(), now))
+        return float(row[1]) if row is not None else now
 
     async def check(self) -> bool:
         """Whether the database file can be opened and read."""
         try:
-            async with self._read() as (db, _):
-                await db.execute_fetchall("SELECT 1")
+            await self._read(lambda db, _: db.execute("SELECT 1").fetchall())
         except sqlite3.Error:
             return False
         return True
 
     async def reset(self) -> int | None:
         """Forget every limit in the file; returns how many keys there were."""
-        async with self._write() as (db, _):
-            row = await _one_row(db, _KEY_COUNT, ())
-            await db.execute(_CLEAR_ALL_ENTRIES)
-            await db.execute(_CLEAR_ALL_COUNTERS)
-        return int(row[0])
+
+        def work(db: sqlite3.Connection, _: float) -> int:
+            count = int(_one_row(db, _KEY_COUNT, ())[0])
+            db.execute(_CLEAR_ALL_ENTRIES)
+            db.execute(_CLEAR_ALL_COUNTERS)
+            return count
+
+        return await self._write(work)
 
     async def clear(self, key: str) -> None:
         """Forget the entries and the counter at `key`."""
-        async with self._write() as (db, _):
-            await db.execute(_CLEAR_ENTRIES, (key,))
-            await db.execute(_CLEAR_COUNTER, (key,))
+
+        def work(db: sqlite3.Connection, _: float) -> None:
+            db.execute(_CLEAR_ENTRIES, (key,))
+            db.execute(_CLEAR_COUNTER, (key,))
+
+        await self._write(work)
 
     # -- moving window ---------------------------------------------------------------------------
 
@@ -257,18 +258,20 @@ class SqliteRateStorage(Storage, MovingWindowSupport, SlidingWindowCounterSuppor
         """Record a hit of cost `amount` if the last `expiry` seconds leave room for it under `limit`."""
         if amount > limit:
             return False
-        async with self._write() as (db, now):
-            await db.execute(_PRUNE_ENTRIES, (now,))
-            _, used = await _one_row(db, _MOVING_WINDOW, (key, now - expiry))
+
+        def work(db: sqlite3.Connection, now: float) -> bool:
+            db.execute(_PRUNE_ENTRIES, (now,))
+            _, used = _one_row(db, _MOVING_WINDOW, (key, now - expiry))
             if used + amount > limit:
                 return False
-            await db.execute(_ADD_ENTRY, (key, now, now + expiry, amount))
-        return True
+            db.execute(_ADD_ENTRY, (key, now, now + expiry, amount))
+            return True
+
+        return await self._write(work)
 
     async def get_moving_window(self, key: str, limit: int, expiry: int) -> tuple[float, int]:
         """(oldest entry in the window, total cost in it); (now, 0) for an empty window."""
-        async with self._read() as (db, now):
-            oldest, used = await _one_row(db, _MOVING_WINDOW, (key, now - expiry))
+        (oldest, used), now = await self._read(lambda db, now: (_one_row(db, _MOVING_WINDOW, (key, now - expiry)), now))
         return (now, 0) if oldest is None else (float(oldest), int(used))
 
     # -- sliding window counter ------------------------------------------------------------------
@@ -277,35 +280,34 @@ class SqliteRateStorage(Storage, MovingWindowSupport, SlidingWindowCounterSuppor
         """Count a hit of cost `amount` if the weighted previous window plus the current one leave room."""
         if amount > limit:
             return False
-        async with self._write() as (db, now):
-            await db.execute(_PRUNE_COUNTERS, (now,))
-            previous, previous_ttl, current, _ = await self._sliding_window(db, key, expiry, now)
+
+        def work(db: sqlite3.Connection, now: float) -> bool:
+            db.execute(_PRUNE_COUNTERS, (now,))
+            previous, previous_ttl, current, _ = self._sliding_window(db, key, expiry, now)
             if floor(previous * previous_ttl / expiry) + current + amount > limit:
                 return False
             _, current_key = self.sliding_window_keys(key, expiry, now)
             # A window's counter matters until the end of the next window, when it stops being "previous".
-            await _one_row(db, _ADD_TO_COUNTER, (current_key, amount, (int(now / expiry) + 2) * expiry))
-        return True
+            _one_row(db, _ADD_TO_COUNTER, (current_key, amount, (int(now / expiry) + 2) * expiry))
+            return True
+
+        return await self._write(work)
 
     async def get_sliding_window(self, key: str, expiry: int) -> tuple[int, float, int, float]:
         """(previous count, its weight in seconds, current count, seconds until it expires)."""
-        async with self._read() as (db, now):
-            return await self._sliding_window(db, key, expiry, now)
+        return await self._read(lambda db, now: self._sliding_window(db, key, expiry, now))
 
     async def clear_sliding_window(self, key: str, expiry: int) -> None:
         """Forget both windows' counters of `key`."""
-        async with self._write() as (db, now):
-            await db.execute(_CLEAR_TWO_COUNTERS, self.sliding_window_keys(key, expiry, now))
+        await self._write(lambda db, now: db.execute(_CLEAR_TWO_COUNTERS, self.sliding_window_keys(key, expiry, now)))
 
-    async def _sliding_window(
-        self, db: aiosqlite.Connection, key: str, expiry: int, now: float
+    def _sliding_window(
+        self, db: sqlite3.Connection, key: str, expiry: int, now: float
     ) -> tuple[int, float, int, float]:
         # Windows are aligned on multiples of `expiry` (TimestampedSlidingWindow), as in the memory
         # storage, so the TTLs follow from the clock and only the counts are stored.
         previous_key, current_key = self.sliding_window_keys(key, expiry, now)
-        counts = {
-            row[0]: int(row[1]) for row in await db.execute_fetchall(_TWO_COUNTERS, (previous_key, current_key, now))
-        }
+        counts = {row[0]: int(row[1]) for row in db.execute(_TWO_COUNTERS, (previous_key, current_key, now))}
         previous, current = counts.get(previous_key, 0), counts.get(current_key, 0)
         left = expiry - now % expiry  # seconds until the current window ends
         return previous, (left if previous else 0.0), current, left + expiry

@@ -1,8 +1,10 @@
-"""The SQLite store: one aiosqlite connection per process, WAL, short IMMEDIATE transactions.
+"""The SQLite store: aiosqlite connections (a writer and a reader) per process, WAL, short IMMEDIATE transactions.
 
 Several gateway processes may share one database file (every Claude Code session starts its
 own stdio server). Every write takes SQLite's write lock up front (`BEGIN IMMEDIATE`), so a
-claim is a single guarded UPDATE that two processes can never both win.
+claim is a single guarded UPDATE that two processes can never both win. Each store operation
+runs as one function on its connection's thread: one hop from the event loop per transaction,
+not one per statement.
 """
 
 from __future__ import annotations
@@ -12,13 +14,14 @@ import logging
 import math
 import os
 import sqlite3
+import threading
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping
-from contextlib import asynccontextmanager
+from collections import Counter
+from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import aiosqlite
 import anyio
@@ -36,9 +39,11 @@ from qpu_gateway.records import (
     NewJob,
     StateUsage,
 )
+from qpu_gateway.sqlite_thread import Busy, GroupWriter, Work, read, write_gate
 from qpu_gateway.store import StoreError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Columns a transition may set besides the state; anything else is a programming error.
 _SETTABLE = (
@@ -105,7 +110,7 @@ _COUNTS_BY = {
     "AND state IN ('queued', 'pending_approval', 'submitting', 'running')",
 }
 _CLAIM_CANDIDATES = """
-SELECT j.* FROM jobs j LEFT JOIN agent_turns t ON t.agent = j.agent
+SELECT j.seq, j.state, j.agent, j.project FROM jobs j LEFT JOIN agent_turns t ON t.agent = j.agent
 WHERE (j.state = 'queued' OR (j.state IN ('submitting', 'running') AND j.lease_expires < ?))
   AND substr(j.backend, 1, instr(j.backend, '/') - 1) IN (SELECT value FROM json_each(?))
   AND j.backend NOT IN (SELECT value FROM json_each(?))
@@ -113,6 +118,22 @@ WHERE (j.state = 'queued' OR (j.state IN ('submitting', 'running') AND j.lease_e
 ORDER BY j.state != 'queued' DESC, j.priority DESC, coalesce(t.last_claimed_at, 0), j.seq
 LIMIT 64
 """
+_CLAIM_ONE = """
+UPDATE jobs SET
+    state = CASE WHEN state = 'queued' THEN 'submitting' ELSE state END,
+    lease_owner = ?, lease_expires = ?, version = version + 1, updated_at = ?,
+    runs = runs + 1, started_at = coalesce(started_at, ?)
+WHERE seq = ?
+  AND (state = 'queued' OR (state IN ('submitting', 'running') AND lease_expires < ?))
+RETURNING *
+"""
+_INSERT_JOB = (
+    "INSERT INTO jobs (id, agent, project, key_id, name, backend, shots, circuits, n_circuits, "
+    "qubits, depth, two_qubit_gates, fingerprint, estimate_micro_usd, state, created_at, updated_at, "
+    "priority, idempotency_key, payload_hash, dry_run_of, simulator, pricing_known, "
+    "qpu_seconds_estimate, approval_level, approval_expires_at, approved_by) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING *"
+)
 _NO_CURSOR = 2**62
 _LIST_JOBS = {
     (True, True): "SELECT * FROM jobs WHERE agent = ? AND state = ? AND seq < ? ORDER BY seq DESC LIMIT ?",
@@ -181,17 +202,16 @@ class SqliteStore:
         conn: aiosqlite.Connection,
         reader: aiosqlite.Connection,
         busy_s: float = DEFAULT_BUSY_TIMEOUT_S,
+        gate: threading.Lock | None = None,
     ) -> None:
         self._conn = conn
         self._busy_s = busy_s
-        # One writing connection per process: statements of one transaction must not interleave
-        # with another task's, so every use of the connection holds this lock.
-        self._lock = anyio.Lock()
+        # One writing connection per process; its transactions run on its thread in groups.
+        self._writer = GroupWriter(conn, gate or threading.Lock(), busy_s)
         # Plain reads (a job, a key, a page of jobs) go through a second connection, so a tool
         # call's reads do not queue behind the workers' write transactions (WAL lets readers and
         # the writer work at once; each read sees the last committed state).
         self._reader = reader
-        self._read_lock = anyio.Lock()
 
     @classmethod
     async def open(cls, path: Path) -> SqliteStore:
@@ -233,146 +253,103 @@ class SqliteStore:
             if isinstance(exc, sqlite3.Error):
                 raise _store_error(exc) from None
             raise
-        return cls(conn, reader, busy_s)
+        return cls(conn, reader, busy_s, write_gate(path))
 
     async def close(self) -> None:
         with anyio.CancelScope(shield=True):
             await self._reader.close()
             await self._conn.close()
 
-    @asynccontextmanager
-    async def _connection(self, lock: anyio.Lock) -> AsyncIterator[None]:
-        """One of this process's connections, waited for no longer than the busy timeout: behind
-        a worker stuck on another process's lock, a call is refused as busy instead of hanging."""
+    async def _read(self, work: Work[T]) -> T:
+        """Run `work` (plain reads) on the reader's thread: one hop, whatever it reads."""
         try:
-            with anyio.fail_after(self._busy_s):
-                await lock.acquire()
-        except TimeoutError:
+            return await read(self._reader, work, self._busy_s)
+        except Busy:
             raise StoreError(_BUSY, retry_after_s=1.0) from None
+        except sqlite3.Error as exc:
+            raise _store_error(exc) from None
+
+    async def _write(self, work: Work[T]) -> T:
+        """Run `work` in a write transaction on the writer's thread (committed with whatever other
+        writes are waiting then; see `server/sqlite_thread.py`): all of it or none."""
         try:
-            yield
-        finally:
-            lock.release()
-
-    @asynccontextmanager
-    async def _read(self) -> AsyncIterator[aiosqlite.Connection]:
-        async with self._connection(self._read_lock):
-            try:
-                yield self._reader
-            except sqlite3.Error as exc:
-                raise _store_error(exc) from None
-
-    @asynccontextmanager
-    async def _write(self) -> AsyncIterator[aiosqlite.Connection]:
-        """A write transaction: all or nothing, holding SQLite's write lock from the start."""
-        async with self._connection(self._lock):
-            try:
-                # Shielded: a cancelled caller must not leave a transaction open that nobody ends
-                # (the statement runs in aiosqlite's thread whether or not we wait for it).
-                with anyio.CancelScope(shield=True):
-                    await self._conn.execute("BEGIN IMMEDIATE")
-            except sqlite3.Error as exc:
-                raise _store_error(exc) from None
-            try:
-                yield self._conn
-            except BaseException as exc:
-                await self._rollback()
-                if isinstance(exc, sqlite3.Error):
-                    raise _store_error(exc) from None
-                raise
-            else:
-                try:
-                    with anyio.CancelScope(shield=True):
-                        await self._conn.execute("COMMIT")
-                except sqlite3.Error as exc:
-                    await self._rollback()
-                    raise _store_error(exc) from None
-
-    async def _rollback(self) -> None:
-        """End a failed transaction. SQLite has already rolled back some (a full disk, an I/O
-        error) by itself, so there may be nothing left to end; a failed ROLLBACK is logged, and
-        the original error is what the caller sees."""
-        with anyio.CancelScope(shield=True):
-            if not self._conn.in_transaction:
-                return
-            try:
-                await self._conn.execute("ROLLBACK")
-            except sqlite3.Error as exc:
-                log.error("rollback failed: %s", exc)
+            return await self._writer.run(work)
+        except Busy:
+            raise StoreError(_BUSY, retry_after_s=1.0) from None
+        except sqlite3.Error as exc:
+            raise _store_error(exc) from None
 
     # -- migrations -------------------------------------------------------------------------
 
     async def migrate(self) -> list[str]:
-        applied: list[str] = []
         scripts = sorted(
             (entry.name, entry.read_text(encoding="utf-8"))
             for entry in resources.files("qpu_gateway.migrations").iterdir()
             if entry.name.endswith(".sql")
         )
-        async with self._write() as db:
-            await db.execute(
-                "CREATE TABLE IF NOT EXISTS schema_migrations (name TEXT PRIMARY KEY, applied_at REAL NOT NULL)"
-            )
-            done = {row[0] for row in await db.execute_fetchall("SELECT name FROM schema_migrations")}
+
+        def work(db: sqlite3.Connection) -> list[str]:
+            applied: list[str] = []
+            db.execute("CREATE TABLE IF NOT EXISTS schema_migrations (name TEXT PRIMARY KEY, applied_at REAL NOT NULL)")
+            done = {row[0] for row in db.execute("SELECT name FROM schema_migrations")}
             for name, script in scripts:
                 if name in done:
                     continue
                 for statement in _statements(script):
-                    await db.execute(statement)
-                await db.execute("INSERT INTO schema_migrations (name, applied_at) VALUES (?, ?)", (name, time.time()))
+                    db.execute(statement)
+                db.execute("INSERT INTO schema_migrations (name, applied_at) VALUES (?, ?)", (name, time.time()))
                 applied.append(name)
-        return applied
+            return applied
+
+        return await self._write(work)
 
     # -- keys -------------------------------------------------------------------------------
 
     async def insert_key(self, key: KeyRecord) -> None:
-        async with self._write() as db:
-            await db.execute(
+        params = (
+            key.id,
+            key.secret_hash,
+            key.agent,
+            key.project,
+            ",".join(sorted(key.scopes)),
+            key.created_at,
+            key.expires_at,
+        )
+        await self._write(
+            _run(
                 "INSERT INTO keys (id, secret_hash, agent, project, scopes, created_at, expires_at) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (
-                    key.id,
-                    key.secret_hash,
-                    key.agent,
-                    key.project,
-                    ",".join(sorted(key.scopes)),
-                    key.created_at,
-                    key.expires_at,
-                ),
+                params,
             )
+        )
 
     async def key_by_id(self, key_id: str) -> KeyRecord | None:
-        async with self._read() as db:
-            rows = list(await db.execute_fetchall("SELECT * FROM keys WHERE id = ?", (key_id,)))
-        return _key(rows[0]) if rows else None
+        row = await self._read(_first("SELECT * FROM keys WHERE id = ?", (key_id,)))
+        return _key(row) if row is not None else None
 
     async def list_keys(self) -> list[KeyRecord]:
-        async with self._read() as db:
-            rows = await db.execute_fetchall("SELECT * FROM keys ORDER BY created_at, id")
+        rows = await self._read(_all("SELECT * FROM keys ORDER BY created_at, id"))
         return [_key(row) for row in rows]
 
     async def revoke_key(self, key_id: str, now: float) -> bool:
-        async with self._write() as db:
-            cursor = await db.execute(
-                "UPDATE keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL", (now, key_id)
-            )
-            return cursor.rowcount == 1
+        changed = await self._write(
+            _run("UPDATE keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL", (now, key_id))
+        )
+        return changed == 1
 
     async def rotate_key(self, key_id: str, secret_hash: str) -> bool:
-        async with self._write() as db:
-            cursor = await db.execute(
-                "UPDATE keys SET secret_hash = ? WHERE id = ? AND revoked_at IS NULL", (secret_hash, key_id)
-            )
-            return cursor.rowcount == 1
+        changed = await self._write(
+            _run("UPDATE keys SET secret_hash = ? WHERE id = ? AND revoked_at IS NULL", (secret_hash, key_id))
+        )
+        return changed == 1
 
     async def touch_key(self, key_id: str, now: float) -> None:
-        async with self._write() as db:
-            await db.execute("UPDATE keys SET last_used_at = ? WHERE id = ?", (now, key_id))
+        await self._write(_run("UPDATE keys SET last_used_at = ? WHERE id = ?", (now, key_id)))
 
     async def key_count(self) -> int:
-        async with self._read() as db:
-            rows = list(await db.execute_fetchall("SELECT count(*) FROM keys"))
-        return int(rows[0][0])
+        row = await self._read(_first("SELECT count(*) FROM keys"))
+        assert row is not None
+        return int(row[0])
 
     # -- jobs -------------------------------------------------------------------------------
 
@@ -386,70 +363,28 @@ class SqliteStore:
         decide: Callable[[AdmissionFacts], Refusal | None],
     ) -> tuple[JobRecord, bool] | Refusal:
         day, month = _periods(now)
-        async with self._write() as db:
+
+        def work(db: sqlite3.Connection) -> tuple[JobRecord, bool] | Refusal:
             if job.idempotency_key is not None:
-                rows = list(
-                    await db.execute_fetchall(
-                        "SELECT * FROM jobs WHERE agent = ? AND idempotency_key = ?", (job.agent, job.idempotency_key)
-                    )
-                )
-                if rows:
-                    return JobRecord.from_row(rows[0]), False
-            (repeats,) = next(
-                iter(
-                    await db.execute_fetchall(
-                        "SELECT count(*) FROM jobs WHERE agent = ? AND backend = ? AND fingerprint = ? "
-                        "AND created_at > ?",
-                        (job.agent, job.backend, job.fingerprint, now - loop_window_s),
-                    )
-                )
-            )
+                earlier = db.execute(
+                    "SELECT * FROM jobs WHERE agent = ? AND idempotency_key = ?", (job.agent, job.idempotency_key)
+                ).fetchone()
+                if earlier is not None:
+                    return JobRecord.from_row(earlier), False
+            (repeats,) = db.execute(
+                "SELECT count(*) FROM jobs WHERE agent = ? AND backend = ? AND fingerprint = ? AND created_at > ?",
+                (job.agent, job.backend, job.fingerprint, now - loop_window_s),
+            ).fetchone()
             facts = AdmissionFacts(
-                agent=await _totals(db, "agent", job.agent, day, month),
-                project=await _totals(db, "project", job.project, day, month),
+                agent=_totals(db, "agent", job.agent, day, month),
+                project=_totals(db, "project", job.project, day, month),
                 repeats=int(repeats),
             )
             refusal = decide(facts)
             if refusal is not None:
                 return refusal
-            cursor = await db.execute(
-                "INSERT INTO jobs (id, agent, project, key_id, name, backend, shots, circuits, n_circuits, "
-                "qubits, depth, two_qubit_gates, fingerprint, estimate_micro_usd, state, created_at, updated_at, "
-                "priority, idempotency_key, payload_hash, dry_run_of, simulator, pricing_known, "
-                "qpu_seconds_estimate, approval_level, approval_expires_at, approved_by) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING *",
-                (
-                    job.id,
-                    job.agent,
-                    job.project,
-                    job.key_id,
-                    job.name,
-                    job.backend,
-                    job.shots,
-                    json.dumps(list(job.circuits)),
-                    len(job.circuits),
-                    job.qubits,
-                    job.depth,
-                    job.two_qubit_gates,
-                    job.fingerprint,
-                    job.estimate_micro_usd,
-                    job.state.value,
-                    now,
-                    now,
-                    job.priority,
-                    job.idempotency_key,
-                    job.payload_hash,
-                    job.dry_run_of,
-                    int(job.simulator),
-                    int(job.pricing_known),
-                    job.qpu_seconds_estimate,
-                    job.approval_level,
-                    job.approval_expires_at,
-                    job.approved_by,
-                ),
-            )
-            row = await cursor.fetchone()
-            await db.execute(
+            row = db.execute(_INSERT_JOB, _job_params(job, now)).fetchone()
+            db.execute(
                 "INSERT INTO ledger (job_id, agent, project, day, month, status, cost_micro_usd, shots, qpu_millis, "
                 "reserved_at) VALUES (?, ?, ?, ?, ?, 'reserved', ?, ?, ?, ?)",
                 (
@@ -464,49 +399,44 @@ class SqliteStore:
                     now,
                 ),
             )
-            await _insert_audit(db, audit, now)
-        assert row is not None
-        return JobRecord.from_row(row), True
+            _insert_audit(db, audit, now)
+            return JobRecord.from_row(row), True
+
+        return await self._write(work)
 
     async def ledger_totals(self, column: Literal["agent", "project"], who: str, now: float) -> LedgerTotals:
         day, month = _periods(now)
-        async with self._read() as db:
-            return await _totals(db, column, who, day, month)
+        return await self._read(lambda db: _totals(db, column, who, day, month))
 
     async def job_by_idempotency_key(self, agent: str, key: str) -> JobRecord | None:
-        async with self._read() as db:
-            rows = list(
-                await db.execute_fetchall("SELECT * FROM jobs WHERE agent = ? AND idempotency_key = ?", (agent, key))
-            )
-        return JobRecord.from_row(rows[0]) if rows else None
+        row = await self._read(_first("SELECT * FROM jobs WHERE agent = ? AND idempotency_key = ?", (agent, key)))
+        return JobRecord.from_row(row) if row is not None else None
 
     async def has_simulation(self, project: str, fingerprint: str) -> bool:
-        async with self._read() as db:
-            rows = list(
-                await db.execute_fetchall(
-                    "SELECT 1 FROM jobs WHERE project = ? AND fingerprint = ? AND state = 'succeeded' "
-                    "AND simulator = 1 LIMIT 1",
-                    (project, fingerprint),
-                )
+        row = await self._read(
+            _first(
+                "SELECT 1 FROM jobs WHERE project = ? AND fingerprint = ? AND state = 'succeeded' "
+                "AND simulator = 1 LIMIT 1",
+                (project, fingerprint),
             )
-        return bool(rows)
+        )
+        return row is not None
 
     async def pending_approvals(self) -> list[JobRecord]:
-        async with self._read() as db:
-            rows = await db.execute_fetchall("SELECT * FROM jobs WHERE state = 'pending_approval' ORDER BY seq")
+        rows = await self._read(_all("SELECT * FROM jobs WHERE state = 'pending_approval' ORDER BY seq"))
         return [JobRecord.from_row(row) for row in rows]
 
     async def expired_approvals(self, now: float) -> list[str]:
-        async with self._read() as db:
-            rows = await db.execute_fetchall(
+        rows = await self._read(
+            _all(
                 "SELECT id FROM jobs WHERE state = 'pending_approval' AND approval_expires_at < ? ORDER BY seq", (now,)
             )
+        )
         return [row[0] for row in rows]
 
     async def get_job(self, job_id: str) -> JobRecord | None:
-        async with self._read() as db:
-            rows = list(await db.execute_fetchall("SELECT * FROM jobs WHERE id = ?", (job_id,)))
-        return JobRecord.from_row(rows[0]) if rows else None
+        row = await self._read(_first("SELECT * FROM jobs WHERE id = ?", (job_id,)))
+        return JobRecord.from_row(row) if row is not None else None
 
     async def list_jobs(
         self, *, agent: str | None, state: JobState | None, limit: int, before_seq: int | None
@@ -515,8 +445,7 @@ class SqliteStore:
         query = _LIST_JOBS[(agent is not None, state is not None)]
         params: list[object] = [p for p in (agent, state.value if state else None) if p is not None]
         params += [_NO_CURSOR if before_seq is None else before_seq, limit]
-        async with self._read() as db:
-            rows = await db.execute_fetchall(query, params)
+        rows = await self._read(_all(query, params))
         return [JobRecord.from_row(row) for row in rows]
 
     async def claim(
@@ -528,113 +457,58 @@ class SqliteStore:
         now: float,
         may_run: Callable[[JobRecord, int, int], bool] | None = None,
     ) -> JobRecord | None:
-        names = sorted(set(providers))
-        if not names:
-            return None
-        async with self._write() as db:
-            # Agents held back by `may_run` are excluded and the candidates read again, so one
-            # agent at its running cap with a long queue cannot hide everyone else's jobs.
-            refused_agents: set[str] = set()
-            while True:
-                candidates = [
-                    JobRecord.from_row(row)
-                    for row in await db.execute_fetchall(
-                        _CLAIM_CANDIDATES,
-                        (
-                            now,
-                            json.dumps(names),
-                            json.dumps(sorted(set(busy_backends))),
-                            json.dumps(sorted(refused_agents)),
-                        ),
-                    )
-                ]
-                if not candidates:
-                    return None
-                held_back = len(refused_agents)
-                job = await self._take_first(db, candidates, refused_agents, owner, lease_s, now, may_run)
-                if job is not None:
-                    return job
-                if len(refused_agents) == held_back:  # nobody new was held back: nothing else can run
-                    return None
+        jobs = await self.claim_many(providers, busy_backends, owner, lease_s, now, may_run, limit=1)
+        return jobs[0] if jobs else None
 
-    async def _take_first(
+    async def claim_many(
         self,
-        db: aiosqlite.Connection,
-        candidates: list[JobRecord],
-        refused_agents: set[str],
+        providers: Iterable[str],
+        busy_backends: Iterable[str],
         owner: str,
         lease_s: float,
         now: float,
-        may_run: Callable[[JobRecord, int, int], bool] | None,
-    ) -> JobRecord | None:
-        """Claim the first candidate that may run; agents found at their cap are added to `refused_agents`."""
-        for candidate in candidates:
-            reclaim = candidate.state is not JobState.QUEUED
-            if not reclaim and may_run is not None:
-                if candidate.agent in refused_agents:
-                    continue
-                agent_running = (await _counts(db, "agent", candidate.agent))[1]
-                project_running = (await _counts(db, "project", candidate.project))[1]
-                if not may_run(candidate, agent_running, project_running):
-                    refused_agents.add(candidate.agent)
-                    continue
-            # A queued job becomes `submitting`; a job whose worker stopped heartbeating keeps
-            # its state (submitting or running) and changes hands, so a provider job already
-            # accepted is polled again rather than sent twice.
-            cursor = await db.execute(
-                """
-                UPDATE jobs SET
-                    state = CASE WHEN state = 'queued' THEN 'submitting' ELSE state END,
-                    lease_owner = ?, lease_expires = ?, version = version + 1, updated_at = ?,
-                    runs = runs + 1, started_at = coalesce(started_at, ?)
-                WHERE seq = ?
-                  AND (state = 'queued' OR (state IN ('submitting', 'running') AND lease_expires < ?))
-                RETURNING *
-                """,
-                (owner, now + lease_s, now, now, candidate.seq, now),
-            )
-            row = await cursor.fetchone()
-            if row is None:
-                continue
-            job = JobRecord.from_row(row)
-            await db.execute(
-                "INSERT INTO agent_turns (agent, last_claimed_at) VALUES (?, ?) "
-                "ON CONFLICT (agent) DO UPDATE SET last_claimed_at = excluded.last_claimed_at",
-                (job.agent, now),
-            )
-            await _insert_audit(
-                db,
-                AuditEntry(
-                    tool="job.claimed",
-                    decision="event",
-                    agent=job.agent,
-                    project=job.project,
-                    job_id=job.id,
-                    detail=f"worker {owner}, run {job.runs}",
-                ),
-                now,
-            )
-            return job
-        return None
+        may_run: Callable[[JobRecord, int, int], bool] | None = None,
+        *,
+        limit: int,
+        room: Callable[[str], int] | None = None,
+    ) -> list[JobRecord]:
+        names = json.dumps(sorted(set(providers)))
+        if names == "[]" or limit < 1:
+            return []
+
+        def work(db: sqlite3.Connection) -> list[JobRecord]:
+            busy = set(busy_backends)
+            taken: Counter[str] = Counter()
+            jobs: list[JobRecord] = []
+            while len(jobs) < limit:
+                job = _claim_next(db, names, json.dumps(sorted(busy)), owner, lease_s, now, may_run)
+                if job is None:
+                    break
+                jobs.append(job)
+                taken[job.backend] += 1
+                if room is not None and taken[job.backend] >= room(job.backend):
+                    busy.add(job.backend)
+            return jobs
+
+        return await self._write(work)
 
     async def heartbeat(self, job_ids: Iterable[str], owner: str, until: float) -> set[str]:
         ids = list(job_ids)
         if not ids:
             return set()
-        async with self._write() as db:
-            cursor = await db.execute(
+        rows = await self._write(
+            _all(
                 "UPDATE jobs SET lease_expires = ? WHERE lease_owner = ? AND id IN (SELECT value FROM json_each(?)) "
                 "AND state IN ('submitting', 'running') RETURNING id",
                 (until, owner, json.dumps(ids)),
             )
-            rows = await cursor.fetchall()
+        )
         return {row[0] for row in rows}
 
     async def record_attempt(self, job_id: str, owner: str) -> None:
-        async with self._write() as db:
-            await db.execute(
-                "UPDATE jobs SET attempts = attempts + 1 WHERE id = ? AND lease_owner = ?", (job_id, owner)
-            )
+        await self._write(
+            _run("UPDATE jobs SET attempts = attempts + 1 WHERE id = ? AND lease_owner = ?", (job_id, owner))
+        )
 
     async def transition(
         self,
@@ -656,18 +530,18 @@ class SqliteStore:
         pairs = [x for column in _SETTABLE for x in (column in values, values.get(column))]
         allowed = sources_of(new) if from_state is None else sources_of(new) & {from_state}
         sources = json.dumps(sorted(s.value for s in allowed))
-        async with self._write() as db:
-            cursor = await db.execute(_TRANSITION, (new.value, now, *pairs, job_id, sources, owner, owner))
-            row = await cursor.fetchone()
+        entry = audit or AuditEntry(tool=f"job.{new.value}", decision="event")
+
+        def work(db: sqlite3.Connection) -> JobRecord | None:
+            row = db.execute(_TRANSITION, (new.value, now, *pairs, job_id, sources, owner, owner)).fetchone()
             if row is None:
                 return None
             job = JobRecord.from_row(row)
             if new in TERMINAL:
                 won = new is JobState.SUCCEEDED
                 qpu_millis = None if job.actual_qpu_seconds is None else math.ceil(job.actual_qpu_seconds * 1000)
-                await db.execute(_SETTLE, (won, won, job.actual_cost_micro_usd, won, qpu_millis, now, job.id))
-            entry = audit or AuditEntry(tool=f"job.{new.value}", decision="event")
-            await _insert_audit(
+                db.execute(_SETTLE, (won, won, job.actual_cost_micro_usd, won, qpu_millis, now, job.id))
+            _insert_audit(
                 db,
                 AuditEntry(
                     tool=entry.tool,
@@ -682,64 +556,62 @@ class SqliteStore:
                 ),
                 now,
             )
-        return job
+            return job
+
+        return await self._write(work)
 
     async def release_lease(self, job_id: str, owner: str, *, requeue: bool, now: float) -> bool:
-        async with self._write() as db:
-            if requeue:
-                rows = await (
-                    await db.execute(
-                        "UPDATE jobs SET state = 'queued', lease_owner = NULL, lease_expires = NULL, "
-                        "provider_ref = NULL, version = version + 1, updated_at = ? "
-                        "WHERE id = ? AND lease_owner = ? AND state IN ('submitting', 'running') "
-                        "RETURNING agent, project",
-                        (now, job_id, owner),
-                    )
-                ).fetchall()
-                for agent, project in rows:
-                    await _insert_audit(
-                        db,
-                        AuditEntry(
-                            tool="job.requeued",
-                            decision="event",
-                            agent=agent,
-                            project=project,
-                            job_id=job_id,
-                            detail="the provider no longer knows the job; it runs again",
-                        ),
-                        now,
-                    )
-                return bool(rows)
-            cursor = await db.execute(
+        def work(db: sqlite3.Connection) -> bool:
+            if not requeue:
                 # lease_expires 0: any worker may claim it again (and will poll, not resubmit).
-                "UPDATE jobs SET lease_owner = NULL, lease_expires = 0 WHERE id = ? AND lease_owner = ?",
-                (job_id, owner),
-            )
-            return cursor.rowcount == 1
+                cursor = db.execute(
+                    "UPDATE jobs SET lease_owner = NULL, lease_expires = 0 WHERE id = ? AND lease_owner = ?",
+                    (job_id, owner),
+                )
+                return cursor.rowcount == 1
+            rows = db.execute(
+                "UPDATE jobs SET state = 'queued', lease_owner = NULL, lease_expires = NULL, "
+                "provider_ref = NULL, version = version + 1, updated_at = ? "
+                "WHERE id = ? AND lease_owner = ? AND state IN ('submitting', 'running') "
+                "RETURNING agent, project",
+                (now, job_id, owner),
+            ).fetchall()
+            for agent, project in rows:
+                _insert_audit(
+                    db,
+                    AuditEntry(
+                        tool="job.requeued",
+                        decision="event",
+                        agent=agent,
+                        project=project,
+                        job_id=job_id,
+                        detail="the provider no longer knows the job; it runs again",
+                    ),
+                    now,
+                )
+            return bool(rows)
+
+        return await self._write(work)
 
     async def hand_back(self, owner: str, now: float) -> int:
-        async with self._write() as db:
+        def work(db: sqlite3.Connection) -> int:
             # Not yet at the provider: back in the queue. Already at the provider: keep the
             # reference and drop the lease, so the next worker polls instead of resubmitting.
-            requeued = await (
-                await db.execute(
-                    "UPDATE jobs SET state = 'queued', lease_owner = NULL, lease_expires = NULL, "
-                    "version = version + 1, updated_at = ? "
-                    "WHERE lease_owner = ? AND state IN ('submitting', 'running') AND provider_ref IS NULL "
-                    "RETURNING id, agent, project",
-                    (now, owner),
-                )
+            requeued = db.execute(
+                "UPDATE jobs SET state = 'queued', lease_owner = NULL, lease_expires = NULL, "
+                "version = version + 1, updated_at = ? "
+                "WHERE lease_owner = ? AND state IN ('submitting', 'running') AND provider_ref IS NULL "
+                "RETURNING id, agent, project",
+                (now, owner),
             ).fetchall()
-            released = await (
-                await db.execute(
-                    "UPDATE jobs SET lease_owner = NULL, lease_expires = 0, version = version + 1, updated_at = ? "
-                    "WHERE lease_owner = ? AND state IN ('submitting', 'running') RETURNING id, agent, project",
-                    (now, owner),
-                )
+            released = db.execute(
+                "UPDATE jobs SET lease_owner = NULL, lease_expires = 0, version = version + 1, updated_at = ? "
+                "WHERE lease_owner = ? AND state IN ('submitting', 'running') RETURNING id, agent, project",
+                (now, owner),
             ).fetchall()
             for rows, what in ((requeued, "queued again"), (released, "left with the provider, lease released")):
                 for row in rows:
-                    await _insert_audit(
+                    _insert_audit(
                         db,
                         AuditEntry(
                             tool="job.handed_back",
@@ -751,53 +623,56 @@ class SqliteStore:
                         ),
                         now,
                     )
-            return len(list(requeued)) + len(list(released))
+            return len(requeued) + len(released)
+
+        return await self._write(work)
 
     async def job_versions(self, job_ids: Iterable[str]) -> dict[str, tuple[int, JobState]]:
         ids = list(job_ids)
         if not ids:
             return {}
-        async with self._read() as db:
-            rows = await db.execute_fetchall(
-                "SELECT id, version, state FROM jobs WHERE id IN (SELECT value FROM json_each(?))", (json.dumps(ids),)
-            )
+        rows = await self._read(
+            _all("SELECT id, version, state FROM jobs WHERE id IN (SELECT value FROM json_each(?))", (json.dumps(ids),))
+        )
         return {row[0]: (int(row[1]), JobState(row[2])) for row in rows}
 
     async def usage_by_state(self, agent: str) -> list[StateUsage]:
-        async with self._read() as db:
-            rows = await db.execute_fetchall(
+        rows = await self._read(
+            _all(
                 "SELECT state, count(*), coalesce(sum(shots * n_circuits), 0) FROM jobs WHERE agent = ? "
                 "GROUP BY state ORDER BY state",
                 (agent,),
             )
+        )
         return [StateUsage(JobState(row[0]), int(row[1]), int(row[2])) for row in rows]
 
     # -- audit ------------------------------------------------------------------------------
 
     async def append_audit(self, entry: AuditEntry, now: float) -> None:
-        async with self._write() as db:
-            await _insert_audit(db, entry, now)
+        await self._write(lambda db: _insert_audit(db, entry, now))
 
     async def audit_tail(
         self, *, limit: int, job_id: str | None = None, agent: str | None = None, after_seq: int | None = None
     ) -> list[AuditRecord]:
-        async with self._read() as db:
-            rows = await db.execute_fetchall(
+        rows = await self._read(
+            _all(
                 "SELECT * FROM (SELECT * FROM audit WHERE (? IS NULL OR job_id = ?) AND (? IS NULL OR agent = ?) "
                 "AND seq > ? ORDER BY seq DESC LIMIT ?) ORDER BY seq",
                 (job_id, job_id, agent, agent, after_seq or 0, limit),
             )
+        )
         return [AuditRecord(**dict(row)) for row in rows]
 
     async def audit_since(
         self, *, after_seq: int, limit: int, job_id: str | None = None, agent: str | None = None
     ) -> list[AuditRecord]:
-        async with self._read() as db:
-            rows = await db.execute_fetchall(
+        rows = await self._read(
+            _all(
                 "SELECT * FROM audit WHERE seq > ? AND (? IS NULL OR job_id = ?) AND (? IS NULL OR agent = ?) "
                 "ORDER BY seq LIMIT ?",
                 (after_seq, job_id, job_id, agent, agent, limit),
             )
+        )
         return [AuditRecord(**dict(row)) for row in rows]
 
     async def audit_pages(self, *, after_seq: int = 0, page_size: int = 1000) -> AsyncGenerator[list[AuditRecord]]:
@@ -806,12 +681,142 @@ class SqliteStore:
             after_seq = page[-1].seq
 
     async def audit_highest_seq(self) -> int:
-        async with self._read() as db:
-            [(seq,)] = await db.execute_fetchall(
+        row = await self._read(
+            _first(
                 "SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'audit'), 0), "
                 "coalesce((SELECT max(seq) FROM audit), 0))"
             )
-        return int(seq)
+        )
+        assert row is not None
+        return int(row[0])
+
+
+# -- work done on a connection's thread ------------------------------------------------------
+
+
+def _run(sql: str, params: Iterable[Any] = ()) -> Callable[[sqlite3.Connection], int]:
+    """One statement; the work returns how many rows it changed."""
+    return lambda db: db.execute(sql, tuple(params)).rowcount
+
+
+def _first(sql: str, params: Iterable[Any] = ()) -> Callable[[sqlite3.Connection], sqlite3.Row | None]:
+    return lambda db: db.execute(sql, tuple(params)).fetchone()
+
+
+def _all(sql: str, params: Iterable[Any] = ()) -> Callable[[sqlite3.Connection], list[sqlite3.Row]]:
+    return lambda db: db.execute(sql, tuple(params)).fetchall()
+
+
+def _claim_next(
+    db: sqlite3.Connection,
+    providers: str,
+    busy: str,
+    owner: str,
+    lease_s: float,
+    now: float,
+    may_run: Callable[[JobRecord, int, int], bool] | None,
+) -> JobRecord | None:
+    """Claim the next claimable job, inside the caller's write transaction."""
+    # Agents held back by `may_run` are excluded and the candidates read again, so one agent at
+    # its running cap with a long queue cannot hide everyone else's jobs.
+    refused_agents: set[str] = set()
+    while True:
+        candidates = db.execute(
+            _CLAIM_CANDIDATES, (now, providers, busy, json.dumps(sorted(refused_agents)))
+        ).fetchall()
+        if not candidates:
+            return None
+        held_back = len(refused_agents)
+        job = _take_first(db, candidates, refused_agents, owner, lease_s, now, may_run)
+        if job is not None:
+            return job
+        if len(refused_agents) == held_back:  # nobody new was held back: nothing else can run
+            return None
+
+
+def _take_first(
+    db: sqlite3.Connection,
+    candidates: list[sqlite3.Row],
+    refused_agents: set[str],
+    owner: str,
+    lease_s: float,
+    now: float,
+    may_run: Callable[[JobRecord, int, int], bool] | None,
+) -> JobRecord | None:
+    """Claim the first candidate that may run; agents found at their cap are added to `refused_agents`.
+
+    Candidates are (seq, state, agent, project): only the job taken, or one `may_run` must see,
+    is read and decoded whole.
+    """
+    for seq, state, agent, project in candidates:
+        reclaim = state != JobState.QUEUED.value
+        if not reclaim and may_run is not None:
+            if agent in refused_agents:
+                continue
+            agent_running = _counts(db, "agent", agent)[1]
+            project_running = _counts(db, "project", project)[1]
+            candidate = JobRecord.from_row(db.execute("SELECT * FROM jobs WHERE seq = ?", (seq,)).fetchone())
+            if not may_run(candidate, agent_running, project_running):
+                refused_agents.add(agent)
+                continue
+        # A queued job becomes `submitting`; a job whose worker stopped heartbeating keeps
+        # its state (submitting or running) and changes hands, so a provider job already
+        # accepted is polled again rather than sent twice.
+        row = db.execute(_CLAIM_ONE, (owner, now + lease_s, now, now, seq, now)).fetchone()
+        if row is None:
+            continue
+        job = JobRecord.from_row(row)
+        db.execute(
+            "INSERT INTO agent_turns (agent, last_claimed_at) VALUES (?, ?) "
+            "ON CONFLICT (agent) DO UPDATE SET last_claimed_at = excluded.last_claimed_at",
+            (job.agent, now),
+        )
+        _insert_audit(
+            db,
+            AuditEntry(
+                tool="job.claimed",
+                decision="event",
+                agent=job.agent,
+                project=job.project,
+                job_id=job.id,
+                detail=f"worker {owner}, run {job.runs}",
+            ),
+            now,
+        )
+        return job
+    return None
+
+
+def _job_params(job: NewJob, now: float) -> tuple[Any, ...]:
+    return (
+        job.id,
+        job.agent,
+        job.project,
+        job.key_id,
+        job.name,
+        job.backend,
+        job.shots,
+        json.dumps(list(job.circuits)),
+        len(job.circuits),
+        job.qubits,
+        job.depth,
+        job.two_qubit_gates,
+        job.fingerprint,
+        job.estimate_micro_usd,
+        job.state.value,
+        now,
+        now,
+        job.priority,
+        job.idempotency_key,
+        job.payload_hash,
+        job.dry_run_of,
+        int(job.simulator),
+        int(job.pricing_known),
+        job.qpu_seconds_estimate,
+        job.approval_level,
+        job.approval_expires_at,
+        job.approved_by,
+    )
 
 
 def _periods(now: float) -> tuple[str, str]:
@@ -820,28 +825,28 @@ def _periods(now: float) -> tuple[str, str]:
     return moment.strftime("%Y-%m-%d"), moment.strftime("%Y-%m")
 
 
-async def _counts(db: aiosqlite.Connection, column: Literal["agent", "project"], who: str) -> tuple[int, int]:
-    rows = list(await db.execute_fetchall(_COUNTS_BY[column], (who,)))
-    return int(rows[0][0]), int(rows[0][1])
+def _counts(db: sqlite3.Connection, column: Literal["agent", "project"], who: str) -> tuple[int, int]:
+    queued, running = db.execute(_COUNTS_BY[column], (who,)).fetchone()
+    return int(queued), int(running)
 
 
-async def _totals(
-    db: aiosqlite.Connection, column: Literal["agent", "project"], who: str, day: str, month: str
+def _totals(
+    db: sqlite3.Connection, column: Literal["agent", "project"], who: str, day: str, month: str
 ) -> LedgerTotals:
     committed: dict[str, tuple[int, int, int]] = {}
     reserved: dict[str, tuple[int, int, int]] = {}
-    for row in await db.execute_fetchall(_TOTALS_BY[column], {"day": day, "month": month, "who": who}):
+    for row in db.execute(_TOTALS_BY[column], {"day": day, "month": month, "who": who}):
         values = [int(v) for v in tuple(row)[1:]]
         target = committed if row[0] == "committed" else reserved
         target.update(day=tuple(values[0:3]), month=tuple(values[3:6]), total=tuple(values[6:9]))  # type: ignore[arg-type]
-    queued, running = await _counts(db, column, who)
+    queued, running = _counts(db, column, who)
     return LedgerTotals(committed=committed, reserved=reserved, queued_jobs=queued, running_jobs=running)
 
 
-async def _insert_audit(db: aiosqlite.Connection, entry: AuditEntry, now: float) -> None:
+def _insert_audit(db: sqlite3.Connection, entry: AuditEntry, now: float) -> None:
     """Append one row, chained to the row with the highest seq (exact across processes: the
     caller holds the write lock from BEGIN IMMEDIATE, so no other writer comes between)."""
-    [(seq, prev_hash)] = await db.execute_fetchall(_AUDIT_NEXT)
+    seq, prev_hash = db.execute(_AUDIT_NEXT).fetchone()
     content = {
         "seq": int(seq),
         "at": float(now),
@@ -856,7 +861,7 @@ async def _insert_audit(db: aiosqlite.Connection, entry: AuditEntry, now: float)
         "detail": entry.detail,
     }
     prev_hash = prev_hash or GENESIS  # the first row, or the first after rows older than the chain
-    await db.execute(
+    db.execute(
         "INSERT INTO audit (seq, at, agent, project, key_id, tool, decision, error_code, args_hash, job_id, detail, "
         "prev_hash, row_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (*content.values(), prev_hash, chain_hash(prev_hash, content)),

@@ -113,6 +113,22 @@ class Store(Protocol):
         """
         ...
 
+    async def claim_many(
+        self,
+        providers: Iterable[str],
+        busy_backends: Iterable[str],
+        owner: str,
+        lease_s: float,
+        now: float,
+        may_run: Callable[[JobRecord, int, int], bool] | None = None,
+        *,
+        limit: int,
+        room: Callable[[str], int] | None = None,
+    ) -> list[JobRecord]:
+        """Claim up to `limit` jobs in one transaction, each chosen as `claim` chooses, taking no
+        more of a backend's jobs than `room(backend)` (then it counts as busy)."""
+        ...
+
     async def heartbeat(self, job_ids: Iterable[str], owner: str, until: float) -> set[str]:
         """Extend leases; return the ids this owner still holds."""
         ...

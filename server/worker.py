@@ -46,6 +46,8 @@ T = TypeVar("T")
 
 POLL_START_S = 0.05
 POLL_MAX_S = 5.0
+# Jobs claimed in one transaction at most: a queue of many is taken in a few writes, not one each.
+CLAIM_BATCH = 32
 
 
 class Workers:
@@ -93,28 +95,51 @@ class Workers:
     async def _dispatch_loop(self, tg: anyio.abc.TaskGroup) -> None:
         while True:
             self._wake = anyio.Event()
-            while (job := await self._claim()) is not None:
+            jobs = await self._claim()
+            for job in jobs:
                 scope = anyio.CancelScope()
                 self._in_flight[job.id] = scope
                 self._per_backend[job.backend] += 1
                 tg.start_soon(self._run, job, scope)
+            if jobs:
+                continue  # there may be more
             with anyio.move_on_after(self.config.poll_interval_s):
                 await self._wake.wait()
 
-    async def _claim(self) -> JobRecord | None:
-        busy = [b for b, n in self._per_backend.items() if n >= self.config.per_backend_concurrency]
+    async def _claim(self) -> list[JobRecord]:
+        """Claim, in one transaction, as many jobs as the backends' caps leave room for here."""
+        busy = [b for b, n in self._per_backend.items() if n >= self._in_flight_cap(b)]
         busy += self.breakers.blocked()
         try:
-            job = await self.store.claim(
-                self.providers.adapters, busy, self.owner, self.config.lease_s, time.time(), may_run=self._may_run
+            jobs = await self.store.claim_many(
+                self.providers.adapters,
+                busy,
+                self.owner,
+                self.config.lease_s,
+                time.time(),
+                may_run=self._may_run,
+                limit=CLAIM_BATCH,
+                room=self._room,
             )
         except StoreError as exc:
             log.warning("cannot claim jobs: %s", exc)
-            return None
-        if job is not None:
+            return []
+        for job in jobs:
             self.breakers.started(job.backend)
             await self.events.announce(job)
-        return job
+        return jobs
+
+    def _room(self, backend: str) -> int:
+        """How many more of a backend's jobs this process may take now: one probe when half-open."""
+        if self.breakers.state(backend) == "half_open":
+            return 1
+        return self._in_flight_cap(backend) - self._per_backend[backend]
+
+    def _in_flight_cap(self, backend: str) -> int:
+        """How many of a backend's jobs this process runs at once: more for an adapter that runs
+        several jobs in one call (Aer's micro-batches), so they have jobs to share a call."""
+        adapter = self.providers.adapter_for(backend)
+        return self.config.per_backend_concurrency * max(1, getattr(adapter, "jobs_at_once", 1))
 
     def _may_run(self, job: JobRecord, agent_running: int, project_running: int) -> bool:
         """The running-jobs caps of the job's agent and project (quota `running_jobs`)."""

@@ -1,0 +1,188 @@
+"""Work on an aiosqlite connection's own thread: whole reads in one hop, writes committed in groups.
+
+aiosqlite's public calls make one hop per statement: a queue put, a thread wake-up and a
+callback on the event loop. A job took some 140 statements, and each write transaction also
+waited for the event loop to hand the connection's lock to the next caller, one transaction per
+loop turn. Here a store operation is one plain function over the `sqlite3` connection:
+
+- `read` runs it on the reader's thread in one hop; reads queue on that thread, no lock.
+- `GroupWriter.run` queues it for the writer's thread, which takes every write waiting at that
+  moment into one `BEGIN IMMEDIATE ... COMMIT`, each write in a savepoint of its own (a failing
+  write is rolled back alone; the others commit). Writes that arrive during a commit go in the
+  next one, so one fsync serves many calls and nothing waits on a timer. Inside the transaction
+  they run one after another, so each decides on what the writes before it left (a quota check
+  sees every earlier reservation, the audit chain links row to row).
+
+The writers of one process to one database file (the store's and the rate-limit storage's) share
+a write gate, a plain lock taken before `BEGIN IMMEDIATE`, so they take turns at once instead of
+meeting SQLite's busy handler, which sleeps between tries. Other processes still meet it.
+
+aiosqlite keeps its queue-a-function call (`Connection._execute`) private, so the range in
+pyproject.toml holds it to one minor series, and every store test runs through this module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sqlite3
+import threading
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+import aiosqlite
+import anyio
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+Work = Callable[[sqlite3.Connection], T]
+
+# Writes committed together at most: a bound on how long one transaction holds the write lock.
+GROUP_MAX = 256
+
+
+class Busy(Exception):
+    """The work waited longer than its caller's patience and was withdrawn: nothing was written."""
+
+
+async def read(conn: aiosqlite.Connection, work: Work[T], patience_s: float) -> T:
+    """Run `work(sqlite3 connection)` on the connection's thread; `Busy` if it has not ended within `patience_s`."""
+    try:
+        with anyio.fail_after(patience_s):
+            return await _queue(conn)(lambda: work(conn._conn))
+    except TimeoutError:
+        raise Busy from None
+
+
+class GroupWriter:
+    """One connection's write transactions, committed in groups on its thread."""
+
+    def __init__(self, conn: aiosqlite.Connection, gate: threading.Lock, patience_s: float) -> None:
+        self._conn = conn
+        self._gate = gate
+        self._patience_s = patience_s
+        self._waiting: list[tuple[Work[Any], Future[Any]]] = []
+        self._lock = threading.Lock()
+
+    async def run(self, work: Work[T]) -> T:
+        """Run `work` in a write transaction and return what it returned, or raise what it raised.
+
+        `Busy` if it could not start within the patience (another process held the database
+        long, or this one's queue was long): it is then withdrawn, and nothing of it is written.
+        A caller cancelled before its work starts withdraws it; once started, the caller waits.
+        """
+        done: Future[T] = Future()
+        with self._lock:
+            self._waiting.append((work, done))
+        try:
+            with anyio.fail_after(self._patience_s):
+                # Returns once this call's work has been committed or refused: the thread runs
+                # queued calls in order, so this drain or an earlier one took it.
+                await _queue(self._conn)(self._drain)
+        except TimeoutError:
+            if done.cancel():
+                raise Busy from None
+            await _outcome(done)
+        except BaseException:
+            if not done.cancel():
+                await _outcome(done)
+            raise
+        return done.result()
+
+    def _drain(self) -> None:
+        """On the connection's thread: commit every waiting write, in groups, until none waits."""
+        while True:
+            with self._lock:
+                group, self._waiting = self._waiting[:GROUP_MAX], self._waiting[GROUP_MAX:]
+            # Withdrawn writes (their caller gave up before this) are left out.
+            group = [(work, done) for work, done in group if done.set_running_or_notify_cancel()]
+            if not group:
+                with self._lock:
+                    if not self._waiting:
+                        return
+                continue
+            try:
+                _commit_group(self._conn._conn, self._gate, self._patience_s, group)
+            except BaseException as exc:  # the connection is gone: nobody may wait forever
+                _fail_all(group, exc)
+                raise
+
+
+def _commit_group(
+    db: sqlite3.Connection, gate: threading.Lock, patience_s: float, group: list[tuple[Work[Any], Future[Any]]]
+) -> None:
+    """Run each write of `group` in its own savepoint of one transaction and commit them together."""
+    if not gate.acquire(timeout=patience_s):
+        _fail_all(group, sqlite3.OperationalError("database is locked (by another writer of this process)"))
+        return
+    try:
+        outcomes: list[tuple[Future[Any], bool, Any]] = []
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            for work, done in group:
+                db.execute("SAVEPOINT one_write")
+                try:
+                    value = work(db)
+                except Exception as exc:
+                    if not db.in_transaction:
+                        raise  # SQLite ended the whole transaction (disk full, I/O error): all fail
+                    db.execute("ROLLBACK TO one_write")
+                    db.execute("RELEASE one_write")
+                    outcomes.append((done, False, exc))
+                else:
+                    db.execute("RELEASE one_write")
+                    outcomes.append((done, True, value))
+            db.execute("COMMIT")
+        except Exception as exc:
+            rollback(db)
+            _fail_all(group, exc)
+            return
+    finally:
+        gate.release()
+    for done, ok, value in outcomes:
+        if ok:
+            done.set_result(value)
+        else:
+            done.set_exception(value)
+
+
+def _fail_all(group: list[tuple[Work[Any], Future[Any]]], exc: BaseException) -> None:
+    for _, done in group:
+        if not done.done():
+            done.set_exception(exc)
+
+
+async def _outcome(done: Future[T]) -> None:
+    """Wait, shielded, for a write that has started: it must be seen through to its end."""
+    with anyio.CancelScope(shield=True):
+        await asyncio.wait([asyncio.wrap_future(done)])
+
+
+def _queue(conn: aiosqlite.Connection) -> Callable[[Callable[[], T]], Awaitable[T]]:
+    queue: Callable[[Callable[[], T]], Awaitable[T]] = conn._execute
+    return queue
+
+
+_gates: dict[str, threading.Lock] = {}
+_gates_lock = threading.Lock()
+
+
+def write_gate(path: os.PathLike[str] | str) -> threading.Lock:
+    """The lock this process's writers to the database file at `path` take before writing."""
+    key = os.path.realpath(path)
+    with _gates_lock:
+        return _gates.setdefault(key, threading.Lock())
+
+
+def rollback(db: sqlite3.Connection) -> None:
+    """End a failed transaction. SQLite has already rolled back some (a full disk, an I/O error)
+    by itself, so there may be nothing left to end; a failed ROLLBACK is logged, and the original
+    error is what the caller sees."""
+    if not db.in_transaction:
+        return
+    try:
+        db.execute("ROLLBACK")
+    except sqlite3.Error as exc:
+        log.error("rollback failed: %s", exc)
