@@ -45,7 +45,9 @@ from qpu_gateway.store import StoreError
 
 log = logging.getLogger(__name__)
 
-KeySource = Callable[[], str | None]
+# The caller's key for this call; or, where the transport already checked the key for this very
+# request (HTTP's token verifier), the principal it found, so the store is not asked twice.
+KeySource = Callable[[], str | Principal | None]
 Progress = Callable[[float, str], Awaitable[None]]
 AUDITED_METHODS = frozenset(
     {
@@ -164,7 +166,10 @@ class Calls:
             method=ctx.method, name=name, args_hash=hashed, arguments=arguments if isinstance(arguments, dict) else {}
         )
         try:
-            state.principal = await authenticate(self.gateway.store, self.key_source())
+            source = self.key_source()
+            state.principal = (
+                source if isinstance(source, Principal) else await authenticate(self.gateway.store, source)
+            )
         except GatewayError as exc:
             state.auth_error = exc
         except StoreError as exc:

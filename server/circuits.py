@@ -6,8 +6,10 @@ so a hostile program is refused before anything heavy happens.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
+from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -62,17 +64,16 @@ def _inspect(source: str, *, max_qubits: int, where: str) -> CircuitFacts:
         raise InvalidCircuit(f"{where}{exc}") from None
     if circuit.num_qubits > max_qubits:  # a backstop: the text screen should have caught it
         raise LimitExceeded(f"{where}the circuit uses {circuit.num_qubits} qubits; {_QUBIT_CAP.format(max_qubits)}")
-    measurements = sum(1 for inst in circuit.data if inst.operation.name == "measure")
+    tally: Counter[str] = Counter()
+    digest, expanded = _Walker().walk(circuit, tally)
+    measurements = tally["measure"]
     if measurements == 0:
         raise InvalidCircuit(f"{where}the circuit measures nothing, so it would return no counts. Add measure.")
-    digest, expanded = _Walker().walk(circuit)
     if expanded > MAX_EXPANDED_OPERATIONS:
         raise LimitExceeded(
             f"{where}the circuit expands to {expanded} operations once its gate definitions are unfolded; "
             f"at most {MAX_EXPANDED_OPERATIONS} are accepted."
         )
-    two_qubit = sum(1 for inst in circuit.data if len(inst.qubits) == 2 and inst.operation.name not in _NOT_GATES)
-    one_qubit = sum(1 for inst in circuit.data if len(inst.qubits) == 1 and inst.operation.name not in _NOT_GATES)
     return CircuitFacts(
         version=version,
         qubits=circuit.num_qubits,
@@ -80,8 +81,8 @@ def _inspect(source: str, *, max_qubits: int, where: str) -> CircuitFacts:
         # A custom gate counts as one layer in circuit.depth(); the unfolded operations spread over
         # the qubits give a lower bound on the real depth, so max_depth cannot be dodged by nesting.
         depth=max(circuit.depth(), math.ceil(expanded / max(circuit.num_qubits, 1))),
-        one_qubit_gates=one_qubit,
-        two_qubit_gates=two_qubit,
+        one_qubit_gates=tally["one_qubit"],
+        two_qubit_gates=tally["two_qubit"],
         measurements=measurements,
         registers=tuple(creg.name for creg in circuit.cregs),
         fingerprint=digest,
@@ -106,23 +107,34 @@ class _Walker:
     """
 
     def __init__(self) -> None:
-        from qiskit.circuit.library import get_standard_gate_name_mapping
-
-        self.standard = frozenset(get_standard_gate_name_mapping()) | {"measure", "barrier", "reset", "delay"}
+        self.standard = _standard_names()
         self.memo: dict[tuple[object, ...], tuple[str, int]] = {}
 
-    def walk(self, circuit: QuantumCircuit) -> tuple[str, int]:
-        """(sha256 of the canonical form, operations after expanding every custom gate)."""
+    def walk(self, circuit: QuantumCircuit, tally: Counter[str] | None = None) -> tuple[str, int]:
+        """(sha256 of the canonical form, operations after expanding every custom gate).
+
+        With `tally`, the circuit's own operations are counted into it in the same pass:
+        `measure`, and gates (not measure, barrier, reset or delay) on `one_qubit` and `two_qubit`.
+        """
         digest = hashlib.sha256()
         digest.update(f"q{circuit.num_qubits};".encode())
         for creg in circuit.cregs:
             digest.update(f"c {creg.name} {creg.size};".encode())
         expanded = 0
+        # Bit positions looked up once per circuit (find_bit per operand was most of the walk).
+        qubit_index = {bit: str(i) for i, bit in enumerate(circuit.qubits)}
+        clbit_index = {bit: str(i) for i, bit in enumerate(circuit.clbits)}
         for inst in circuit.data:
-            qubits = ",".join(str(circuit.find_bit(q).index) for q in inst.qubits)
-            clbits = ",".join(str(circuit.find_bit(c).index) for c in inst.clbits)
+            qubits = ",".join(qubit_index[q] for q in inst.qubits)
+            clbits = ",".join(clbit_index[c] for c in inst.clbits)
             params = ",".join(_param(p) for p in inst.operation.params)
             digest.update(f"{inst.operation.name}({params}) {qubits} -> {clbits};".encode())
+            if tally is not None:
+                name = inst.operation.name
+                if name == "measure":
+                    tally["measure"] += 1
+                elif name not in _NOT_GATES and len(inst.qubits) in (1, 2):
+                    tally["one_qubit" if len(inst.qubits) == 1 else "two_qubit"] += 1
             body, count = self._body(inst.operation, params)
             if body:
                 digest.update(b"{" + body.encode() + b"}")
@@ -137,6 +149,14 @@ class _Walker:
             definition = getattr(operation, "definition", None)
             self.memo[key] = ("", 1) if definition is None else self.walk(definition)
         return self.memo[key]
+
+
+@functools.cache
+def _standard_names() -> frozenset[str]:
+    """Operations taken as they are (not unfolded): Qiskit's standard gates and the non-gates."""
+    from qiskit.circuit.library import get_standard_gate_name_mapping
+
+    return frozenset(get_standard_gate_name_mapping()) | {"measure", "barrier", "reset", "delay"}
 
 
 def _param(value: object) -> str:

@@ -481,7 +481,10 @@ class SqliteStore:
             taken: Counter[str] = Counter()
             jobs: list[JobRecord] = []
             while len(jobs) < limit:
-                job = _claim_next(db, names, json.dumps(sorted(busy)), owner, lease_s, now, may_run)
+                # Each claim of a batch takes its turn a microsecond after the one before, so agents
+                # still take turns within one batch (turns are ordered by time).
+                turn = now + len(jobs) * 1e-6
+                job = _claim_next(db, names, json.dumps(sorted(busy)), owner, lease_s, now, turn, may_run)
                 if job is None:
                     break
                 jobs.append(job)
@@ -714,9 +717,11 @@ def _claim_next(
     owner: str,
     lease_s: float,
     now: float,
+    turn: float,
     may_run: Callable[[JobRecord, int, int], bool] | None,
 ) -> JobRecord | None:
-    """Claim the next claimable job, inside the caller's write transaction."""
+    """Claim the next claimable job, inside the caller's write transaction; `turn` is when its
+    agent's turn is recorded as taken."""
     # Agents held back by `may_run` are excluded and the candidates read again, so one agent at
     # its running cap with a long queue cannot hide everyone else's jobs.
     refused_agents: set[str] = set()
@@ -727,7 +732,7 @@ def _claim_next(
         if not candidates:
             return None
         held_back = len(refused_agents)
-        job = _take_first(db, candidates, refused_agents, owner, lease_s, now, may_run)
+        job = _take_first(db, candidates, refused_agents, owner, lease_s, now, turn, may_run)
         if job is not None:
             return job
         if len(refused_agents) == held_back:  # nobody new was held back: nothing else can run
@@ -741,6 +746,7 @@ def _take_first(
     owner: str,
     lease_s: float,
     now: float,
+    turn: float,
     may_run: Callable[[JobRecord, int, int], bool] | None,
 ) -> JobRecord | None:
     """Claim the first candidate that may run; agents found at their cap are added to `refused_agents`.
@@ -769,7 +775,7 @@ def _take_first(
         db.execute(
             "INSERT INTO agent_turns (agent, last_claimed_at) VALUES (?, ?) "
             "ON CONFLICT (agent) DO UPDATE SET last_claimed_at = excluded.last_claimed_at",
-            (job.agent, now),
+            (job.agent, turn),
         )
         _insert_audit(
             db,

@@ -1,8 +1,8 @@
 """Serving the gateway over stdio, Streamable HTTP or SSE, with the key each one carries.
 
 stdio: the key is `QPU_GATEWAY_KEY` in the server's environment (mcp.json's `env`).
-HTTP and SSE: `Authorization: Bearer KEY` on every request, checked by the SDK's token-verifier
-hook before any MCP work, and again per call by the gateway middleware.
+HTTP and SSE: `Authorization: Bearer KEY` on every request, checked against the store by the SDK's
+token-verifier hook before any MCP work; the gateway middleware takes the principal it found.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from mcp.server.auth.settings import AuthSettings
 from qpu_gateway.app import build_server
 from qpu_gateway.config import ENV_KEY
 from qpu_gateway.errors import GatewayError
-from qpu_gateway.keys import authenticate
+from qpu_gateway.keys import Principal, authenticate
 from qpu_gateway.records import AuditEntry
 from qpu_gateway.runtime import Gateway
 from qpu_gateway.store import StoreError
@@ -43,12 +43,27 @@ class GatewayTokenVerifier:
             entry = AuditEntry(tool="http.auth", decision="refused", error_code="unauthorized", detail=reason)
             await self.gateway.audit_spool.write(self.gateway.store, entry, time.time())
             return None
-        return AccessToken(token=token, client_id=who.key_id, scopes=sorted(who.scopes), subject=who.agent)
+        return AccessToken(
+            token=token,
+            client_id=who.key_id,
+            scopes=sorted(who.scopes),
+            subject=who.agent,
+            claims={"project": who.project},
+        )
 
 
-def bearer_key() -> str | None:
+def bearer_principal() -> Principal | None:
+    """The principal the token verifier found for this HTTP request's bearer key (checked against
+    the store moments ago, on this same request, so a revoked key still stops at its next request)."""
     token = get_access_token()
-    return token.token if token is not None else None
+    if token is None or token.subject is None or not token.claims:
+        return None
+    return Principal(
+        agent=token.subject,
+        project=str(token.claims["project"]),
+        scopes=frozenset(token.scopes),
+        key_id=token.client_id,
+    )
 
 
 def stdio_key() -> str | None:
@@ -83,7 +98,7 @@ async def serve_http(gateway: Gateway, *, transport: str, host: str, port: int) 
         resource_server_url=f"{base}{path}",  # type: ignore[arg-type]
         validate_token_resource=False,  # our tokens are gateway keys, not audience-bound OAuth tokens
     )
-    mcp = build_server(gateway, bearer_key, token_verifier=GatewayTokenVerifier(gateway), auth=auth)
+    mcp = build_server(gateway, bearer_principal, token_verifier=GatewayTokenVerifier(gateway), auth=auth)
     app = mcp.streamable_http_app(host=host) if transport == "http" else mcp.sse_app(host=host)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", log_config=None, lifespan="on")
     server = uvicorn.Server(config)
