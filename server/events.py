@@ -44,6 +44,7 @@ class JobEvents:
         self._watchers: Counter[str] = Counter()  # job id -> waiters and subscribers in this process
         self._legacy: dict[str, list[LegacySession]] = {}  # uri -> 2025-era subscribed sessions
         self._versions: dict[str, int] = {}  # last version announced, per watched job
+        self._latest: dict[str, JobRecord] = {}  # the job as this process last changed it, per watched job
 
     # -- who is interested ------------------------------------------------------------------
 
@@ -57,6 +58,7 @@ class JobEvents:
         if self._watchers[job_id] <= 0:
             del self._watchers[job_id]
             self._versions.pop(job_id, None)
+            self._latest.pop(job_id, None)
 
     def subscribe_legacy(self, uri: str, session: LegacySession, version: int) -> None:
         sessions = self._legacy.setdefault(uri, [])
@@ -76,6 +78,12 @@ class JobEvents:
         if not sessions:
             self._legacy.pop(uri, None)
 
+    def latest(self, job_id: str, *, newer_than: int) -> JobRecord | None:
+        """The watched job as announced by this process, if that is newer than `newer_than`; None
+        when the newest change is another process's (then read the job from the store)."""
+        job = self._latest.get(job_id)
+        return job if job is not None and job.version > newer_than else None
+
     def changed_event(self, job_id: str) -> anyio.Event:
         """An event set at the job's next change; take it before re-reading the job."""
         event = self._changed.get(job_id)
@@ -86,7 +94,9 @@ class JobEvents:
     # -- announcing -------------------------------------------------------------------------
 
     async def announce(self, job: JobRecord) -> None:
-        """Announce the job as it now is."""
+        """Announce the job as it now is (waiters here take this record instead of reading it again)."""
+        if job.id in self._watchers and self._versions.get(job.id, 0) < job.version:
+            self._latest[job.id] = job
         await self.job_changed(job.id, job.version, terminal=job.state in TERMINAL)
 
     async def job_changed(self, job_id: str, version: int, *, terminal: bool = False) -> None:
@@ -99,6 +109,9 @@ class JobEvents:
             return
         if job_id in self._watchers:
             self._versions[job_id] = version
+            latest = self._latest.get(job_id)
+            if latest is not None and latest.version < version:  # another process's change
+                del self._latest[job_id]
         event = self._changed.pop(job_id, None)
         if event is not None:
             event.set()

@@ -162,7 +162,8 @@ async def wait_for_job(
             # Re-read at least every poll interval: another process may have moved the job.
             with anyio.move_on_after(min(remaining, max(gw.config.poll_interval_s, 0.05))):
                 await changed.wait()
-            job = await owned_job(gw, who, job_id)
+            # A change made here comes with the job as stored; another process's is read.
+            job = gw.events.latest(job.id, newer_than=job.version) or await owned_job(gw, who, job_id)
     finally:
         gw.events.unwatch(job.id)
 
