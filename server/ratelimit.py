@@ -8,6 +8,7 @@ replicas on several machines, `async+redis://host:6379`.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -72,7 +73,7 @@ class RateLimiter:
     async def _enforce_one(
         self, rule: RateRule, who: Principal, backend: str | None, cost: int, progress: Progress | None
     ) -> None:
-        item = limits.parse(rule.limit)
+        item = _parse(rule.limit)
         key = _key(rule, who, backend)
         if cost > item.amount:
             raise RateLimited(
@@ -109,6 +110,12 @@ class RateLimiter:
         if len(self._spent) > 10_000:
             now = time.time()
             self._spent = {k: v for k, v in self._spent.items() if v[0] > now}
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse(limit: str) -> limits.RateLimitItem:
+    """The `limits` item for a rate string, parsed once (the policy's strings are few; a call checks several)."""
+    return limits.parse(limit)
 
 
 def _key(rule: RateRule, who: Principal, backend: str | None) -> str:

@@ -172,6 +172,29 @@ async def _connect(path: Path, busy_s: float) -> aiosqlite.Connection:
     return conn
 
 
+def _quick_reader(path: Path) -> sqlite3.Connection:
+    """A query_only connection that answers SQLITE_BUSY at once instead of waiting (timeout 0).
+
+    In WAL mode readers do not wait for writers, so a read meets "busy" only in rare moments (a
+    process recovering the WAL after a crash); then the read goes to the reader's thread, which
+    waits up to the busy timeout without holding up the event loop.
+    """
+    quick = sqlite3.connect(str(path), isolation_level=None, timeout=0)
+    try:
+        quick.row_factory = sqlite3.Row
+        quick.execute("PRAGMA query_only = 1")
+    except BaseException:
+        quick.close()
+        raise
+    return quick
+
+
+def _waits(exc: sqlite3.OperationalError) -> bool:
+    """True for the errors a read would have waited out with a busy handler."""
+    text = str(exc).lower()
+    return "locked" in text or "busy" in text
+
+
 def _read_only(path: Path) -> bool:
     """True if the database's folder is on a read-only mount, or the file or folder is not writable."""
     if os.statvfs(path.parent).f_flag & os.ST_RDONLY:
@@ -212,6 +235,9 @@ class SqliteStore:
         # call's reads do not queue behind the workers' write transactions (WAL lets readers and
         # the writer work at once; each read sees the last committed state).
         self._reader = reader
+        # Most reads are a few rows by index, far quicker than a hop to a thread and back; they run
+        # on the event loop's thread through a connection that never waits (no busy handler).
+        self._quick: sqlite3.Connection | None = None
 
     @classmethod
     async def open(cls, path: Path) -> SqliteStore:
@@ -245,6 +271,7 @@ class SqliteStore:
             reader = await _connect(path, busy_s)
             opened.append(reader)
             await reader.execute("PRAGMA query_only = 1")
+            quick = _quick_reader(path)
         except BaseException as exc:
             # A connection's worker thread would otherwise keep the process from exiting.
             with anyio.CancelScope(shield=True):
@@ -253,15 +280,30 @@ class SqliteStore:
             if isinstance(exc, sqlite3.Error):
                 raise _store_error(exc) from None
             raise
-        return cls(conn, reader, busy_s, write_gate(path))
+        store = cls(conn, reader, busy_s, write_gate(path))
+        store._quick = quick
+        return store
 
     async def close(self) -> None:
+        if self._quick is not None:
+            self._quick.close()
         with anyio.CancelScope(shield=True):
             await self._reader.close()
             await self._conn.close()
 
     async def _read(self, work: Work[T]) -> T:
-        """Run `work` (plain reads) on the reader's thread: one hop, whatever it reads."""
+        """Run `work` (plain reads) on this thread if the file lets it read at once, else on the
+        reader's thread (one hop, whatever it reads)."""
+        if self._quick is not None:
+            try:
+                return work(self._quick)
+            except sqlite3.OperationalError as exc:
+                if not _waits(exc):
+                    raise _store_error(exc) from None
+            except sqlite3.ProgrammingError:
+                pass  # called from another thread than the one that opened the store
+            except sqlite3.Error as exc:
+                raise _store_error(exc) from None
         try:
             return await read(self._reader, work, self._busy_s)
         except Busy:

@@ -43,6 +43,10 @@ Work = Callable[[sqlite3.Connection], T]
 GROUP_MAX = 256
 
 
+class WouldWait(Exception):
+    """The write lock is taken: the work must go where it may wait for it."""
+
+
 class Busy(Exception):
     """The work waited longer than its caller's patience and was withdrawn: nothing was written."""
 
@@ -146,6 +150,30 @@ def _commit_group(
             done.set_result(value)
         else:
             done.set_exception(value)
+
+
+def write_now(db: sqlite3.Connection, gate: threading.Lock, work: Work[T]) -> T:
+    """Run `work` in a write transaction on this thread, unless that would wait: `WouldWait` (and
+    nothing done) if this process's other writer or another process holds the write lock. `db`
+    must have no busy handler (timeout 0), so it never waits."""
+    if not gate.acquire(blocking=False):
+        raise WouldWait
+    try:
+        try:
+            db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            if "locked" in str(exc).lower() or "busy" in str(exc).lower():
+                raise WouldWait from None
+            raise
+        try:
+            result = work(db)
+            db.execute("COMMIT")
+        except BaseException:
+            rollback(db)
+            raise
+        return result
+    finally:
+        gate.release()
 
 
 def _fail_all(group: list[tuple[Work[Any], Future[Any]]], exc: BaseException) -> None:
