@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import Future
 from typing import Any
@@ -32,6 +33,9 @@ BACKEND_ID = "aer/simulator"
 # thread (the same wall time batched), CPU the event loop and the other jobs need. 14 is Aer's
 # own threshold for parallelising a statevector (`statevector_parallel_threshold`).
 SMALL_QUBITS = 14
+# Circuits parsed at admission and kept for their job's batch, at most (oldest dropped first):
+# enough for a few sweeps in flight, a bound on the memory they hold.
+KEPT_CIRCUITS = 5_000
 # A batch holds at most this many circuits, so one huge sweep does not keep every other job
 # waiting for it, and a batch's memory stays bounded.
 BATCH_CIRCUITS = 2_000
@@ -50,6 +54,7 @@ class AerAdapter:
         self._lock = threading.Lock()
         self._waiting: list[tuple[JobSpec, Future[Result]]] = []
         self._draining = False
+        self._kept: OrderedDict[str, list[Any]] = OrderedDict()  # job id -> circuits parsed at admission
         self._samplers: dict[bool, Any] = {}  # small circuits or not -> SamplerV2; used by one drain at a time
         self.executions = 0  # how many jobs this adapter actually simulated (tests count re-runs)
         self.batches = 0  # how many simulator calls ran them
@@ -90,6 +95,21 @@ class AerAdapter:
     async def cancel(self, ref: ProviderRef) -> None:
         self._finished.pop(ref.provider_job_id, None)
 
+    def keep_parsed(self, job_id: str, circuits: list[Any]) -> None:
+        """Keep the circuits admission parsed for `job_id`, so its batch need not parse the sources
+        again (it parses them when nothing is kept: another process admitted it, or it was dropped)."""
+        with self._lock:
+            self._kept[job_id] = circuits
+            total = sum(len(kept) for kept in self._kept.values())
+            while total > KEPT_CIRCUITS and len(self._kept) > 1:
+                _, dropped = self._kept.popitem(last=False)
+                total -= len(dropped)
+
+    def forget_parsed(self, job_id: str) -> None:
+        """Drop what `keep_parsed` kept for a job that was not queued after all."""
+        with self._lock:
+            self._kept.pop(job_id, None)
+
     def _enqueue(self, job: JobSpec) -> Future[Result]:
         """Queue `job` for the next batch; start draining the queue if nobody is."""
         future: Future[Result] = Future()
@@ -124,6 +144,11 @@ class AerAdapter:
             self.batches += 1 if batch else 0
         parsed: list[tuple[Future[Result], int, list[Any]]] = []
         for job, future in batch:
+            with self._lock:
+                kept = self._kept.pop(job.job_id, None)
+            if kept is not None and len(kept) == len(job.circuits):
+                parsed.append((future, job.shots, kept))
+                continue
             try:
                 parsed.append((future, job.shots, [qasm.load(source) for source in job.circuits]))
             except qasm.CircuitSourceError as exc:

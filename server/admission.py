@@ -19,8 +19,9 @@ from typing import Any, Literal
 from qpu_gateway import models
 from qpu_gateway.adapters import sdk_thread
 from qpu_gateway.adapters.aer import BACKEND_ID as AER_BACKEND
+from qpu_gateway.adapters.aer import AerAdapter
 from qpu_gateway.adapters.base import Backend
-from qpu_gateway.circuits import CircuitFacts, combined_fingerprint, inspect_sources
+from qpu_gateway.circuits import CircuitFacts, combined_fingerprint, inspect_and_load
 from qpu_gateway.errors import (
     ApprovalDenied,
     ApprovalRequired,
@@ -114,6 +115,7 @@ class Assessment:
     target: Backend  # the backend asked for
     run_on: str  # where it will run (Aer for a dry run)
     facts: list[CircuitFacts]
+    parsed: list[Any]  # the circuits as Qiskit parsed them, for Aer in this process
     cost_micro_usd: int | None  # None: the price is not known
     qpu_seconds: float
     refusal: Refusal | None  # a per-job cap the job breaks
@@ -170,7 +172,7 @@ async def _assess(gw: Gateway, who: Principal, request: JobRequest) -> Assessmen
     if early is not None and early.rule in ("allowed_backends", "max_circuits", "max_shots"):
         raise from_refusal(early)
     qubit_cap = min(rules.max_qubits, target.qubits or rules.max_qubits)
-    facts = await sdk_thread.run_sync(lambda: inspect_sources(list(request.sources), max_qubits=qubit_cap))
+    facts, parsed = await sdk_thread.run_sync(lambda: inspect_and_load(list(request.sources), max_qubits=qubit_cap))
     refusal = check_job(
         rules,
         JobFacts(
@@ -195,7 +197,9 @@ async def _assess(gw: Gateway, who: Principal, request: JobRequest) -> Assessmen
     approval = approval_needed(rules, cost.micro_usd)
     if isinstance(approval, Refusal):
         refusal, approval = refusal or approval, None
-    return Assessment(request, rules, target, run_on, facts, cost.micro_usd, cost.qpu_seconds, refusal, approval)
+    return Assessment(
+        request, rules, target, run_on, facts, parsed, cost.micro_usd, cost.qpu_seconds, refusal, approval
+    )
 
 
 # -- estimate ---------------------------------------------------------------------------------
@@ -389,9 +393,19 @@ async def submit_job(
         error_code="approval_required" if state is JobState.PENDING_APPROVAL else None,
         detail=f"approved by {approved_by}" if approved_by else None,
     )
-    outcome = await gw.store.admit(
-        job, entry, time.time(), loop_window_s=rules.loop_guard.window_minutes * 60, decide=decide
-    )
+    # Aer in this process may claim the job the moment it is stored: hand it the parsed circuits first.
+    local = gw.providers.adapter_for(job.backend)
+    keeper = local if isinstance(local, AerAdapter) and state is JobState.QUEUED else None
+    if keeper is not None:
+        keeper.keep_parsed(job.id, a.parsed)
+    outcome: tuple[JobRecord, bool] | Refusal | None = None
+    try:
+        outcome = await gw.store.admit(
+            job, entry, time.time(), loop_window_s=rules.loop_guard.window_minutes * 60, decide=decide
+        )
+    finally:
+        if keeper is not None and (outcome is None or isinstance(outcome, Refusal) or not outcome[1]):
+            keeper.forget_parsed(job.id)  # not queued after all
     if isinstance(outcome, Refusal):
         raise from_refusal(outcome)
     stored, created = outcome

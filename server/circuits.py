@@ -44,14 +44,21 @@ def inspect_sources(sources: list[str], *, max_qubits: int) -> list[CircuitFacts
 
     Blocking (the parser runs here): call it from a worker thread.
     """
-    facts = []
+    return inspect_and_load(sources, max_qubits=max_qubits)[0]
+
+
+def inspect_and_load(sources: list[str], *, max_qubits: int) -> tuple[list[CircuitFacts], list[QuantumCircuit]]:
+    """`inspect_sources`, and the parsed circuits too (for a simulator in this process to run as they are)."""
+    facts, parsed = [], []
     for index, source in enumerate(sources):
         where = f"circuit {index}: " if len(sources) > 1 else ""
-        facts.append(_inspect(source, max_qubits=max_qubits, where=where))
-    return facts
+        fact, circuit = _inspect(source, max_qubits=max_qubits, where=where)
+        facts.append(fact)
+        parsed.append(circuit)
+    return facts, parsed
 
 
-def _inspect(source: str, *, max_qubits: int, where: str) -> CircuitFacts:
+def _inspect(source: str, *, max_qubits: int, where: str) -> tuple[CircuitFacts, QuantumCircuit]:
     if len(source.encode("utf-8", errors="replace")) > qasm.MAX_SOURCE_BYTES:
         raise LimitExceeded(f"{where}the program is larger than {qasm.MAX_SOURCE_BYTES // 1024} KB.")
     try:
@@ -74,7 +81,7 @@ def _inspect(source: str, *, max_qubits: int, where: str) -> CircuitFacts:
             f"{where}the circuit expands to {expanded} operations once its gate definitions are unfolded; "
             f"at most {MAX_EXPANDED_OPERATIONS} are accepted."
         )
-    return CircuitFacts(
+    facts = CircuitFacts(
         version=version,
         qubits=circuit.num_qubits,
         clbits=circuit.num_clbits,
@@ -87,6 +94,7 @@ def _inspect(source: str, *, max_qubits: int, where: str) -> CircuitFacts:
         registers=tuple(creg.name for creg in circuit.cregs),
         fingerprint=digest,
     )
+    return facts, circuit
 
 
 def fingerprint(circuit: QuantumCircuit) -> str:

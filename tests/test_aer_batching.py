@@ -90,3 +90,25 @@ async def test_a_job_cancelled_before_its_batch_starts_is_never_simulated() -> N
     # The adapter goes on serving after the withdrawal.
     ref = await adapter.submit(JobSpec(job_id="after", backend=BACKEND_ID, circuits=(BELL2,), shots=10))
     assert sum((await adapter.result(ref)).counts[0]["c"].values()) == 10
+
+
+async def test_circuits_kept_from_admission_are_run_as_they_are_and_the_keep_is_bounded() -> None:
+    from qpu_gateway.adapters import aer, qasm
+
+    adapter = AerAdapter()
+    bell = qasm.load(BELL2)
+    # Kept circuits are used instead of parsing the job's sources again (these would not parse).
+    adapter.keep_parsed("kept", [bell])
+    ref = await adapter.submit(JobSpec(job_id="kept", backend=BACKEND_ID, circuits=(UNPARSABLE,), shots=40))
+    assert sum((await adapter.result(ref)).counts[0]["c"].values()) == 40
+    # Used once: a rerun of the same job id parses its sources.
+    with pytest.raises(PermanentError):
+        await adapter.submit(JobSpec(job_id="kept", backend=BACKEND_ID, circuits=(UNPARSABLE,), shots=40))
+    # Forgotten, or pushed out by newer jobs past the bound: the sources are parsed.
+    adapter.keep_parsed("forgotten", [bell])
+    adapter.forget_parsed("forgotten")
+    adapter.keep_parsed("oldest", [bell])
+    adapter.keep_parsed("newest", [bell] * aer.KEPT_CIRCUITS)
+    for job_id in ("forgotten", "oldest"):
+        with pytest.raises(PermanentError):
+            await adapter.submit(JobSpec(job_id=job_id, backend=BACKEND_ID, circuits=(UNPARSABLE,), shots=10))

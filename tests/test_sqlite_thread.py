@@ -1,7 +1,9 @@
-"""Writes committed in groups (server/sqlite_thread.py) and claims taken in batches, on a real SQLite file.
+"""How the store and the rate-limit storage meet SQLite (server/sqlite_thread.py), on real files.
 
 Concurrent writes share transactions; each must still be all or nothing on its own, see the
 writes before it in the same transaction, and be withdrawn cleanly when its caller gives up.
+Reads and rate-limit hits made on the event loop's thread must step aside, not wait, when the
+file is locked. Claims are taken in batches.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import pytest
 
 from qpu_gateway.jobs import JobState
 from qpu_gateway.policy.decisions import Refusal
+from qpu_gateway.rate_storage import SqliteRateStorage, storage_uri
 from qpu_gateway.records import AdmissionFacts, AuditEntry
 from qpu_gateway.sqlite_thread import Busy, GroupWriter
 from qpu_gateway.store import Store, StoreError, open_store
@@ -235,3 +238,39 @@ async def test_agents_still_take_turns_within_one_batch_of_claims(store: Store) 
     taken = await store.claim_many(["aer"], [], "w", LEASE_S, T0, limit=5)
 
     assert [job.id for job in taken] == ["alice_0", "bob_0", "alice_1", "alice_2", "alice_3"]
+
+
+async def test_a_read_that_cannot_use_the_event_loops_connection_goes_to_the_readers_thread(store: Store) -> None:
+    await submit(store, new_job("job_1"))
+
+    def from_another_thread() -> str | None:
+        # sqlite3 refuses a connection made on another thread; the read must still be answered.
+        job = anyio.run(store.get_job, "job_1")
+        return job.id if job is not None else None
+
+    assert await anyio.to_thread.run_sync(from_another_thread) == "job_1"
+
+
+async def test_a_rate_limit_hit_made_while_the_file_is_locked_waits_for_it_and_counts_once(tmp_path: Path) -> None:
+    path = tmp_path / "r.db"
+    storage = SqliteRateStorage(storage_uri(path))
+    try:
+        assert await storage.acquire_entry("k", limit=2, expiry=60)  # opens and takes the quick path
+        holder = sqlite3.connect(path, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        async with anyio.create_task_group() as tg:
+            outcome: list[bool] = []
+
+            async def hit() -> None:
+                outcome.append(await storage.acquire_entry("k", limit=2, expiry=60))
+
+            tg.start_soon(hit)
+            await anyio.sleep(0.3)
+            assert outcome == [], "the hit must wait for the lock, not be refused or counted around it"
+            holder.execute("COMMIT")
+        holder.close()
+        assert outcome == [True]
+        assert not await storage.acquire_entry("k", limit=2, expiry=60)  # exactly two counted
+        assert (await storage.get_moving_window("k", limit=2, expiry=60))[1] == 2
+    finally:
+        await storage.aclose()
