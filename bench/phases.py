@@ -49,7 +49,7 @@ TARGETS = (
     ("qpu_gateway.sqlite_store", "SqliteStore.append_audit"),
     ("qpu_gateway.sqlite_store", "SqliteStore.get_job"),
     ("qpu_gateway.sqlite_store", "SqliteStore.list_jobs"),
-    ("qpu_gateway.sqlite_store", "SqliteStore.claim"),
+    ("qpu_gateway.sqlite_store", "SqliteStore.claim_many"),
     ("qpu_gateway.sqlite_store", "SqliteStore.transition"),
     ("qpu_gateway.sqlite_store", "SqliteStore.job_versions"),
     ("qpu_gateway.worker", "Workers._drive"),

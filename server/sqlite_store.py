@@ -118,6 +118,15 @@ WHERE (j.state = 'queued' OR (j.state IN ('submitting', 'running') AND j.lease_e
 ORDER BY j.state != 'queued' DESC, j.priority DESC, coalesce(t.last_claimed_at, 0), j.seq
 LIMIT 64
 """
+# Whether a claim could take anything: read first, so a worker polling an empty queue (every
+# process does, twice a second) takes no write lock.
+_ANY_CLAIMABLE = """
+SELECT 1 FROM jobs j
+WHERE (j.state = 'queued' OR (j.state IN ('submitting', 'running') AND j.lease_expires < ?))
+  AND substr(j.backend, 1, instr(j.backend, '/') - 1) IN (SELECT value FROM json_each(?))
+  AND j.backend NOT IN (SELECT value FROM json_each(?))
+LIMIT 1
+"""
 _CLAIM_ONE = """
 UPDATE jobs SET
     state = CASE WHEN state = 'queued' THEN 'submitting' ELSE state END,
@@ -515,11 +524,14 @@ class SqliteStore:
         room: Callable[[str], int] | None = None,
     ) -> list[JobRecord]:
         names = json.dumps(sorted(set(providers)))
+        skipped = sorted(set(busy_backends))
         if names == "[]" or limit < 1:
+            return []
+        if await self._read(_first(_ANY_CLAIMABLE, (now, names, json.dumps(skipped)))) is None:
             return []
 
         def work(db: sqlite3.Connection) -> list[JobRecord]:
-            busy = set(busy_backends)
+            busy = set(skipped)
             taken: Counter[str] = Counter()
             jobs: list[JobRecord] = []
             while len(jobs) < limit:

@@ -101,8 +101,8 @@ class Workers:
                 self._in_flight[job.id] = scope
                 self._per_backend[job.backend] += 1
                 tg.start_soon(self._run, job, scope)
-            if jobs:
-                continue  # there may be more
+            if len(jobs) == CLAIM_BATCH:
+                continue  # a full batch: there may be more (fewer means none was left to take)
             with anyio.move_on_after(self.config.poll_interval_s):
                 await self._wake.wait()
 

@@ -274,3 +274,16 @@ async def test_a_rate_limit_hit_made_while_the_file_is_locked_waits_for_it_and_c
         assert (await storage.get_moving_window("k", limit=2, expiry=60))[1] == 2
     finally:
         await storage.aclose()
+
+
+async def test_a_claim_on_an_empty_queue_takes_no_write_lock(store: Store, tmp_path: Path) -> None:
+    # Every process polls the queue twice a second; while another holds the write lock, an idle
+    # poll must neither wait for it nor be refused as busy.
+    holder = sqlite3.connect(tmp_path / "g.db", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        with anyio.fail_after(1):
+            assert await store.claim_many(["aer"], [], "w", LEASE_S, T0, limit=32) == []
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
