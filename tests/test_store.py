@@ -804,3 +804,17 @@ async def test_an_agent_at_its_running_cap_with_a_long_queue_does_not_block_othe
     taken = await store.claim(["aer"], [], "w", LEASE_S, T0, may_run=lambda job, a, p: job.agent != "alice")
 
     assert taken is not None and taken.id == "job_b0"
+
+
+async def test_the_jobs_table_holds_the_record_fields_in_order_so_rows_decode_by_position(
+    store: Store, db_path: Path
+) -> None:
+    from dataclasses import fields
+
+    await submit(store, new_job("job_1", name="n"))
+    with closing(sqlite3.connect(db_path)) as db:
+        db.row_factory = sqlite3.Row
+        row = db.execute("SELECT * FROM jobs").fetchone()
+    assert row.keys() == [field.name for field in fields(JobRecord)]
+    # By position (a whole row) and by name (a mapping) decode the same.
+    assert JobRecord.from_row(row) == JobRecord.from_row(dict(row))
