@@ -16,8 +16,10 @@ has no `storage_from_string` of its own; the one factory serves sync and async s
 
 Every acquire runs in one `BEGIN IMMEDIATE` transaction: the write lock is taken before the
 count is read, so check-and-insert is one step for every process and the decision is exact
-under any contention. The transaction runs whole on the connection's thread
-(`server/sqlite_thread.py`), committed together with the other hits waiting at that moment.
+under any contention. A hit has no fsync (`synchronous = NORMAL`), so it is made at once on the
+event loop's thread when the write lock is free; otherwise it runs whole on the connection's
+thread, which waits for the lock, committed with the other hits waiting then
+(`server/sqlite_thread.py`).
 """
 
 from __future__ import annotations
@@ -37,7 +39,15 @@ from limits.aio.storage import MovingWindowSupport, SlidingWindowCounterSupport,
 from limits.errors import ConfigurationError
 from limits.storage.base import TimestampedSlidingWindow
 
-from qpu_gateway.sqlite_thread import Busy, GroupWriter, WouldWait, read, write_gate, write_now
+from qpu_gateway.sqlite_thread import (
+    Busy,
+    GroupWriter,
+    WouldWait,
+    quick_connection,
+    read_here_first,
+    write_gate,
+    write_now,
+)
 
 SCHEME = "async+qpu-sqlite"
 T = TypeVar("T")
@@ -82,19 +92,6 @@ _CLEAR_TWO_COUNTERS = "DELETE FROM rate_counters WHERE key IN (?, ?)"
 _KEY_COUNT = "SELECT (SELECT count(*) FROM rate_counters) + (SELECT count(DISTINCT key) FROM rate_entries)"
 _CLEAR_ALL_ENTRIES = "DELETE FROM rate_entries"
 _CLEAR_ALL_COUNTERS = "DELETE FROM rate_counters"
-
-
-def _quick_connection(path: Path) -> sqlite3.Connection:
-    """The event loop thread's connection: no busy handler, and no checkpoints of its own (the
-    threaded connections run them), so nothing it does waits for a lock or an fsync."""
-    quick = sqlite3.connect(str(path), isolation_level=None, timeout=0)
-    try:
-        quick.execute("PRAGMA synchronous = NORMAL")
-        quick.execute("PRAGMA wal_autocheckpoint = 0")
-    except BaseException:
-        quick.close()
-        raise
-    return quick
 
 
 def storage_uri(path: Path) -> str:
@@ -204,21 +201,17 @@ class SqliteRateStorage(Storage, MovingWindowSupport, SlidingWindowCounterSuppor
                     await conn.close()
                 raise
             self._conn, self._writer = conn, GroupWriter(conn, self._gate, _BUSY_TIMEOUT_S)
-            self._quick = _quick_connection(self.path)
+            # No checkpoints of its own (the threaded connections run them): nothing it does waits
+            # for a lock or an fsync.
+            self._quick = quick_connection(self.path, "synchronous = NORMAL", "wal_autocheckpoint = 0")
         return self._conn, self._writer
 
     async def _read(self, work: Callable[[sqlite3.Connection, float], T]) -> T:
         """`work(connection, now)` for single statements (each is its own snapshot): here at once
         when the file lets it, else in one hop to the connection's thread."""
         conn, _ = await self._connection()
-        if self._quick is not None:
-            try:
-                return work(self._quick, time.time())
-            except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc).lower() and "busy" not in str(exc).lower():
-                    raise
         try:
-            return await read(conn, lambda db: work(db, time.time()), _BUSY_TIMEOUT_S)
+            return await read_here_first(self._quick, conn, lambda db: work(db, time.time()), _BUSY_TIMEOUT_S)
         except Busy:
             raise sqlite3.OperationalError("database is locked") from None
 

@@ -39,7 +39,7 @@ from qpu_gateway.records import (
     NewJob,
     StateUsage,
 )
-from qpu_gateway.sqlite_thread import Busy, GroupWriter, Work, read, write_gate
+from qpu_gateway.sqlite_thread import Busy, GroupWriter, Work, quick_connection, read_here_first, would_wait, write_gate
 from qpu_gateway.store import StoreError
 
 log = logging.getLogger(__name__)
@@ -181,29 +181,6 @@ async def _connect(path: Path, busy_s: float) -> aiosqlite.Connection:
     return conn
 
 
-def _quick_reader(path: Path) -> sqlite3.Connection:
-    """A query_only connection that answers SQLITE_BUSY at once instead of waiting (timeout 0).
-
-    In WAL mode readers do not wait for writers, so a read meets "busy" only in rare moments (a
-    process recovering the WAL after a crash); then the read goes to the reader's thread, which
-    waits up to the busy timeout without holding up the event loop.
-    """
-    quick = sqlite3.connect(str(path), isolation_level=None, timeout=0)
-    try:
-        quick.row_factory = sqlite3.Row
-        quick.execute("PRAGMA query_only = 1")
-    except BaseException:
-        quick.close()
-        raise
-    return quick
-
-
-def _waits(exc: sqlite3.OperationalError) -> bool:
-    """True for the errors a read would have waited out with a busy handler."""
-    text = str(exc).lower()
-    return "locked" in text or "busy" in text
-
-
 def _read_only(path: Path) -> bool:
     """True if the database's folder is on a read-only mount, or the file or folder is not writable."""
     if os.statvfs(path.parent).f_flag & os.ST_RDONLY:
@@ -212,9 +189,9 @@ def _read_only(path: Path) -> bool:
 
 
 def _store_error(exc: sqlite3.Error) -> StoreError:
-    text = str(exc).lower()
-    if "locked" in text or "busy" in text:
+    if would_wait(exc):
         return StoreError(_BUSY, retry_after_s=1.0)
+    text = str(exc).lower()
     if "readonly" in text or "read-only" in text:
         return StoreError(
             "The gateway database is read-only; nothing was written. The operator must make its disk or file writable.",
@@ -280,7 +257,9 @@ class SqliteStore:
             reader = await _connect(path, busy_s)
             opened.append(reader)
             await reader.execute("PRAGMA query_only = 1")
-            quick = _quick_reader(path)
+            # In WAL mode readers do not wait for writers, so a read meets "locked" only in rare
+            # moments (a process recovering the WAL after a crash); it then goes to the reader.
+            quick = quick_connection(path, "query_only = 1")
         except BaseException as exc:
             # A connection's worker thread would otherwise keep the process from exiting.
             with anyio.CancelScope(shield=True):
@@ -303,18 +282,8 @@ class SqliteStore:
     async def _read(self, work: Work[T]) -> T:
         """Run `work` (plain reads) on this thread if the file lets it read at once, else on the
         reader's thread (one hop, whatever it reads)."""
-        if self._quick is not None:
-            try:
-                return work(self._quick)
-            except sqlite3.OperationalError as exc:
-                if not _waits(exc):
-                    raise _store_error(exc) from None
-            except sqlite3.ProgrammingError:
-                pass  # called from another thread than the one that opened the store
-            except sqlite3.Error as exc:
-                raise _store_error(exc) from None
         try:
-            return await read(self._reader, work, self._busy_s)
+            return await read_here_first(self._quick, self._reader, work, self._busy_s)
         except Busy:
             raise StoreError(_BUSY, retry_after_s=1.0) from None
         except sqlite3.Error as exc:

@@ -6,6 +6,8 @@ waited for the event loop to hand the connection's lock to the next caller, one 
 loop turn. Here a store operation is one plain function over the `sqlite3` connection:
 
 - `read` runs it on the reader's thread in one hop; reads queue on that thread, no lock.
+  `read_here_first` first tries it on the event loop's own thread, through a connection with no
+  busy handler: most reads are a few rows by index, far quicker than a hop.
 - `GroupWriter.run` queues it for the writer's thread, which takes every write waiting at that
   moment into one `BEGIN IMMEDIATE ... COMMIT`, each write in a savepoint of its own (a failing
   write is rolled back alone; the others commit). Writes that arrive during a commit go in the
@@ -16,6 +18,8 @@ loop turn. Here a store operation is one plain function over the `sqlite3` conne
 The writers of one process to one database file (the store's and the rate-limit storage's) share
 a write gate, a plain lock taken before `BEGIN IMMEDIATE`, so they take turns at once instead of
 meeting SQLite's busy handler, which sleeps between tries. Other processes still meet it.
+`write_now` makes a write on the event loop's thread when neither lock is taken, for writes with
+no fsync (the rate-limit storage's).
 
 aiosqlite keeps its queue-a-function call (`Connection._execute`) private, so the range in
 pyproject.toml holds it to one minor series, and every store test runs through this module.
@@ -58,6 +62,42 @@ async def read(conn: aiosqlite.Connection, work: Work[T], patience_s: float) -> 
             return await _queue(conn)(lambda: work(conn._conn))
     except TimeoutError:
         raise Busy from None
+
+
+def would_wait(exc: sqlite3.Error) -> bool:
+    """True for the errors a busy handler waits out: the file is locked by someone else for now."""
+    text = str(exc).lower()
+    return "locked" in text or "busy" in text
+
+
+def quick_connection(path: os.PathLike[str] | str, *pragmas: str) -> sqlite3.Connection:
+    """A connection for the event loop's own thread: no busy handler (timeout 0), so it never
+    waits; a statement that would wait fails at once with "locked" (see `would_wait`)."""
+    quick = sqlite3.connect(str(path), isolation_level=None, timeout=0)
+    try:
+        quick.row_factory = sqlite3.Row
+        for pragma in pragmas:
+            quick.execute(f"PRAGMA {pragma}")
+    except BaseException:
+        quick.close()
+        raise
+    return quick
+
+
+async def read_here_first(
+    quick: sqlite3.Connection | None, conn: aiosqlite.Connection, work: Work[T], patience_s: float
+) -> T:
+    """Run `work` on `quick` (opened on this thread with no busy handler) if the file lets it read at
+    once; otherwise, or when called from another thread, on `conn`'s thread (`read`)."""
+    if quick is not None:
+        try:
+            return work(quick)
+        except sqlite3.OperationalError as exc:
+            if not would_wait(exc):
+                raise
+        except sqlite3.ProgrammingError:
+            pass  # sqlite3 refuses a connection made on another thread
+    return await read(conn, work, patience_s)
 
 
 class GroupWriter:
@@ -162,7 +202,7 @@ def write_now(db: sqlite3.Connection, gate: threading.Lock, work: Work[T]) -> T:
         try:
             db.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as exc:
-            if "locked" in str(exc).lower() or "busy" in str(exc).lower():
+            if would_wait(exc):
                 raise WouldWait from None
             raise
         try:
