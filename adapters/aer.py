@@ -1,9 +1,9 @@
 """The local Qiskit Aer simulator: free, always there, the default backend and the dry-run path.
 
 Jobs that arrive while a simulation runs are run together in the next one (micro-batching):
-Aer runs a list of circuits in one call much faster than one call per circuit (here, 5-qubit
-100-shot circuits: about 2,650/s batched against 1,350/s one at a time), and nothing waits on a
-timer, since a batch starts as soon as the previous one ends.
+Aer runs a list of circuits in one call much faster than one call per circuit (measured here,
+5-qubit 100-shot circuits: 2.3 ms each one at a time, 0.7 ms each in a batch of 1,000), and
+nothing waits on a timer, since a batch starts as soon as the previous one ends.
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ class AerAdapter:
         self._waiting: list[tuple[JobSpec, Future[Result]]] = []
         self._draining = False
         self._kept: OrderedDict[str, list[Any]] = OrderedDict()  # job id -> circuits parsed at admission
+        self._kept_circuits = 0
         self._samplers: dict[bool, Any] = {}  # small circuits or not -> SamplerV2; used by one drain at a time
         self.executions = 0  # how many jobs this adapter actually simulated (tests count re-runs)
         self.batches = 0  # how many simulator calls ran them
@@ -99,16 +100,23 @@ class AerAdapter:
         """Keep the circuits admission parsed for `job_id`, so its batch need not parse the sources
         again (it parses them when nothing is kept: another process admitted it, or it was dropped)."""
         with self._lock:
+            self._take_kept(job_id)
             self._kept[job_id] = circuits
-            total = sum(len(kept) for kept in self._kept.values())
-            while total > KEPT_CIRCUITS and len(self._kept) > 1:
-                _, dropped = self._kept.popitem(last=False)
-                total -= len(dropped)
+            self._kept_circuits += len(circuits)
+            while self._kept_circuits > KEPT_CIRCUITS and len(self._kept) > 1:
+                self._take_kept(next(iter(self._kept)))
 
     def forget_parsed(self, job_id: str) -> None:
         """Drop what `keep_parsed` kept for a job that was not queued after all."""
         with self._lock:
-            self._kept.pop(job_id, None)
+            self._take_kept(job_id)
+
+    def _take_kept(self, job_id: str) -> list[Any] | None:
+        """Remove and return what is kept for `job_id` (the caller holds the lock)."""
+        kept = self._kept.pop(job_id, None)
+        if kept is not None:
+            self._kept_circuits -= len(kept)
+        return kept
 
     def _enqueue(self, job: JobSpec) -> Future[Result]:
         """Queue `job` for the next batch; start draining the queue if nobody is."""
@@ -145,7 +153,7 @@ class AerAdapter:
         parsed: list[tuple[Future[Result], int, list[Any]]] = []
         for job, future in batch:
             with self._lock:
-                kept = self._kept.pop(job.job_id, None)
+                kept = self._take_kept(job.job_id)
             if kept is not None and len(kept) == len(job.circuits):
                 parsed.append((future, job.shots, kept))
                 continue

@@ -93,7 +93,11 @@ class PermanentError(AdapterError):
 
 
 class Adapter(Protocol):
-    """One provider. Blocking SDK calls run in a worker thread, never on the event loop."""
+    """One provider. Blocking SDK calls run in a worker thread, never on the event loop.
+
+    An adapter that runs several jobs in one provider call (Aer's micro-batches) may also set
+    `jobs_at_once`: workers then keep that many times more of its jobs in flight.
+    """
 
     provider: str
 

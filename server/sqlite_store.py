@@ -1,10 +1,10 @@
-"""The SQLite store: aiosqlite connections (a writer and a reader) per process, WAL, short IMMEDIATE transactions.
+"""The SQLite store: a writer and a reader per process on aiosqlite's threads, WAL, short IMMEDIATE transactions.
 
 Several gateway processes may share one database file (every Claude Code session starts its
 own stdio server). Every write takes SQLite's write lock up front (`BEGIN IMMEDIATE`), so a
 claim is a single guarded UPDATE that two processes can never both win. Each store operation
 runs as one function on its connection's thread: one hop from the event loop per transaction,
-not one per statement.
+not one per statement; most reads need none, on a third connection on the loop's own thread.
 """
 
 from __future__ import annotations
@@ -212,6 +212,7 @@ class SqliteStore:
         reader: aiosqlite.Connection,
         busy_s: float = DEFAULT_BUSY_TIMEOUT_S,
         gate: threading.Lock | None = None,
+        quick: sqlite3.Connection | None = None,
     ) -> None:
         self._conn = conn
         self._busy_s = busy_s
@@ -223,7 +224,7 @@ class SqliteStore:
         self._reader = reader
         # Most reads are a few rows by index, far quicker than a hop to a thread and back; they run
         # on the event loop's thread through a connection that never waits (no busy handler).
-        self._quick: sqlite3.Connection | None = None
+        self._quick = quick
 
     @classmethod
     async def open(cls, path: Path) -> SqliteStore:
@@ -268,9 +269,7 @@ class SqliteStore:
             if isinstance(exc, sqlite3.Error):
                 raise _store_error(exc) from None
             raise
-        store = cls(conn, reader, busy_s, write_gate(path))
-        store._quick = quick
-        return store
+        return cls(conn, reader, busy_s, write_gate(path), quick)
 
     async def close(self) -> None:
         if self._quick is not None:
