@@ -18,6 +18,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
@@ -499,6 +500,7 @@ class SqliteStore:
             return []
 
         def work(db: sqlite3.Connection) -> list[JobRecord]:
+            claimer = _Claimer(db, owner, lease_s, now, may_run)
             busy = set(skipped)
             taken: Counter[str] = Counter()
             jobs: list[JobRecord] = []
@@ -506,7 +508,7 @@ class SqliteStore:
                 # Each claim of a batch takes its turn a microsecond after the one before, so agents
                 # still take turns within one batch (turns are ordered by time).
                 turn = now + len(jobs) * 1e-6
-                job = _claim_next(db, names, json.dumps(sorted(busy)), owner, lease_s, now, turn, may_run)
+                job = claimer.next(names, json.dumps(sorted(busy)), turn)
                 if job is None:
                     break
                 jobs.append(job)
@@ -732,87 +734,77 @@ def _all(sql: str, params: Iterable[Any] = ()) -> Callable[[sqlite3.Connection],
     return lambda db: db.execute(sql, tuple(params)).fetchall()
 
 
-def _claim_next(
-    db: sqlite3.Connection,
-    providers: str,
-    busy: str,
-    owner: str,
-    lease_s: float,
-    now: float,
-    turn: float,
-    may_run: Callable[[JobRecord, int, int], bool] | None,
-) -> JobRecord | None:
-    """Claim the next claimable job, inside the caller's write transaction; `turn` is when its
-    agent's turn is recorded as taken."""
-    # Agents held back by `may_run` are excluded and the candidates read again, so one agent at
-    # its running cap with a long queue cannot hide everyone else's jobs.
-    refused_agents: set[str] = set()
-    while True:
-        candidates = db.execute(
-            _CLAIM_CANDIDATES, (now, providers, busy, json.dumps(sorted(refused_agents)))
-        ).fetchall()
-        if not candidates:
-            return None
-        held_back = len(refused_agents)
-        job = _take_first(db, candidates, refused_agents, owner, lease_s, now, turn, may_run)
-        if job is not None:
+@dataclass(frozen=True, slots=True)
+class _Claimer:
+    """One worker's claim round, inside its write transaction."""
+
+    db: sqlite3.Connection
+    owner: str
+    lease_s: float
+    now: float
+    may_run: Callable[[JobRecord, int, int], bool] | None
+
+    def next(self, providers: str, busy: str, turn: float) -> JobRecord | None:
+        """Claim the next claimable job; `turn` is when its agent's turn is recorded as taken."""
+        # Agents held back by `may_run` are excluded and the candidates read again, so one agent
+        # at its running cap with a long queue cannot hide everyone else's jobs.
+        refused_agents: set[str] = set()
+        while True:
+            held = json.dumps(sorted(refused_agents))
+            candidates = self.db.execute(_CLAIM_CANDIDATES, (self.now, providers, busy, held)).fetchall()
+            if not candidates:
+                return None
+            held_back = len(refused_agents)
+            job = self._take_first(candidates, refused_agents, turn)
+            if job is not None:
+                return job
+            if len(refused_agents) == held_back:  # nobody new was held back: nothing else can run
+                return None
+
+    def _take_first(self, candidates: list[sqlite3.Row], refused_agents: set[str], turn: float) -> JobRecord | None:
+        """Claim the first candidate that may run; agents found at their cap are added to `refused_agents`.
+
+        Candidates are (seq, state, agent, project): only the job taken, or one `may_run` must see,
+        is read and decoded whole.
+        """
+        db, now = self.db, self.now
+        for seq, state, agent, project in candidates:
+            reclaim = state != JobState.QUEUED.value
+            if not reclaim and self.may_run is not None:
+                if agent in refused_agents:
+                    continue
+                agent_running = _counts(db, "agent", agent)[1]
+                project_running = _counts(db, "project", project)[1]
+                candidate = JobRecord.from_row(db.execute("SELECT * FROM jobs WHERE seq = ?", (seq,)).fetchone())
+                if not self.may_run(candidate, agent_running, project_running):
+                    refused_agents.add(agent)
+                    continue
+            # A queued job becomes `submitting`; a job whose worker stopped heartbeating keeps
+            # its state (submitting or running) and changes hands, so a provider job already
+            # accepted is polled again rather than sent twice.
+            row = db.execute(_CLAIM_ONE, (self.owner, now + self.lease_s, now, now, seq, now)).fetchone()
+            if row is None:
+                continue
+            job = JobRecord.from_row(row)
+            db.execute(
+                "INSERT INTO agent_turns (agent, last_claimed_at) VALUES (?, ?) "
+                "ON CONFLICT (agent) DO UPDATE SET last_claimed_at = excluded.last_claimed_at",
+                (job.agent, turn),
+            )
+            _insert_audit(
+                db,
+                AuditEntry(
+                    tool="job.claimed",
+                    decision="event",
+                    agent=job.agent,
+                    project=job.project,
+                    job_id=job.id,
+                    detail=f"worker {self.owner}, run {job.runs}",
+                ),
+                now,
+            )
             return job
-        if len(refused_agents) == held_back:  # nobody new was held back: nothing else can run
-            return None
-
-
-def _take_first(
-    db: sqlite3.Connection,
-    candidates: list[sqlite3.Row],
-    refused_agents: set[str],
-    owner: str,
-    lease_s: float,
-    now: float,
-    turn: float,
-    may_run: Callable[[JobRecord, int, int], bool] | None,
-) -> JobRecord | None:
-    """Claim the first candidate that may run; agents found at their cap are added to `refused_agents`.
-
-    Candidates are (seq, state, agent, project): only the job taken, or one `may_run` must see,
-    is read and decoded whole.
-    """
-    for seq, state, agent, project in candidates:
-        reclaim = state != JobState.QUEUED.value
-        if not reclaim and may_run is not None:
-            if agent in refused_agents:
-                continue
-            agent_running = _counts(db, "agent", agent)[1]
-            project_running = _counts(db, "project", project)[1]
-            candidate = JobRecord.from_row(db.execute("SELECT * FROM jobs WHERE seq = ?", (seq,)).fetchone())
-            if not may_run(candidate, agent_running, project_running):
-                refused_agents.add(agent)
-                continue
-        # A queued job becomes `submitting`; a job whose worker stopped heartbeating keeps
-        # its state (submitting or running) and changes hands, so a provider job already
-        # accepted is polled again rather than sent twice.
-        row = db.execute(_CLAIM_ONE, (owner, now + lease_s, now, now, seq, now)).fetchone()
-        if row is None:
-            continue
-        job = JobRecord.from_row(row)
-        db.execute(
-            "INSERT INTO agent_turns (agent, last_claimed_at) VALUES (?, ?) "
-            "ON CONFLICT (agent) DO UPDATE SET last_claimed_at = excluded.last_claimed_at",
-            (job.agent, turn),
-        )
-        _insert_audit(
-            db,
-            AuditEntry(
-                tool="job.claimed",
-                decision="event",
-                agent=job.agent,
-                project=job.project,
-                job_id=job.id,
-                detail=f"worker {owner}, run {job.runs}",
-            ),
-            now,
-        )
-        return job
-    return None
+        return None
 
 
 def _job_params(job: NewJob, now: float) -> tuple[Any, ...]:
