@@ -17,7 +17,8 @@ import sqlite3
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
+from collections.abc import AsyncGenerator, Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import resources
@@ -144,6 +145,7 @@ _INSERT_JOB = (
     "qpu_seconds_estimate, approval_level, approval_expires_at, approved_by) "
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING *"
 )
+_BY_IDEMPOTENCY_KEY = "SELECT * FROM jobs WHERE agent = ? AND idempotency_key = ?"
 _NO_CURSOR = 2**62
 _LIST_JOBS = {
     (True, True): "SELECT * FROM jobs WHERE agent = ? AND state = ? AND seq < ? ORDER BY seq DESC LIMIT ?",
@@ -187,6 +189,17 @@ def _read_only(path: Path) -> bool:
     if os.statvfs(path.parent).f_flag & os.ST_RDONLY:
         return True
     return not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK))
+
+
+@contextmanager
+def _as_store_errors() -> Iterator[None]:
+    """SQLite's errors, and a call withdrawn for want of patience, as the StoreError an operator reads."""
+    try:
+        yield
+    except Busy:
+        raise StoreError(_BUSY, retry_after_s=1.0) from None
+    except sqlite3.Error as exc:
+        raise _store_error(exc) from None
 
 
 def _store_error(exc: sqlite3.Error) -> StoreError:
@@ -282,22 +295,14 @@ class SqliteStore:
     async def _read(self, work: Work[T]) -> T:
         """Run `work` (plain reads) on this thread if the file lets it read at once, else on the
         reader's thread (one hop, whatever it reads)."""
-        try:
+        with _as_store_errors():
             return await read_here_first(self._quick, self._reader, work, self._busy_s)
-        except Busy:
-            raise StoreError(_BUSY, retry_after_s=1.0) from None
-        except sqlite3.Error as exc:
-            raise _store_error(exc) from None
 
     async def _write(self, work: Work[T]) -> T:
         """Run `work` in a write transaction on the writer's thread (committed with whatever other
         writes are waiting then; see `server/sqlite_thread.py`): all of it or none."""
-        try:
+        with _as_store_errors():
             return await self._writer.run(work)
-        except Busy:
-            raise StoreError(_BUSY, retry_after_s=1.0) from None
-        except sqlite3.Error as exc:
-            raise _store_error(exc) from None
 
     # -- migrations -------------------------------------------------------------------------
 
@@ -386,9 +391,7 @@ class SqliteStore:
 
         def work(db: sqlite3.Connection) -> tuple[JobRecord, bool] | Refusal:
             if job.idempotency_key is not None:
-                earlier = db.execute(
-                    "SELECT * FROM jobs WHERE agent = ? AND idempotency_key = ?", (job.agent, job.idempotency_key)
-                ).fetchone()
+                earlier = db.execute(_BY_IDEMPOTENCY_KEY, (job.agent, job.idempotency_key)).fetchone()
                 if earlier is not None:
                     return JobRecord.from_row(earlier), False
             (repeats,) = db.execute(
@@ -429,7 +432,7 @@ class SqliteStore:
         return await self._read(lambda db: _totals(db, column, who, day, month))
 
     async def job_by_idempotency_key(self, agent: str, key: str) -> JobRecord | None:
-        row = await self._read(_first("SELECT * FROM jobs WHERE agent = ? AND idempotency_key = ?", (agent, key)))
+        row = await self._read(_first(_BY_IDEMPOTENCY_KEY, (agent, key)))
         return JobRecord.from_row(row) if row is not None else None
 
     async def has_simulation(self, project: str, fingerprint: str) -> bool:
