@@ -137,7 +137,7 @@ def error_result(error: GatewayError) -> CallToolResult:
 
 def ok_result(model: BaseModel) -> CallToolResult:
     return CallToolResult(
-        content=[TextContent(type="text", text=model.model_dump_json(indent=1))],
+        content=[TextContent(type="text", text=model.model_dump_json())],
         structured_content=model.model_dump(mode="json"),
     )
 

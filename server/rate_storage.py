@@ -2,7 +2,7 @@
 
 Every Claude Code session starts its own stdio gateway process; an in-memory storage would give
 each of them its own allowance. This storage keeps the counts in the gateway's database file
-instead, in two tables of its own (created on first use): `rate_entries` for the moving window
+instead, in two tables of its own (created on first use): `rate_hits` for the moving window
 and `rate_counters` for fixed and sliding-window counters.
 
 URI form, absolute path after three slashes (percent-encode anything unusual; `storage_uri`
@@ -54,16 +54,22 @@ T = TypeVar("T")
 _BUSY_TIMEOUT_S = 10.0
 
 _SCHEMA = (
+    # One row per moving-window hit, clustered by key (WITHOUT ROWID), each carrying the running
+    # total of its key's amounts. A window's use is then the newest total minus the total before
+    # the window's first hit: two lookups, however many hits the window holds. The first version
+    # (`rate_entries`, a rowid table with two indexes) summed the window row by row: 113 us of a
+    # 5000/second limit's 135 us hit at 2,000 hits in the window on this machine.
     """
-    CREATE TABLE IF NOT EXISTS rate_entries (
+    CREATE TABLE IF NOT EXISTS rate_hits (
         key        TEXT    NOT NULL,
-        at         REAL    NOT NULL,  -- time.time() when acquired
-        expires_at REAL    NOT NULL,  -- at + the limit's window: pruned from then on
-        amount     INTEGER NOT NULL   -- the cost it consumed (one row per hit, however many shots)
-    )
+        at         REAL    NOT NULL,  -- time.time() when acquired, never before the key's newest hit
+        tie        INTEGER NOT NULL,  -- 0, 1, ... among a key's hits at one instant
+        amount     INTEGER NOT NULL,  -- the cost it consumed (one row per hit, however many shots)
+        total      INTEGER NOT NULL,  -- the key's amounts so far, this hit included
+        expires_at REAL    NOT NULL,  -- at + the limit's window, for the sweep of keys no longer hit
+        PRIMARY KEY (key, at, tie)
+    ) WITHOUT ROWID
     """,
-    "CREATE INDEX IF NOT EXISTS rate_entries_by_key ON rate_entries (key, at)",
-    "CREATE INDEX IF NOT EXISTS rate_entries_by_expiry ON rate_entries (expires_at)",
     """
     CREATE TABLE IF NOT EXISTS rate_counters (
         key        TEXT    PRIMARY KEY,
@@ -73,11 +79,27 @@ _SCHEMA = (
     """,
     "CREATE INDEX IF NOT EXISTS rate_counters_by_expiry ON rate_counters (expires_at)",
 )
-_PRUNE_ENTRIES = "DELETE FROM rate_entries WHERE expires_at <= ?"
+# The first version's table, if the file has one: its hits are moved over once, so no window
+# restarts on upgrade (a process of the old version still running would count apart until it stops).
+_FIRST_VERSION = (
+    """
+    INSERT OR IGNORE INTO rate_hits (key, at, tie, amount, total, expires_at)
+    SELECT key, at, row_number() OVER (PARTITION BY key, at ORDER BY rowid) - 1, amount,
+           sum(amount) OVER (PARTITION BY key ORDER BY at, rowid), expires_at
+    FROM rate_entries
+    """,
+    "DROP TABLE rate_entries",
+)
+# A key's own hits that have left its window go at each hit of that key (they sit just before
+# the window in the key's range); hits of keys nobody hits any more are swept now and then.
+_PRUNE_KEY = "DELETE FROM rate_hits WHERE key = ? AND at <= ?"
+_SWEEP_HITS = "DELETE FROM rate_hits WHERE expires_at <= ?"
+_SWEEP_EVERY_S = 60.0
 _PRUNE_COUNTERS = "DELETE FROM rate_counters WHERE expires_at <= ?"
-# (oldest entry, total cost) of the entries acquired after the given instant.
-_MOVING_WINDOW = "SELECT MIN(at), COALESCE(SUM(amount), 0) FROM rate_entries WHERE key = ? AND at > ?"
-_ADD_ENTRY = "INSERT INTO rate_entries (key, at, expires_at, amount) VALUES (?, ?, ?, ?)"
+_NEWEST_HIT = "SELECT at, tie, total FROM rate_hits WHERE key = ? ORDER BY at DESC, tie DESC LIMIT 1"
+# The first hit after the given instant, and the key's total before it.
+_FIRST_IN_WINDOW = "SELECT at, total - amount FROM rate_hits WHERE key = ? AND at > ? ORDER BY at, tie LIMIT 1"
+_ADD_HIT = "INSERT INTO rate_hits (key, at, tie, amount, total, expires_at) VALUES (?, ?, ?, ?, ?, ?)"
 _COUNTER = "SELECT count, expires_at FROM rate_counters WHERE key = ? AND expires_at > ?"
 _TWO_COUNTERS = "SELECT key, count FROM rate_counters WHERE key IN (?, ?) AND expires_at > ?"
 # A counter's expiry is set when it is created and kept while it grows (a fixed window).
@@ -86,11 +108,11 @@ INSERT INTO rate_counters (key, count, expires_at) VALUES (?, ?, ?)
 ON CONFLICT (key) DO UPDATE SET count = count + excluded.count
 RETURNING count
 """
-_CLEAR_ENTRIES = "DELETE FROM rate_entries WHERE key = ?"
+_CLEAR_HITS = "DELETE FROM rate_hits WHERE key = ?"
 _CLEAR_COUNTER = "DELETE FROM rate_counters WHERE key = ?"
 _CLEAR_TWO_COUNTERS = "DELETE FROM rate_counters WHERE key IN (?, ?)"
-_KEY_COUNT = "SELECT (SELECT count(*) FROM rate_counters) + (SELECT count(DISTINCT key) FROM rate_entries)"
-_CLEAR_ALL_ENTRIES = "DELETE FROM rate_entries"
+_KEY_COUNT = "SELECT (SELECT count(*) FROM rate_counters) + (SELECT count(DISTINCT key) FROM rate_hits)"
+_CLEAR_ALL_HITS = "DELETE FROM rate_hits"
 _CLEAR_ALL_COUNTERS = "DELETE FROM rate_counters"
 
 
@@ -109,6 +131,17 @@ def _path_of(uri: str) -> Path:
     return Path(urllib.parse.unquote(parts.path))
 
 
+def _moving_window(
+    db: sqlite3.Connection, key: str, since: float
+) -> tuple[float | None, int, tuple[float, int, int] | None]:
+    """(oldest hit after `since`, the cost of the hits after it, the key's newest hit (at, tie, total))."""
+    newest = db.execute(_NEWEST_HIT, (key,)).fetchone()
+    first = db.execute(_FIRST_IN_WINDOW, (key, since)).fetchone() if newest is not None else None
+    if newest is None or first is None:
+        return None, 0, newest
+    return float(first[0]), int(newest[2]) - int(first[1]), newest
+
+
 def _one_row(db: sqlite3.Connection, sql: str, params: Iterable[Any]) -> Any:
     row = db.execute(sql, tuple(params)).fetchone()
     if row is None:  # only called for aggregates and RETURNING, which always give one row
@@ -122,6 +155,10 @@ async def _prepare(conn: aiosqlite.Connection) -> None:
     await conn.execute("BEGIN IMMEDIATE")
     try:
         for statement in _SCHEMA:
+            await conn.execute(statement)
+        async with conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'rate_entries'") as cursor:
+            first_version = await cursor.fetchone() is not None
+        for statement in _FIRST_VERSION if first_version else ():
             await conn.execute(statement)
         await conn.execute("COMMIT")
     except BaseException:
@@ -150,6 +187,7 @@ class SqliteRateStorage(Storage, MovingWindowSupport, SlidingWindowCounterSuppor
         self._quick: sqlite3.Connection | None = None
         # Held while the connection is opened or closed; its work queues on its thread.
         self._lock = anyio.Lock()
+        self._next_sweep = 0.0
 
     @property
     def base_exceptions(self) -> type[Exception] | tuple[type[Exception], ...]:
@@ -262,7 +300,7 @@ class SqliteRateStorage(Storage, MovingWindowSupport, SlidingWindowCounterSuppor
 
         def work(db: sqlite3.Connection, _: float) -> int:
             count = int(_one_row(db, _KEY_COUNT, ())[0])
-            db.execute(_CLEAR_ALL_ENTRIES)
+            db.execute(_CLEAR_ALL_HITS)
             db.execute(_CLEAR_ALL_COUNTERS)
             return count
 
@@ -272,7 +310,7 @@ class SqliteRateStorage(Storage, MovingWindowSupport, SlidingWindowCounterSuppor
         """Forget the entries and the counter at `key`."""
 
         def work(db: sqlite3.Connection, _: float) -> None:
-            db.execute(_CLEAR_ENTRIES, (key,))
+            db.execute(_CLEAR_HITS, (key,))
             db.execute(_CLEAR_COUNTER, (key,))
 
         await self._write(work)
@@ -285,19 +323,33 @@ class SqliteRateStorage(Storage, MovingWindowSupport, SlidingWindowCounterSuppor
             return False
 
         def work(db: sqlite3.Connection, now: float) -> bool:
-            db.execute(_PRUNE_ENTRIES, (now,))
-            _, used = _one_row(db, _MOVING_WINDOW, (key, now - expiry))
+            self._sweep_now_and_then(db, now)
+            db.execute(_PRUNE_KEY, (key, now - expiry))
+            _, used, newest = _moving_window(db, key, now - expiry)
             if used + amount > limit:
                 return False
-            db.execute(_ADD_ENTRY, (key, now, now + expiry, amount))
+            if amount <= 0:  # nothing to count
+                return True
+            # A clock that stepped back records the hit at the newest one's instant, so a key's
+            # totals grow in the order of its hits' times (what the window arithmetic relies on).
+            at, tie, total = now, 0, 0
+            if newest is not None:
+                at, tie, total = max(now, newest[0]), (newest[1] + 1 if now <= newest[0] else 0), newest[2]
+            db.execute(_ADD_HIT, (key, at, tie, amount, total + amount, at + expiry))
             return True
 
         return await self._write(work)
 
+    def _sweep_now_and_then(self, db: sqlite3.Connection, now: float) -> None:
+        """Drop expired hits of every key, at most once a minute per process (a scan of the table)."""
+        if now >= self._next_sweep:
+            db.execute(_SWEEP_HITS, (now,))
+            self._next_sweep = now + _SWEEP_EVERY_S
+
     async def get_moving_window(self, key: str, limit: int, expiry: int) -> tuple[float, int]:
-        """(oldest entry in the window, total cost in it); (now, 0) for an empty window."""
-        (oldest, used), now = await self._read(lambda db, now: (_one_row(db, _MOVING_WINDOW, (key, now - expiry)), now))
-        return (now, 0) if oldest is None else (float(oldest), int(used))
+        """(oldest hit in the window, total cost in it); (now, 0) for an empty window."""
+        (oldest, used, _), now = await self._read(lambda db, now: (_moving_window(db, key, now - expiry), now))
+        return (now, 0) if oldest is None else (oldest, used)
 
     # -- sliding window counter ------------------------------------------------------------------
 

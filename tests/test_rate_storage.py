@@ -181,22 +181,48 @@ async def test_reset_forgets_every_limit_in_the_file(storage: SqliteRateStorage)
     assert await sliding.hit(item, "agent:bob")
 
 
-async def test_expired_entries_and_counters_are_pruned(storage: SqliteRateStorage, db_path: Path) -> None:
+async def test_expired_hits_and_counters_are_pruned(storage: SqliteRateStorage, db_path: Path) -> None:
     item = parse("3/second")
     moving, sliding = MovingWindowRateLimiter(storage), SlidingWindowCounterRateLimiter(storage)
-    for key in ("agent:alice", "agent:bob"):
+    for key in ("agent:alice", "agent:bob", "agent:dave"):
         assert await moving.hit(item, key)
         assert await sliding.hit(item, key)
     # A sliding window's counter lives until the end of the next window: at most two periods.
     await anyio.sleep(2.1)
-    assert await moving.hit(item, "agent:carol")
+    assert await moving.hit(item, "agent:alice")  # prunes alice's own expired hit
     assert await sliding.hit(item, "agent:carol")
+    assert _hit_keys(db_path) == sorted(item.key_for(f"agent:{who}") for who in ("alice", "bob", "dave"))
 
+    # Keys nobody hits any more are swept with the whole table, at most once a minute.
+    storage._next_sweep = time.time()  # as if the minute since the last sweep had passed
+    assert await moving.hit(item, "agent:carol")
     with closing(sqlite3.connect(db_path)) as db:
-        entries = db.execute("SELECT key FROM rate_entries").fetchall()
         counters = db.execute("SELECT key FROM rate_counters").fetchall()
-    assert [key for (key,) in entries] == [item.key_for("agent:carol")]
+    assert _hit_keys(db_path) == sorted(item.key_for(f"agent:{who}") for who in ("alice", "carol"))
     assert [key.rsplit("/", 1)[0] for (key,) in counters] == [item.key_for("agent:carol")]
+
+
+async def test_hits_of_the_first_versions_table_are_moved_over(db_path: Path) -> None:
+    item = parse("2/minute")
+    with closing(sqlite3.connect(db_path)) as db:
+        db.execute("CREATE TABLE rate_entries (key TEXT, at REAL, expires_at REAL, amount INTEGER)")
+        now, key = time.time(), item.key_for("agent:alice")
+        db.executemany("INSERT INTO rate_entries VALUES (?, ?, ?, 1)", [(key, now, now + 60)] * 2)
+        db.commit()
+    storage = SqliteRateStorage(storage_uri(db_path))
+    try:
+        # Both hits were made at one instant and stay two hits; the window is still full.
+        assert not await MovingWindowRateLimiter(storage).hit(item, "agent:alice")
+        assert await MovingWindowRateLimiter(storage).hit(item, "agent:bob")
+    finally:
+        await storage.aclose()
+    with closing(sqlite3.connect(db_path)) as db:
+        assert db.execute("SELECT name FROM sqlite_master WHERE name = 'rate_entries'").fetchall() == []
+
+
+def _hit_keys(db_path: Path) -> list[str]:
+    with closing(sqlite3.connect(db_path)) as db:
+        return sorted(key for (key,) in db.execute("SELECT DISTINCT key FROM rate_hits"))
 
 
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
