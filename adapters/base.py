@@ -96,7 +96,9 @@ class Adapter(Protocol):
     """One provider. Blocking SDK calls run in a worker thread, never on the event loop.
 
     An adapter that runs several jobs in one provider call (Aer's micro-batches) may also set
-    `jobs_at_once`: workers then keep that many times more of its jobs in flight.
+    `jobs_at_once`: workers then keep that many times more of its jobs in flight. One whose
+    `submit` returns only once the job has run (a local simulator) may set `runs_in_submit`:
+    workers then take the result at once and store it in one write, with no `running` between.
     """
 
     provider: str

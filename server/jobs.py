@@ -20,11 +20,15 @@ class JobState(enum.StrEnum):
 TERMINAL = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.REJECTED, JobState.EXPIRED})
 
 # Every allowed move. Back to QUEUED from SUBMITTING or RUNNING is a worker handing a job back
-# (graceful shutdown, a transient failure, or a local run lost with its process).
+# (graceful shutdown, a transient failure, or a local run lost with its process). SUBMITTING
+# straight to SUCCEEDED is a job whose adapter ran it inside `submit` (the local simulator):
+# it was never waiting at the provider, so there is no RUNNING to record.
 TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     JobState.PENDING_APPROVAL: frozenset({JobState.QUEUED, JobState.REJECTED, JobState.EXPIRED, JobState.CANCELLED}),
     JobState.QUEUED: frozenset({JobState.SUBMITTING, JobState.CANCELLED, JobState.FAILED}),
-    JobState.SUBMITTING: frozenset({JobState.RUNNING, JobState.QUEUED, JobState.FAILED, JobState.CANCELLED}),
+    JobState.SUBMITTING: frozenset(
+        {JobState.RUNNING, JobState.SUCCEEDED, JobState.QUEUED, JobState.FAILED, JobState.CANCELLED}
+    ),
     JobState.RUNNING: frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.QUEUED}),
     JobState.SUCCEEDED: frozenset(),
     JobState.FAILED: frozenset(),

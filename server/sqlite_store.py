@@ -133,7 +133,8 @@ _CLAIM_ONE = """
 UPDATE jobs SET
     state = CASE WHEN state = 'queued' THEN 'submitting' ELSE state END,
     lease_owner = ?, lease_expires = ?, version = version + 1, updated_at = ?,
-    runs = runs + 1, started_at = coalesce(started_at, ?)
+    runs = runs + 1, started_at = coalesce(started_at, ?),
+    attempts = attempts + (provider_ref IS NULL)  -- the submission this claim is for
 WHERE seq = ?
   AND (state = 'queued' OR (state IN ('submitting', 'running') AND lease_expires < ?))
 RETURNING *

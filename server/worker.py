@@ -193,6 +193,11 @@ class Workers:
         try:
             if job.provider_ref is None:
                 ref = await self._with_retries(job, lambda: adapter.submit(spec), count_attempts=True)
+                if getattr(adapter, "runs_in_submit", False):
+                    # It has run already: one write stores the result (none if it was cancelled meanwhile).
+                    result = await self._with_retries(job, lambda: adapter.result(ref), count_attempts=False)
+                    await self._settle_success(job, result, provider_ref=ref.provider_job_id)
+                    return
                 moved = await self._move(job, JobState.RUNNING, provider_ref=ref.provider_job_id)
                 if moved is None:  # cancelled while it was being submitted
                     await adapter.cancel(ref)
@@ -246,7 +251,12 @@ class Workers:
             delay = min(delay * 2, POLL_MAX_S)
 
     async def _with_retries(self, job: JobRecord, call: Callable[[], Awaitable[T]], *, count_attempts: bool) -> T:
-        """Retry `TransientError` with exponential backoff and full jitter, within the caps."""
+        """Retry `TransientError` with exponential backoff and full jitter, within the caps.
+
+        With `count_attempts` each retry adds one to the job's attempts; the first was counted
+        by the claim that handed the job to this worker.
+        """
+        tries = 0
 
         @backoff.on_exception(
             backoff.expo,
@@ -264,7 +274,9 @@ class Workers:
             logger=None,
         )
         async def attempt() -> T:
-            if count_attempts:
+            nonlocal tries
+            tries += 1
+            if count_attempts and tries > 1:
                 await self.store.record_attempt(job.id, self.owner)
             try:
                 value = await call()
@@ -283,7 +295,7 @@ class Workers:
             await self.events.announce(moved)
         return moved
 
-    async def _settle_success(self, job: JobRecord, result: Result) -> None:
+    async def _settle_success(self, job: JobRecord, result: Result, **fields: Any) -> None:
         # The ledger commits what the provider reports; where it reports nothing, the estimate.
         # A provider that reports QPU time but no cost (IBM) is charged its time at the list price.
         cost = result.cost_micro_usd
@@ -298,6 +310,7 @@ class Workers:
             lease_expires=None,
             actual_cost_micro_usd=cost,
             actual_qpu_seconds=result.qpu_seconds,
+            **fields,
         )
 
     async def _settle_failure(self, job: JobRecord, code: str, message: str) -> None:

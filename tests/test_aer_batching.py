@@ -112,3 +112,39 @@ async def test_circuits_kept_from_admission_are_run_as_they_are_and_the_keep_is_
     for job_id in ("forgotten", "oldest"):
         with pytest.raises(PermanentError):
             await adapter.submit(JobSpec(job_id=job_id, backend=BACKEND_ID, circuits=(UNPARSABLE,), shots=10))
+
+
+WIDE = """OPENQASM 2.0;
+include "qelib1.inc";
+qreg q[12];
+creg low[3];
+creg wide[12];
+x q[0];
+x q[11];
+h q[5];
+measure q[0] -> low[0];
+measure q -> wide;
+"""
+
+
+async def test_counts_of_multi_byte_and_odd_sized_registers_read_as_bitstrings_most_significant_first() -> None:
+    adapter = AerAdapter()
+    outcomes = await run_all(adapter, [JobSpec(job_id="wide", backend=BACKEND_ID, circuits=(WIDE,), shots=400)])
+    result = outcomes["wide"]
+    assert isinstance(result, Result)
+    (counts,) = result.counts
+    assert counts["low"] == {"001": 400}
+    assert set(counts["wide"]) == {"100000000001", "100000100001"}  # qubit 11 left, qubit 0 right
+    assert sum(counts["wide"].values()) == 400
+
+
+@pytest.mark.parametrize("num_bits", [1, 5, 8, 9, 13, 16, 17, 30])
+def test_counts_are_what_qiskit_counts_give(num_bits: int) -> None:
+    import numpy as np
+    from qiskit.primitives.containers.bit_array import BitArray
+
+    from qpu_gateway.adapters.aer import _counts
+
+    shots = np.random.default_rng(num_bits).integers(0, 2, size=(1000, num_bits), dtype=np.uint8)
+    bits = BitArray.from_bool_array(shots)
+    assert list(_counts(bits).items()) == list(bits.get_counts().items())  # same keys, counts and order

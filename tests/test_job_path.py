@@ -38,3 +38,7 @@ async def test_bell_circuit_is_estimated_submitted_run_and_counted(
         counts = view["result"]["counts"][0]["c"]
         assert set(counts) <= {"00", "11"} and sum(counts.values()) == 500
         assert view["attempts"] == 1
+        # Aer ran it inside submit, so one write settled it: claimed, then succeeded, nothing between.
+        audit = await gateway.store.audit_tail(limit=100, job_id=job_id)
+        assert [r.tool for r in audit if r.tool.startswith("job.")] == ["job.claimed", "job.succeeded"]
+        assert view["started_at"] is not None and view["finished_at"] is not None

@@ -33,7 +33,7 @@ def test_no_move_leaves_a_terminal_state(terminal: JobState, target: JobState) -
         (JobState.QUEUED, JobState.SUCCEEDED),
         (JobState.QUEUED, JobState.RUNNING),
         (JobState.QUEUED, JobState.QUEUED),
-        (JobState.SUBMITTING, JobState.SUCCEEDED),
+        (JobState.PENDING_APPROVAL, JobState.SUCCEEDED),
         (JobState.PENDING_APPROVAL, JobState.SUBMITTING),
         (JobState.RUNNING, JobState.PENDING_APPROVAL),
         (JobState.CANCELLED, JobState.QUEUED),
