@@ -171,6 +171,12 @@ def gateway_http_argv(files: GatewayFiles, port: int) -> list[str]:
     ]
 
 
+def gateway_noop_http_argv(files: GatewayFiles, port: int) -> list[str]:
+    """Our server over Streamable HTTP with the no-op tool added (bench/gateway_server.py)."""
+    argv = [*ours_python("bench.gateway_server"), "--transport", "http", "--noop", "--port", str(port)]
+    return [*argv, *_files_args(files)]
+
+
 def bare_http_argv(port: int) -> list[str]:
     return [sys.executable, "-m", "bench.bare_server", "http", "--port", str(port)]
 

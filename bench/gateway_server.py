@@ -7,8 +7,10 @@ so `noop` costs exactly the gateway's per-call overhead and nothing else. The pe
 added from the outside, and the process runs the gateway (store, workers, policy watcher) just
 as `qpu-gateway serve --transport stdio` does.
 
-With `--transport http` it serves through the gateway's own `serve_http` instead (no no-op):
-that is only used to trace phases of the HTTP measures (`python -m bench --phases DIR`).
+With `--transport http` it serves through the gateway's own `serve_http` instead: to trace
+phases of the HTTP measures (`python -m bench --phases DIR`), and with `--noop` to measure the
+gateway's own per-call floor over HTTP (the throughput measure's ceiling). The no-op is added by
+wrapping `transports.build_server` from here, as phases wraps coroutines.
 
     QPU_GATEWAY_KEY=... python -m bench.gateway_server --db PATH --policy PATH
 """
@@ -53,11 +55,14 @@ async def serve_stdio(config: Config) -> None:
         await server.run_stdio_async()
 
 
-async def serve_http(config: Config, port: int) -> None:
+async def serve_http(config: Config, port: int, *, noop: bool) -> None:
+    from qpu_gateway import transports
     from qpu_gateway.runtime import Gateway
-    from qpu_gateway.transports import serve_http
 
-    await serve_http(Gateway(config), transport="http", host="127.0.0.1", port=port)
+    if noop:
+        build = transports.build_server
+        transports.build_server = lambda *args, **kwargs: with_noop(build(*args, **kwargs))
+    await transports.serve_http(Gateway(config), transport="http", host="127.0.0.1", port=port)
 
 
 def main() -> None:
@@ -67,6 +72,7 @@ def main() -> None:
     parser.add_argument("--log-level", default="warning")
     parser.add_argument("--transport", choices=["stdio", "http"], default="stdio")
     parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--noop", action="store_true", help="with --transport http: add the no-op tool")
     args = parser.parse_args()
     logs.setup(args.log_level)
     if os.environ.get(PHASES_ENV):
@@ -77,7 +83,7 @@ def main() -> None:
     if args.transport == "stdio":
         anyio.run(serve_stdio, config)
     else:
-        anyio.run(serve_http, config, args.port)
+        anyio.run(lambda: serve_http(config, args.port, noop=args.noop))
 
 
 if __name__ == "__main__":
