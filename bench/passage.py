@@ -8,8 +8,8 @@ settle, and the wait. Memory is read from /proc (VmRSS) once the jobs of a check
 finished and the server has been idle for a second: the median of five readings 0.2 s apart.
 The ratio compares two checkpoints of the same process, so a leak shows as growth per job.
 
-Bounded time, honestly: on this path the gateway finishes some 30-45 jobs/s here, so 100,000
-jobs take about an hour. By default the full suite runs 8,000 (about five minutes), reads memory
+Bounded time, honestly: on this path the gateway finishes some 55-60 jobs/s here, so 100,000
+jobs take about half an hour. By default the full suite runs 8,000 (about 2.5 minutes), reads memory
 at six checkpoints, fits a line to the checkpoints of the second half of the run (past
 start-up's one-off growth: imports, Aer, caches filling), and reports the memory at 100,000 on
 that line, marked "extrapolated" in the table. Growth that is slowing down (a bounded cache
