@@ -129,8 +129,8 @@ def _inline_nullable(model: type[BaseModel]) -> WithJsonSchema:
 
     For JobView, which get_job, wait_for_job and cancel_job return: MCP clients validate every
     result against the output schema, and resolving `$ref`s and trying `anyOf` branches is most of
-    that work. The Python SDK's client validated a get_job result in 133-135 us against pydantic's
-    schema, 98-106 us against this one (the same schema, written out).
+    that work. The Python SDK's client validated a get_job result in 133-135 us with the nested
+    models as pydantic writes them, 98-106 us written out (the same schema).
     """
     schema = model.model_json_schema()
     return WithJsonSchema({**schema, "type": ["object", "null"]})
