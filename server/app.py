@@ -143,9 +143,11 @@ def build_server(
     *,
     token_verifier: TokenVerifier | None = None,
     auth: AuthSettings | None = None,
+    key_hint: str | None = None,
 ) -> MCPServer[Gateway]:
-    """The gateway's MCP server. `key_source` yields the caller's key for each call."""
-    calls = Calls(gateway, key_source)
+    """The gateway's MCP server. `key_source` yields the caller's key for each call; `key_hint`
+    says where, for `unauthorized` messages."""
+    calls = Calls(gateway, key_source, key_hint=key_hint)
 
     @asynccontextmanager
     async def lifespan(_: MCPServer[Gateway]) -> AsyncIterator[Gateway]:

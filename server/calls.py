@@ -145,9 +145,12 @@ def ok_result(model: BaseModel) -> CallToolResult:
 class Calls:
     """Authentication, audit and error mapping for one gateway's MCP server."""
 
-    def __init__(self, gateway: Gateway, key_source: KeySource) -> None:
+    def __init__(self, gateway: Gateway, key_source: KeySource, *, key_hint: str | None = None) -> None:
         self.gateway = gateway
         self.key_source = key_source
+        # Where this server takes keys from and checks them, added to every `unauthorized` message
+        # (stdio: the caller started this process, so naming its database tells them nothing new).
+        self.key_hint = key_hint
 
     # -- middleware -------------------------------------------------------------------------
 
@@ -170,6 +173,8 @@ class Calls:
             state.principal = (
                 source if isinstance(source, Principal) else await authenticate(self.gateway.store, source)
             )
+        except Unauthorized as exc:
+            state.auth_error = Unauthorized(f"{exc.message} {self.key_hint}") if self.key_hint else exc
         except GatewayError as exc:
             state.auth_error = exc
         except StoreError as exc:

@@ -1,4 +1,4 @@
-"""The `qpu-gateway` command: init, serve, keys, jobs, audit, demo.
+"""The `qpu-gateway` command: init, paths, serve, keys, jobs, audit, demo.
 
 Exit codes: 0 ok, 1 runtime error, 2 usage error (argparse's own). Output meant for scripts
 (`keys create`) goes to stdout alone; logs go to stderr.
@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import functools
 import json
+import logging
 import os
 import sys
 import time
@@ -22,12 +23,12 @@ from typing import Any, TypeVar
 import anyio
 
 from qpu_gateway import __version__, logs
-from qpu_gateway.config import Config
+from qpu_gateway.config import ENV_DB, ENV_KEY, ENV_POLICY, Config
 from qpu_gateway.jobs import JobState
 from qpu_gateway.keys import SCOPES, create_key, parse_scopes
 from qpu_gateway.policy.file import PolicyFileError, default_policy_text
 from qpu_gateway.records import AuditRecord
-from qpu_gateway.store import Store, StoreError, open_store
+from qpu_gateway.store import Store, StoreError, open_store, store_initialised
 
 T = TypeVar("T")
 LOCAL_AGENT = "local"
@@ -86,7 +87,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     config = _config(args)
     created_policy = False
     if not config.policy_path.exists():
-        config.policy_path.parent.mkdir(parents=True, exist_ok=True)
+        config.policy_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)  # beside local.key
         config.policy_path.write_text(default_policy_text(), encoding="utf-8")
         created_policy = True
 
@@ -115,11 +116,65 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def not_initialised(config: Config) -> str:
+    """Why `serve` refuses a database nobody set up, and what to do instead."""
+    return (
+        f"No gateway database at {config.db_path}: a server started on it would know no keys and refuse "
+        "every call. Run `qpu-gateway init` to create it (the database, the default policy and a key for "
+        "the agent 'local'), or point this server at the existing database with --db PATH or "
+        f"{ENV_DB}=PATH. A client that starts the server itself passes it no environment of its own: "
+        f"give it one (the MCP Inspector: `-e {ENV_DB}=PATH -e {ENV_KEY}=KEY`; mcp.json: `env`)."
+    )
+
+
+def cmd_paths(args: argparse.Namespace) -> int:
+    """Where this command line's flags and environment put the gateway's files (what `serve` would open)."""
+    from qpu_gateway.policy.file import overrides_path
+
+    config = _config(args)
+    db_from = _source(args, "db", ENV_DB) or ("$XDG_DATA_HOME" if os.environ.get("XDG_DATA_HOME") else "~/.local/share")
+    policy_from = _source(args, "policy", ENV_POLICY) or "beside the database"
+    files = {
+        "database": (config.db_path, "initialised" if store_initialised(config.db_path) else "missing", db_from),
+        "policy": (
+            config.policy_path,
+            _exists(config.policy_path),
+            policy_from,
+        ),
+        "overrides": (
+            overrides_path(config.policy_path),
+            _exists(overrides_path(config.policy_path)),
+            "beside the policy",
+        ),
+        "local key": (local_key_path(config), _exists(local_key_path(config)), "beside the database (init)"),
+    }
+    if args.json:
+        print(json.dumps({name: {"path": str(p), "state": st, "from": src} for name, (p, st, src) in files.items()}))
+        return 0
+    print(_table([[name, str(p), st, src] for name, (p, st, src) in files.items()], ["file", "path", "state", "from"]))
+    return 0
+
+
+def _source(args: argparse.Namespace, flag: str, env: str) -> str | None:
+    if getattr(args, flag, None):
+        return f"--{flag}"
+    return f"${env}" if os.environ.get(env) else None
+
+
+def _exists(path: Path) -> str:
+    return "present" if path.exists() else "missing"
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from qpu_gateway import transports
     from qpu_gateway.runtime import Gateway
 
     config = _config(args)
+    # A server on a database nobody initialised would create it empty and refuse every key,
+    # which looks to the agent like a wrong key (a stdio client that passes no environment lands
+    # on the default path).
+    if not store_initialised(config.db_path):
+        raise CliError(not_initialised(config))
     try:
         gateway = Gateway(config)
     except PolicyFileError as exc:
@@ -561,6 +616,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("init", parents=[common], help="create the database, default policy and the 'local' key")
     p.set_defaults(func=cmd_init)
 
+    p = sub.add_parser("paths", parents=[common], help="where the database, policy and local key are (flags, env)")
+    p.add_argument("--json", action="store_true", help="one JSON object")
+    p.set_defaults(func=cmd_paths)
+
     p = sub.add_parser("serve", parents=[common], help="serve MCP over stdio, Streamable HTTP or SSE")
     p.add_argument("--transport", choices=["stdio", "http", "sse"], default="stdio")
     p.add_argument("--host", default=DEFAULT_HOST, help=f"HTTP/SSE bind address (default {DEFAULT_HOST})")
@@ -680,17 +739,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logs.setup(getattr(args, "log_level", "info"))
+    serving = args.command == "serve"
+    if serving:  # a server's stderr is read by machines: every line one JSON object
+        logs.structured_streams(stdout=args.transport == "stdio")
     try:
         result: int = args.func(args)
         return result
     except (CliError, StoreError, PolicyFileError) as exc:
-        print(f"qpu-gateway: error: {logs.redact(str(exc))}", file=sys.stderr)
+        _report(serving, str(exc))
         return 1
     except ValueError as exc:  # bad names or scopes from the command line
-        print(f"qpu-gateway: error: {logs.redact(str(exc))}", file=sys.stderr)
+        _report(serving, str(exc))
         return 2
     except KeyboardInterrupt:
         return 0
+
+
+def _report(serving: bool, message: str) -> None:
+    if serving:
+        logging.getLogger("qpu_gateway.serve").error("cannot serve: %s", message)
+    else:
+        print(f"qpu-gateway: error: {logs.redact(message)}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -72,6 +72,7 @@ class Gateway:
     async def running(self, *, workers: bool = True) -> AsyncIterator[Gateway]:
         """Open the store, apply migrations, and run workers and the change watcher until exit."""
         store = await open_store(self.config.db_path)
+        await self._say_which_database(store)
         self._store = store
         self._workers = Workers(self.config, store, self.providers, self.events, lambda: self.policy)
         self._rate_limiter = RateLimiter(self.config.rate_storage or default_storage_uri(self.config.db_path))
@@ -97,6 +98,33 @@ class Gateway:
             self._store = None
             self._workers = None
             self._rate_limiter = None
+
+    async def _say_which_database(self, store: Store) -> None:
+        """Log the database this process opened and its live keys: a server on the wrong file
+        (a client that passed no environment lands on the default path) otherwise only shows as
+        every key being refused."""
+        path, now = self.config.db_path, time.time()
+        try:
+            keys = await store.list_keys()
+        except StoreError as exc:
+            log.warning("opened database %s; cannot count its keys: %s", path, exc, extra={"db": str(path)})
+            return
+        live = sum(1 for k in keys if k.revoked_at is None and (k.expires_at is None or k.expires_at > now))
+        log.info(
+            "opened database %s (%d active key(s)); policy %s",
+            path,
+            live,
+            self.config.policy_path,
+            extra={"db": str(path), "active_keys": live, "policy": str(self.config.policy_path)},
+        )
+        if not live:
+            log.warning(
+                "database %s has no active key: every call will be refused until an operator creates one "
+                "(`qpu-gateway keys create --agent NAME --db %s`)",
+                path,
+                path,
+                extra={"db": str(path)},
+            )
 
     async def _flush_audit_spool(self) -> None:
         """Write audit rows set aside while the database refused writes, once it takes them again."""

@@ -18,7 +18,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import AsyncGenerator, Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import resources
@@ -192,6 +192,51 @@ def _read_only(path: Path) -> bool:
     return not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK))
 
 
+# The database holds key hashes, every job's circuits and results, and the audit log: readable by
+# its owner only, like `local.key`. SQLite gives the -wal and -shm files the database file's mode.
+_PRIVATE = 0o600
+_COMPANIONS = ("", "-wal", "-shm")
+
+
+def _private_file(path: Path) -> None:
+    """Create the database file 0600, and narrow an existing one (and its WAL files) to 0600."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _PRIVATE))
+        return
+    except FileExistsError:
+        pass  # an existing database, or another process created it a moment ago
+    except OSError:
+        return  # SQLite's own open reports what is wrong, with the store's message
+    for suffix in _COMPANIONS:
+        each = path.with_name(path.name + suffix)
+        try:
+            info = each.stat()
+            if info.st_mode & 0o777 & ~_PRIVATE and info.st_uid == os.geteuid():
+                os.chmod(each, _PRIVATE)
+                log.warning(
+                    "narrowed %s from mode %o to 0600: it holds key hashes and the audit log",
+                    each,
+                    info.st_mode & 0o777,
+                    extra={"path": str(each)},
+                )
+        except OSError:
+            continue  # absent (no WAL yet), or not ours: SQLite decides whether it can open it
+
+
+def initialised(path: Path) -> bool:
+    """True if `path` is a gateway database that `qpu-gateway init` (or any migration) has set up."""
+    if not path.is_file():
+        return False
+    try:
+        with closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, timeout=1.0)) as db:
+            row = db.execute(
+                "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'"
+            ).fetchone()
+            return bool(row[0]) and db.execute("SELECT count(*) FROM schema_migrations").fetchone()[0] > 0
+    except sqlite3.Error:
+        return True  # it exists but cannot be read now (locked, say): opening it reports what is wrong
+
+
 @contextmanager
 def _as_store_errors() -> Iterator[None]:
     """SQLite's errors, and a call withdrawn for want of patience, as the StoreError an operator reads."""
@@ -243,7 +288,9 @@ class SqliteStore:
 
     @classmethod
     async def open(cls, path: Path) -> SqliteStore:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.parent.exists():
+            # The folder holds the database and `local.key`: nobody else's to list.
+            path.parent.mkdir(parents=True, mode=0o700)
         if _read_only(path):
             # Said up front: on a read-only disk SQLite may open the file and fail only at the
             # first write (or fail with "unable to open"), neither of which tells the operator why.
@@ -252,6 +299,7 @@ class SqliteStore:
                 "write its jobs and audit rows. Make it writable, or use --db to put it elsewhere.",
                 retry_after_s=60.0,
             )
+        _private_file(path)
         busy_s = _busy_timeout_s()
         conn = await _connect(path, busy_s)
         opened = [conn]

@@ -203,3 +203,10 @@ async def open_store(path: Path, *, migrate: bool = True) -> Store:
         await store.close()
         raise
     return store
+
+
+def store_initialised(path: Path) -> bool:
+    """True if a gateway database has been set up at `path` (`qpu-gateway init` or any open)."""
+    from qpu_gateway.sqlite_store import initialised
+
+    return initialised(path)

@@ -19,7 +19,7 @@ from mcp.server.auth.provider import AccessToken
 from mcp.server.auth.settings import AuthSettings
 
 from qpu_gateway.app import build_server
-from qpu_gateway.config import ENV_KEY
+from qpu_gateway.config import ENV_DB, ENV_KEY
 from qpu_gateway.errors import GatewayError
 from qpu_gateway.keys import Principal, authenticate
 from qpu_gateway.records import AuditEntry
@@ -79,8 +79,16 @@ async def _stop_on_signal(stop: Callable[[], None]) -> None:
             return
 
 
+def stdio_key_hint(gateway: Gateway) -> str:
+    return (
+        f"This stdio server takes its key from {ENV_KEY} in its own environment and checks it against the "
+        f"gateway database {gateway.config.db_path}; a key made for another database is unknown here "
+        f"(set {ENV_DB} in the server's environment, or --db, to use another)."
+    )
+
+
 async def serve_stdio(gateway: Gateway) -> None:
-    mcp = build_server(gateway, stdio_key)
+    mcp = build_server(gateway, stdio_key, key_hint=stdio_key_hint(gateway))
     async with gateway.running(), anyio.create_task_group() as tg:
         tg.start_soon(_stop_on_signal, tg.cancel_scope.cancel)
         await mcp.run_stdio_async()

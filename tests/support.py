@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -71,7 +72,21 @@ def gateway_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "qpu_gateway", *args]
 
 
+def set_up_database(db_path: Path) -> None:
+    """Create and migrate the database as `qpu-gateway init` would (without its key), since `serve`
+    refuses a database nobody set up. Runs in a thread of its own: callers may be inside a loop."""
+
+    async def migrate() -> None:
+        await (await open_store(db_path)).close()
+
+    if not db_path.exists():
+        worker = threading.Thread(target=anyio.run, args=(migrate,))
+        worker.start()
+        worker.join()
+
+
 def stdio_params(config: Config, key: str | None, **env: str) -> StdioServerParameters:
+    set_up_database(config.db_path)
     environment = {"QPU_GATEWAY_LEASE_S": str(config.lease_s), **env}
     if key is not None:
         environment["QPU_GATEWAY_KEY"] = key
@@ -132,6 +147,7 @@ def wait_listening(process: subprocess.Popen[bytes], port: int, *, what: str = "
 
 def start_http_server(config: Config, transport: str = "http", **env: str) -> HttpServer:
     """`qpu-gateway serve` as a real subprocess on a free loopback port; waits until it accepts."""
+    set_up_database(config.db_path)
     port = free_port()
     process = subprocess.Popen(
         gateway_cmd(

@@ -412,6 +412,7 @@ def test_audit_tail_follow_prints_every_row_of_a_burst_larger_than_its_line_coun
 COMMANDS = [
     (),
     ("init",),
+    ("paths",),
     ("serve",),
     ("keys",),
     ("keys", "create"),
@@ -557,6 +558,7 @@ async def test_stdio_server_without_a_key_starts_and_every_tool_says_how_to_get_
             assert refusal is not None and refusal["code"] == "unauthorized", (tool.name, refusal)
             assert "qpu-gateway keys create" in refusal["message"]
             assert "QPU_GATEWAY_KEY" in refusal["message"]
+            assert str(config.db_path) in refusal["message"]  # where this stdio server looks
 
     audit = await anyio.run_process(
         gateway_cmd("audit", "tail", "-n", "100", "--db", str(config.db_path)), env=cli.env, cwd=cli.cwd

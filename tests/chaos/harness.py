@@ -28,7 +28,7 @@ from qpu_gateway.jobs import TERMINAL
 from qpu_gateway.keys import SCOPES, create_key
 from qpu_gateway.store import open_store
 
-from ..support import free_port, http_client, stop_process, wait_listening
+from ..support import free_port, http_client, set_up_database, stop_process, wait_listening
 
 # The fake provider's hardware, priced per task so that a job's cost is known exactly: ten cents
 # a job, whatever its shots (a round figure chosen for the suite, not a provider's price).
@@ -167,6 +167,7 @@ class Site:
         return key
 
     def serve_args(self, transport: str, port: int | None = None, *, log_level: str = "info") -> list[str]:
+        set_up_database(self.db)  # `serve` refuses a database nobody set up
         args = ["-m", "qpu_gateway", "serve", "--transport", transport, "--db", str(self.db)]
         args += ["--policy", str(self.policy), "--log-level", log_level]
         return args + (["--port", str(port)] if port is not None else [])
