@@ -43,7 +43,7 @@ qpu-gateway runs quantum circuits for you on simulators and quantum hardware, wi
 set by its operator. Circuits are OpenQASM 2 or 3 text. Typical flow: list_backends, then
 estimate_job (free, checks the circuit and the cost), then submit_job, then wait_for_job (or
 subscribe to the job's resource) and read the counts. 'aer/simulator' is free and local: use
-it first. Refusals are results with isError and a structured body {code, message,
+it first. Refusals are results with isError whose text is a JSON body {code, message,
 retry_after_s?, job_id?}; read the message, it says what to do next.
 """
 

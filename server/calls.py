@@ -4,7 +4,8 @@ A middleware wraps every tool call, resource read and subscription: it resolves 
 key to a `Principal` (checked against the store on every call, so a revoked key stops at
 once), and writes exactly one audit row when the call ends, admitted or refused. Handlers run
 their service function through `tool()` or `resource()`, which turn a `GatewayError` into
-the agent-facing result: `isError` with the body `{code, message, retry_after_s?, job_id?}`.
+the agent-facing result: `isError` with the body `{code, message, retry_after_s?, job_id?}` as
+its JSON text.
 """
 
 from __future__ import annotations
@@ -127,10 +128,14 @@ def args_hash(value: Any) -> str:
 
 
 def error_result(error: GatewayError) -> CallToolResult:
-    body = error.body()
+    """A refusal as a tool result: `isError`, the coded body as JSON text, and no structured content.
+
+    A tool's `structuredContent` must match its output schema, which describes the success; clients
+    check it (the TypeScript SDK v1 rejects the whole call when it does not match), so an error
+    carries its body in the text only. docs/architecture.md says why not a schema for both shapes.
+    """
     return CallToolResult(
-        content=[TextContent(type="text", text=json.dumps(body, ensure_ascii=False))],
-        structured_content=body,
+        content=[TextContent(type="text", text=json.dumps(error.body(), ensure_ascii=False))],
         is_error=True,
     )
 
@@ -239,7 +244,8 @@ class Calls:
             error = InvalidArguments(f"{text.removeprefix('Error executing tool ')} Check the tool's input schema.")
         state.refuse(error)
         wire = error_result(error).model_dump(mode="json", by_alias=True, exclude_none=True)
-        return {**result, "content": wire["content"], "structuredContent": wire["structuredContent"]}
+        kept = {key: value for key, value in result.items() if key != "structuredContent"}
+        return {**kept, "content": wire["content"]}
 
     async def _audit(self, state: CallState) -> None:
         now = time.time()
