@@ -396,3 +396,36 @@ async def test_both_inspector_clis_without_a_key_over_http_show_how_to_get_one(s
         said = done.stdout.decode() + done.stderr.decode()
         assert "qpu-gateway keys create --agent NAME" in said, said
         assert "Authorization: Bearer <key>" in said, said
+
+
+async def test_the_typescript_sdk_client_completes_reads_prompts_and_hears_its_jobs(transport_site: Site) -> None:
+    site = transport_site
+    jobs = {"type": "ref/resource", "uri": "qpu://jobs/{job_id}"}
+    steps: list[dict[str, Any]] = [
+        {"id": "tools", "method": "tools/list"},
+        {"id": "level", "method": "logging/setLevel", "level": "info"},
+        {"id": "job_ids", "method": "completion/complete", "ref": jobs, "argument": {"name": "job_id", "value": ""}},
+        {
+            "id": "backends",
+            "method": "completion/complete",
+            "ref": {"type": "ref/prompt", "name": "run_circuit"},
+            "argument": {"name": "backend", "value": "aer"},
+        },
+        {"id": "unknown_prompt", "method": "prompts/get", "name": "run_everything"},
+        {"id": "prompt", "method": "prompts/get", "name": "run_circuit", "arguments": {"backend": "aer/simulator"}},
+        {"id": "submit", **call_step(Case("submit", "submit_job", {"circuit": BELL2, "shots": 10}, None))},
+        {"id": "pause", "method": "sleep", "ms": 4000},  # no call in flight: the job's news comes on its own
+    ]
+
+    events = await run_ts_sdk(site, [ts_session(site, "alice", site.key, steps)])
+
+    by_step = {e["step"]: e for e in events if "step" in e}
+    assert by_step["job_ids"]["result"]["completion"]["values"] == [site.succeeded_job]
+    assert by_step["backends"]["result"]["completion"]["values"] == ["aer/simulator"]
+    assert by_step["unknown_prompt"]["ok"] is False and by_step["unknown_prompt"]["error"]["code"] == -32602
+    assert "estimate_job" in by_step["prompt"]["result"]["messages"][0]["content"]["text"]
+    submitted = by_step["submit"]["result"]["structuredContent"]["job_id"]
+    heard = [e["params"] for e in events if e.get("event") == "log"]
+    states = [p["data"]["state"] for p in heard if p["data"].get("job_id") == submitted]
+    assert states and states[-1] == "succeeded", heard
+    assert all(p["logger"] == "qpu-gateway" and p["level"] in ("info", "warning", "error") for p in heard)
