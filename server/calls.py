@@ -47,9 +47,9 @@ from qpu_gateway.store import StoreError
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 # The caller's key for this call; or, where the transport already checked the key for this very
 # request (HTTP's token verifier), the principal it found, so the store is not asked twice.
-T = TypeVar("T")
 KeySource = Callable[[], str | Principal | None]
 Progress = Callable[[float, str], Awaitable[None]]
 # Every method that acts for the caller or reads its data. completion/complete is one: it answers
