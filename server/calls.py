@@ -4,7 +4,8 @@ A middleware wraps every tool call, resource read and subscription: it resolves 
 key to a `Principal` (checked against the store on every call, so a revoked key stops at
 once), and writes exactly one audit row when the call ends, admitted or refused. Handlers run
 their service function through `tool()` or `resource()`, which turn a `GatewayError` into
-the agent-facing result: `isError` with the body `{code, message, retry_after_s?, job_id?}`.
+the agent-facing result: `isError` with the body `{code, message, retry_after_s?, job_id?}` as
+its JSON text.
 """
 
 from __future__ import annotations
@@ -16,14 +17,14 @@ import time
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
 from mcp.server.mcpserver.exceptions import ResourceNotFoundError
 from mcp.shared.exceptions import MCPError
-from mcp_types import INVALID_PARAMS, INVALID_REQUEST, CallToolResult, TextContent
-from pydantic import BaseModel
+from mcp_types import INVALID_PARAMS, INVALID_REQUEST, CallToolResult, LoggingLevel, TextContent
+from pydantic import BaseModel, ValidationError
 
 from qpu_gateway.adapters.aer import BACKEND_ID as DEFAULT_BACKEND
 from qpu_gateway.errors import (
@@ -41,14 +42,18 @@ from qpu_gateway.logs import redact
 from qpu_gateway.ratelimit import applicable
 from qpu_gateway.records import AuditEntry
 from qpu_gateway.runtime import Gateway
+from qpu_gateway.session_logs import Send, SessionLogs
 from qpu_gateway.store import StoreError
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 # The caller's key for this call; or, where the transport already checked the key for this very
 # request (HTTP's token verifier), the principal it found, so the store is not asked twice.
 KeySource = Callable[[], str | Principal | None]
 Progress = Callable[[float, str], Awaitable[None]]
+# Every method that acts for the caller or reads its data. completion/complete is one: it answers
+# with the caller's own job ids and the backends its policy allows.
 AUDITED_METHODS = frozenset(
     {
         "tools/call",
@@ -57,6 +62,7 @@ AUDITED_METHODS = frozenset(
         "resources/unsubscribe",
         "subscriptions/listen",
         "prompts/get",
+        "completion/complete",
     }
 )
 BACKEND_TOOLS = frozenset({"submit_job", "estimate_job"})
@@ -80,6 +86,10 @@ class CallState:
     job_id: str | None = None
     audited: bool = False  # the service wrote the row inside its own transaction
     memo: dict[tuple[object, ...], Any] = field(default_factory=dict)  # work shared by resolvers and the handler
+    refusal: dict[str, Any] | None = None  # the coded body the caller was given
+    log_levels: frozenset[str] = frozenset()  # what the caller asked to be told (server/session_logs.py)
+    send_log: Send | None = None
+    follows: Callable[[str], bool] = lambda _job_id: False  # jobs whose changes reach the caller anyway
 
     def require(self, scope: str) -> Principal:
         if self.principal is None:
@@ -95,6 +105,12 @@ class CallState:
         self.decision = "error" if isinstance(error, InternalError | Unavailable) else "refused"
         self.error_code = error.code
         self.job_id = self.job_id or error.job_id
+        self.refusal = error.body()
+
+    async def log(self, level: LoggingLevel, data: dict[str, Any]) -> None:
+        """A log message about this call, if the caller asked for messages at `level`."""
+        if self.send_log is not None and level in self.log_levels:
+            await self.send_log(level, data)
 
     def entry(self) -> AuditEntry:
         who = self.principal
@@ -127,10 +143,14 @@ def args_hash(value: Any) -> str:
 
 
 def error_result(error: GatewayError) -> CallToolResult:
-    body = error.body()
+    """A refusal as a tool result: `isError`, the coded body as JSON text, and no structured content.
+
+    A tool's `structuredContent` must match its output schema, which describes the success; clients
+    check it (the TypeScript SDK v1 rejects the whole call when it does not match), so an error
+    carries its body in the text only. docs/architecture.md says why not a schema for both shapes.
+    """
     return CallToolResult(
-        content=[TextContent(type="text", text=json.dumps(body, ensure_ascii=False))],
-        structured_content=body,
+        content=[TextContent(type="text", text=json.dumps(error.body(), ensure_ascii=False))],
         is_error=True,
     )
 
@@ -151,6 +171,7 @@ class Calls:
         # Where this server takes keys from and checks them, added to every `unauthorized` message
         # (stdio: the caller started this process, so naming its database tells them nothing new).
         self.key_hint = key_hint
+        self.logs = SessionLogs(gateway.events)
 
     # -- middleware -------------------------------------------------------------------------
 
@@ -158,16 +179,15 @@ class Calls:
         if ctx.method not in AUDITED_METHODS or ctx.request_id is None:
             return await call_next(ctx)
         params = dict(ctx.params or {})
-        if ctx.method in ("tools/call", "prompts/get"):
-            name, hashed = str(params.get("name", ""))[:100], args_hash(params.get("arguments") or {})
-        elif ctx.method == "subscriptions/listen":
-            name, hashed = ctx.method, args_hash(params.get("notifications") or {})
-        else:
-            name, hashed = f"{ctx.method}:{str(params.get('uri', ''))[:200]}", args_hash({"uri": params.get("uri")})
+        name, hashed = _name_and_hash(ctx.method, params)
         arguments = params.get("arguments") if ctx.method == "tools/call" else None
         state = CallState(
             method=ctx.method, name=name, args_hash=hashed, arguments=arguments if isinstance(arguments, dict) else {}
         )
+        state.log_levels = self.logs.levels_for(ctx)
+        if state.log_levels:
+            state.send_log = self.logs.sender(ctx)
+            state.follows = lambda job_id: self.logs.follows(ctx, job_id)
         try:
             source = self.key_source()
             state.principal = (
@@ -189,11 +209,22 @@ class Calls:
                 result = self._coded_sdk_refusal(state, result)
             if isinstance(result, dict) and result.get("resultType") == "input_required":
                 state.decision = "asked"  # a 2026-era round that returned a question to the person
+            if state.name == "submit_job" and state.job_id and state.log_levels and state.decision == "ok":
+                await self._follow(ctx, state.job_id)
+            await self._log_outcome(state)
             return result
         except MCPError as exc:
             state.decision = "refused" if state.decision == "ok" else state.decision
             state.error_code = state.error_code or _code_of(exc)
+            await self._log_outcome(state)
             raise
+        except ValueError as exc:
+            refusal = self._prompt_refusal(state, exc) if ctx.method == "prompts/get" else None
+            if refusal is None:
+                state.decision, state.error_code = "error", state.error_code or "internal_error"
+                raise
+            await self._log_outcome(state)
+            raise refusal from None
         except Exception:
             state.decision, state.error_code = "error", state.error_code or "internal_error"
             raise
@@ -233,6 +264,41 @@ class Calls:
             self.gateway.events.watch(job.id, job.version)
         return [job.id for job in jobs]
 
+    def _prompt_refusal(self, state: CallState, exc: ValueError) -> MCPError | None:
+        """The SDK's own prompts/get refusals as invalid-params errors with our coded body.
+
+        The SDK raises an unknown prompt, missing arguments or arguments the prompt does not take as
+        a ValueError, which would answer JSON-RPC code 0 (-32603 in 2026) and log a traceback; they
+        are the caller's mistake. Anything else stays an internal error.
+        """
+        text = redact(str(exc))[:300]
+        error: GatewayError
+        if text.startswith("Unknown prompt"):
+            error = NotFound(f"{text}. Call prompts/list for the gateway's prompts.")
+        elif text.startswith("Missing required arguments") or _called_with_bad_arguments(exc):
+            error = InvalidArguments(f"{text}: prompts/list shows the prompt's arguments.")
+        else:
+            return None
+        state.refuse(error)
+        return MCPError(INVALID_PARAMS, f"{error.code}: {error.message}", data=error.body())
+
+    async def _follow(self, ctx: ServerRequestContext[Any, Any], job_id: str) -> None:
+        job = await self.gateway.store.get_job(job_id)
+        if job is not None:
+            self.logs.follow(ctx, job.id, job.version)
+
+    async def _log_outcome(self, state: CallState) -> None:
+        if state.send_log is None:
+            return
+        data: dict[str, Any] = {"event": "call", "call": state.name, "decision": state.decision}
+        if state.job_id:
+            data["job_id"] = state.job_id
+        if state.decision in ("refused", "error"):
+            data.update(state.refusal or {"code": state.error_code})
+            await state.log("error" if state.decision == "error" else "warning", data)
+        else:
+            await state.log("debug", data)
+
     def _coded_sdk_refusal(self, state: CallState, result: dict[str, Any]) -> dict[str, Any]:
         """Give the SDK's own refusals (bad arguments, unknown tool) our coded body."""
         texts = [c.get("text", "") for c in result.get("content") or [] if isinstance(c, dict)]
@@ -244,7 +310,8 @@ class Calls:
             error = InvalidArguments(f"{text.removeprefix('Error executing tool ')} Check the tool's input schema.")
         state.refuse(error)
         wire = error_result(error).model_dump(mode="json", by_alias=True, exclude_none=True)
-        return {**result, "content": wire["content"], "structuredContent": wire["structuredContent"]}
+        kept = {key: value for key, value in result.items() if key != "structuredContent"}
+        return {**kept, "content": wire["content"]}
 
     async def _audit(self, state: CallState) -> None:
         now = time.time()
@@ -313,19 +380,39 @@ class Calls:
         backend = state.arguments.get("backend", DEFAULT_BACKEND) if state.name in BACKEND_TOOLS else None
         if backend is None:
             counted = [rule for rule in counted if rule.per != "backend"]
+
+        async def waiting(step: float, message: str) -> None:
+            if progress is not None:
+                await progress(step, message)
+            await state.log("info", {"event": "rate_limit_wait", "call": state.name, "message": message})
+
         await self.gateway.rate_limiter.enforce(
-            counted, who, backend=str(backend) if backend is not None else None, progress=progress
+            counted, who, backend=str(backend) if backend is not None else None, progress=waiting
         )
 
     async def resource(self, scope: str, uri: str, run: Callable[[Principal], Awaitable[BaseModel]]) -> str:
         """Run one resource read; refusals become protocol errors (resources have no isError)."""
+        model = await self.read(scope, run, not_found=ResourceNotFoundError)
+        return model.model_dump_json(indent=1)
+
+    async def read(
+        self,
+        scope: str,
+        run: Callable[[Principal], Awaitable[T]],
+        *,
+        not_found: Callable[[str], Exception] | None = None,
+    ) -> T:
+        """Run a read that answers outside a tool result (a resource, a completion): its refusals are
+        protocol errors carrying the coded body, `not_found` (when given) the SDK's own kind."""
         state = current_call()
         state.ran = True
         try:
-            model = await run(state.require(scope))
+            return await run(state.require(scope))
         except NotFound as exc:
             state.refuse(exc)
-            raise ResourceNotFoundError(exc.message) from None
+            if not_found is not None:
+                raise not_found(exc.message) from None
+            raise MCPError(INVALID_PARAMS, f"{exc.code}: {exc.message}", data=exc.body()) from None
         except GatewayError as exc:
             state.refuse(exc)
             raise MCPError(INVALID_REQUEST, f"{exc.code}: {exc.message}", data=exc.body()) from None
@@ -333,7 +420,30 @@ class Calls:
             error = store_failure(exc)
             state.refuse(error)
             raise MCPError(INVALID_REQUEST, f"{error.code}: {exc}", data=error.body()) from None
-        return model.model_dump_json(indent=1)
+
+
+def _called_with_bad_arguments(exc: BaseException) -> bool:
+    """Whether the SDK's render failed calling the prompt with arguments it does not take."""
+    cause = exc.__cause__
+    while cause is not None:
+        if isinstance(cause, ValidationError) or (isinstance(cause, TypeError) and "argument" in str(cause)):
+            return True
+        cause = cause.__cause__
+    return False
+
+
+def _name_and_hash(method: str, params: dict[str, Any]) -> tuple[str, str]:
+    """What the audit row calls the call, and the sha256 of what it asked."""
+    if method in ("tools/call", "prompts/get"):
+        return str(params.get("name", ""))[:100], args_hash(params.get("arguments") or {})
+    if method == "subscriptions/listen":
+        return method, args_hash(params.get("notifications") or {})
+    if method == "completion/complete":
+        ref = params.get("ref")
+        target = (ref.get("uri") or ref.get("name") or "") if isinstance(ref, dict) else ""
+        asked = {key: params.get(key) for key in ("ref", "argument", "context")}
+        return f"{method}:{str(target)[:200]}", args_hash(asked)
+    return f"{method}:{str(params.get('uri', ''))[:200]}", args_hash({"uri": params.get("uri")})
 
 
 def store_failure(exc: StoreError) -> GatewayError:

@@ -8,13 +8,14 @@ polls the versions of the jobs someone here is waiting on or subscribed to.
 from __future__ import annotations
 
 import logging
+import weakref
 from collections import Counter
 from typing import Protocol
 
 import anyio
 from mcp.server.subscriptions import ResourceUpdated, SubscriptionBus
 
-from qpu_gateway.jobs import TERMINAL
+from qpu_gateway.jobs import TERMINAL, JobState
 from qpu_gateway.records import JobRecord
 from qpu_gateway.store import Store, StoreError
 
@@ -37,8 +38,15 @@ class LegacySession(Protocol):
     async def send_resource_updated(self, uri: str) -> None: ...
 
 
+class JobListener(Protocol):
+    """Told of every job change announced here (the job as stored, when this process made the change)."""
+
+    async def job_changed(self, job_id: str, state: JobState, job: JobRecord | None) -> None: ...
+
+
 class JobEvents:
     def __init__(self, bus: SubscriptionBus) -> None:
+        self._listeners: weakref.WeakSet[JobListener] = weakref.WeakSet()  # held by whoever listens
         self._bus = bus
         self._changed: dict[str, anyio.Event] = {}
         self._watchers: Counter[str] = Counter()  # job id -> waiters and subscribers in this process
@@ -59,6 +67,10 @@ class JobEvents:
             del self._watchers[job_id]
             self._versions.pop(job_id, None)
             self._latest.pop(job_id, None)
+
+    def listen(self, listener: JobListener) -> None:
+        """Tell `listener` of every change announced from now on, for as long as its owner keeps it."""
+        self._listeners.add(listener)
 
     def subscribe_legacy(self, uri: str, session: LegacySession, version: int) -> None:
         sessions = self._legacy.setdefault(uri, [])
@@ -97,9 +109,9 @@ class JobEvents:
         """Announce the job as it now is (waiters here take this record instead of reading it again)."""
         if job.id in self._watchers and self._versions.get(job.id, 0) < job.version:
             self._latest[job.id] = job
-        await self.job_changed(job.id, job.version, terminal=job.state in TERMINAL)
+        await self.job_changed(job.id, job.version, job.state, job=job)
 
-    async def job_changed(self, job_id: str, version: int, *, terminal: bool = False) -> None:
+    async def job_changed(self, job_id: str, version: int, state: JobState, *, job: JobRecord | None = None) -> None:
         """Announce one change (once per version, whichever path found it first).
 
         After a terminal change nothing more will happen to the job, so its 2025-era
@@ -107,6 +119,7 @@ class JobEvents:
         """
         if self._versions.get(job_id, 0) >= version:
             return
+        terminal = state in TERMINAL
         if job_id in self._watchers:
             self._versions[job_id] = version
             latest = self._latest.get(job_id)
@@ -126,6 +139,11 @@ class JobEvents:
         if terminal:
             for session in list(self._legacy.get(uri, ())):
                 self.unsubscribe_legacy(uri, session)
+        for listener in list(self._listeners):
+            try:
+                await listener.job_changed(job_id, state, job)
+            except Exception:  # a listener's trouble must not fail the worker that announced
+                log.exception("a job listener failed")
 
     async def watch_foreign_changes(self, store: Store, interval_s: float) -> None:
         """Poll the versions of watched jobs, announcing changes other processes made."""
@@ -141,4 +159,4 @@ class JobEvents:
                 continue
             for job_id, (version, state) in versions.items():
                 if version > self._versions.get(job_id, 0):
-                    await self.job_changed(job_id, version, terminal=state in TERMINAL)
+                    await self.job_changed(job_id, version, state)

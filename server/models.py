@@ -30,15 +30,6 @@ class Model(BaseModel):
     model_config = ConfigDict(json_schema_extra=_nullable_as_type_list)
 
 
-class ErrorBody(Model):
-    """The structured body of every refusal (`isError` results)."""
-
-    code: str = Field(description="Stable error code; see the README for what to do on each.")
-    message: str = Field(description="What went wrong and what to do next.")
-    retry_after_s: float | None = Field(default=None, description="Wait this long before retrying.")
-    job_id: str | None = None
-
-
 class BackendInfo(Model):
     id: str = Field(description="Backend id to pass as `backend`, 'provider/name'.")
     provider: str

@@ -38,6 +38,8 @@ _JOB_ID = re.compile(r"^job_[0-9a-f]{20}$")
 MAX_INLINE_CIRCUITS = 20
 MAX_INLINE_OUTCOMES = 64
 MAX_LIST_LIMIT = 100
+# The most values one completion/complete result may carry (MCP spec, server/utilities/completion).
+MAX_COMPLETIONS = 100
 Progress = Callable[[float, str], Awaitable[None]]
 
 
@@ -233,6 +235,23 @@ async def list_jobs(gw: Gateway, who: Principal, state: str | None, limit: int, 
         for j in page
     ]
     return models.JobPage(jobs=jobs, next_cursor=_encode_cursor(page[-1].seq) if len(rows) > limit else None)
+
+
+async def job_id_completions(gw: Gateway, who: Principal, prefix: str) -> tuple[list[str], bool]:
+    """The caller's own job ids that start with `prefix`, newest first, and whether there are more."""
+    ids = await gw.store.job_ids(who.agent, prefix[:64], MAX_COMPLETIONS + 1)
+    return ids[:MAX_COMPLETIONS], len(ids) > MAX_COMPLETIONS
+
+
+async def backend_completions(gw: Gateway, who: Principal, prefix: str) -> tuple[list[str], bool]:
+    """Backend ids that start with `prefix`, that the caller's policy allows and that can take jobs."""
+    rules = gw.policy.rules_for(agent=who.agent, project=who.project)
+    ids = [
+        backend.id
+        for backend in await gw.providers.backends()
+        if backend.id.startswith(prefix) and backend.status != "unavailable" and backend_allowed(rules, backend.id)
+    ]
+    return ids[:MAX_COMPLETIONS], len(ids) > MAX_COMPLETIONS
 
 
 async def quota_usage(

@@ -520,6 +520,16 @@ class SqliteStore:
         rows = await self._read(_all(query, params))
         return [JobRecord.from_row(row) for row in rows]
 
+    async def job_ids(self, agent: str, prefix: str, limit: int) -> list[str]:
+        # Walks the agent's jobs newest first (jobs_agent_seq) until `limit` match; reads ids only.
+        rows = await self._read(
+            _all(
+                "SELECT id FROM jobs WHERE agent = ? AND substr(id, 1, length(?)) = ? ORDER BY seq DESC LIMIT ?",
+                (agent, prefix, prefix, limit),
+            )
+        )
+        return [str(row[0]) for row in rows]
+
     async def claim(
         self,
         providers: Iterable[str],

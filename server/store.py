@@ -95,6 +95,10 @@ class Store(Protocol):
         self, *, agent: str | None, state: JobState | None, limit: int, before_seq: int | None
     ) -> list[JobRecord]: ...
 
+    async def job_ids(self, agent: str, prefix: str, limit: int) -> list[str]:
+        """The agent's job ids that start with `prefix`, newest first (for completion)."""
+        ...
+
     async def claim(
         self,
         providers: Iterable[str],

@@ -1,22 +1,28 @@
 """Serving the gateway over stdio, Streamable HTTP or SSE, with the key each one carries.
 
 stdio: the key is `QPU_GATEWAY_KEY` in the server's environment (mcp.json's `env`).
-HTTP and SSE: `Authorization: Bearer KEY` on every request, checked against the store by the SDK's
-token-verifier hook before any MCP work; the gateway middleware takes the principal it found.
+HTTP and SSE: `Authorization: Bearer KEY` on every request. `KeyGate` checks it against the store
+before the SDK sees the request and answers a missing or refused key with a 401 that says how to
+get and send one; the SDK's token-verifier hook then takes the principal the gate found (binding
+the session to it), and the gateway middleware takes it from there.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
 import time
 from collections.abc import Callable
+from contextvars import ContextVar
 
 import anyio
 from mcp.server.auth.middleware.auth_context import get_access_token
 from mcp.server.auth.provider import AccessToken
 from mcp.server.auth.settings import AuthSettings
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from qpu_gateway.app import build_server
 from qpu_gateway.config import ENV_DB, ENV_KEY
@@ -28,6 +34,22 @@ from qpu_gateway.store import StoreError
 
 log = logging.getLogger(__name__)
 
+HOW_TO_SEND_A_KEY = (
+    "Ask the gateway's operator for a key (`qpu-gateway keys create --agent NAME`) and send it on every "
+    "request as the header `Authorization: Bearer <key>`. This gateway uses its own keys, not OAuth: "
+    "there is no authorization server to sign in with."
+)
+NO_KEY = f"No gateway key was sent. {HOW_TO_SEND_A_KEY}"
+REFUSED_KEY = f"The gateway key sent was refused: it is unknown, malformed, revoked or expired. {HOW_TO_SEND_A_KEY}"
+UNCHECKED_KEY = (
+    "The gateway key could not be checked: the gateway's database did not answer. Try again shortly; "
+    "tell the operator if it persists."
+)
+
+# The key the gate checked for this request and what it found, so the SDK's verifier (asked next,
+# for the same request) does not read the store again.
+_CHECKED: ContextVar[tuple[str, AccessToken] | None] = ContextVar("qpu_gateway_checked_key", default=None)
+
 
 class GatewayTokenVerifier:
     """The SDK's `TokenVerifier` over gateway keys: a bearer token is a gateway key."""
@@ -36,20 +58,96 @@ class GatewayTokenVerifier:
         self.gateway = gateway
 
     async def verify_token(self, token: str) -> AccessToken | None:
+        checked = _CHECKED.get()
+        if checked is not None and checked[0] == token:
+            return checked[1]
+        access, _ = await self.check(token)
+        return access
+
+    async def check(self, token: str | None) -> tuple[AccessToken | None, str]:
+        """The access token for a gateway key, or None and why not; every refusal is an `http.auth` row."""
         try:
             who = await authenticate(self.gateway.store, token)
         except (GatewayError, StoreError) as exc:
-            reason = exc.code if isinstance(exc, GatewayError) else "store_error"
+            if token is None:
+                reason, message = "no key", NO_KEY
+            elif isinstance(exc, GatewayError):
+                reason, message = exc.code, REFUSED_KEY
+            else:
+                reason, message = "store_error", UNCHECKED_KEY
             entry = AuditEntry(tool="http.auth", decision="refused", error_code="unauthorized", detail=reason)
             await self.gateway.audit_spool.write(self.gateway.store, entry, time.time())
-            return None
-        return AccessToken(
-            token=token,
+            return None, message
+        access = AccessToken(
+            token=token or "",
             client_id=who.key_id,
             scopes=sorted(who.scopes),
             subject=who.agent,
             claims={"project": who.project},
         )
+        return access, ""
+
+
+class KeyGate:
+    """ASGI middleware before the SDK's app: requests to the MCP endpoints need a valid gateway key.
+
+    Without one the answer is a 401 whose `WWW-Authenticate` header and JSON body say how to get a
+    key and send it. It names no authorization server and points to no protected-resource
+    metadata, because the gateway has neither: keys come from its operator. (The SDK's own 401
+    pointed OAuth clients at metadata naming the gateway as its authorization server, so they tried
+    to register with it and failed: `Dynamic Client Registration rejected (HTTP 404)`.)
+    """
+
+    def __init__(self, app: ASGIApp, verifier: GatewayTokenVerifier, paths: tuple[str, ...]) -> None:
+        self.app = app
+        self.verifier = verifier
+        self.paths = paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self._guarded(str(scope["path"])):
+            await self.app(scope, receive, send)
+            return
+        token = bearer_token(Headers(scope=scope).get("authorization"))
+        access, message = await self.verifier.check(token)
+        if access is None:
+            await _unauthorized(send, message, key_sent=token is not None)
+            return
+        checked = _CHECKED.set((token or "", access))
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            _CHECKED.reset(checked)
+
+    def _guarded(self, path: str) -> bool:
+        return any(path == p or path.startswith(p.rstrip("/") + "/") for p in self.paths)
+
+
+def bearer_token(header: str | None) -> str | None:
+    """The token of an `Authorization: Bearer` header, as the SDK's backend reads it (so they compare)."""
+    if header is None or header[:7].lower() != "bearer ":
+        return None
+    return header[7:] or None
+
+
+async def _unauthorized(send: Send, message: str, *, key_sent: bool) -> None:
+    # RFC 6750 section 3.1: a request that sent no credentials gets no error code, only the challenge.
+    challenge = 'Bearer realm="qpu-gateway"'
+    if key_sent:
+        challenge += ', error="invalid_token"'
+    challenge += f', error_description="{message}"'
+    body = json.dumps({"code": "unauthorized", "message": message}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 401,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"www-authenticate", challenge.encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
 
 
 def bearer_principal() -> Principal | None:
@@ -99,15 +197,19 @@ async def serve_http(gateway: Gateway, *, transport: str, host: str, port: int) 
     """Serve Streamable HTTP (`/mcp`) or SSE (`/sse`) on host:port until interrupted."""
     import uvicorn
 
-    base = f"http://{_url_host(host)}:{port}"
-    path = "/mcp" if transport == "http" else "/sse"
+    # The SDK's auth stack stays (it binds each session to the key that opened it), but with no
+    # resource_server_url it serves no protected-resource metadata; issuer_url, which the settings
+    # require, is then published nowhere (there is no authorization-server provider either).
     auth = AuthSettings(
-        issuer_url=base,  # type: ignore[arg-type]  # pydantic parses the URL string
-        resource_server_url=f"{base}{path}",  # type: ignore[arg-type]
-        validate_token_resource=False,  # our tokens are gateway keys, not audience-bound OAuth tokens
+        issuer_url=f"http://{_url_host(host)}:{port}",  # type: ignore[arg-type]  # pydantic parses it
+        resource_server_url=None,
     )
-    mcp = build_server(gateway, bearer_principal, token_verifier=GatewayTokenVerifier(gateway), auth=auth)
-    app = mcp.streamable_http_app(host=host) if transport == "http" else mcp.sse_app(host=host)
+    verifier = GatewayTokenVerifier(gateway)
+    mcp = build_server(gateway, bearer_principal, token_verifier=verifier, auth=auth)
+    if transport == "http":
+        app = KeyGate(mcp.streamable_http_app(host=host), verifier, ("/mcp",))
+    else:
+        app = KeyGate(mcp.sse_app(host=host), verifier, ("/sse", "/messages/"))
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", log_config=None, lifespan="on")
     server = uvicorn.Server(config)
 

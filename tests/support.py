@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -12,6 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import anyio
 import httpx2
@@ -43,6 +45,19 @@ c = measure q;
 """
 
 ERAS = ["legacy", "2026-07-28"]
+
+
+def body(result: Any) -> dict[str, Any]:
+    """A tool result's body as an agent reads it: a success's structured content, an error's JSON text.
+
+    Errors carry no structured content (clients check structured content against the tool's output
+    schema, which describes the success), so the coded body is the text; a success has both.
+    """
+    if result.is_error:
+        assert result.structured_content is None, result.structured_content
+        return dict(json.loads(result.content[0].text))
+    assert result.structured_content is not None, result.content
+    return dict(result.structured_content)
 
 
 async def new_key(db_path: Path, agent: str, *, project: str = "default", scopes: str = ",".join(SCOPES)) -> str:

@@ -34,7 +34,7 @@ from qpu_gateway.adapters.base import (
 from qpu_gateway.config import Config
 from qpu_gateway.runtime import Gateway
 
-from .support import BELL2, BELL3, in_memory, new_key
+from .support import BELL2, BELL3, body, in_memory, new_key
 
 pytestmark = pytest.mark.anyio
 
@@ -358,7 +358,7 @@ async def test_an_unconfigured_adapter_lists_azure_unavailable_and_names_the_var
     assert entry["id"] == "azure/*" and entry["status"] == "unavailable"
     for name in ("AZURE_QUANTUM_RESOURCE_ID", "AZURE_QUANTUM_LOCATION", "AZURE_QUANTUM_CONNECTION_STRING"):
         assert name in entry["reason"]
-    assert refused.is_error and refused.structured_content["code"] == "unsupported_backend"
+    assert refused.is_error and body(refused)["code"] == "unsupported_backend"
 
 
 async def test_a_provider_quota_fails_the_job_as_quota_exhausted_without_retrying(

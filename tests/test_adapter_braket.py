@@ -42,7 +42,7 @@ from qpu_gateway.adapters.braket import BraketAdapter
 from qpu_gateway.config import Config
 from qpu_gateway.runtime import Gateway
 
-from .support import BELL2, BELL3, in_memory
+from .support import BELL2, BELL3, body, in_memory
 
 pytestmark = pytest.mark.anyio
 
@@ -200,11 +200,6 @@ def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[Aws]:
 def braket_config(config: Config) -> Config:
     config.policy_path.write_text(POLICY, encoding="utf-8")
     return config
-
-
-def body(result: Any) -> dict[str, Any]:
-    assert result.structured_content is not None, result.content
-    return dict(result.structured_content)
 
 
 def spec(backend: str = "braket/sv1", *, shots: int = 100, circuits: tuple[str, ...] = (BELL2,)) -> JobSpec:

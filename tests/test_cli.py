@@ -30,7 +30,7 @@ from qpu_gateway.policy.file import default_policy_text
 from qpu_gateway.records import AuditEntry
 from qpu_gateway.store import open_store
 
-from .support import BELL2, gateway_cmd, stdio_params
+from .support import BELL2, body, gateway_cmd, stdio_params
 
 KEY = re.compile(r"^qpg_[0-9a-f]{12}_[A-Za-z0-9_\-]{43}$")
 ANY_KEY = re.compile(r"qpg_[a-z0-9]{12}_")
@@ -554,8 +554,8 @@ async def test_stdio_server_without_a_key_starts_and_every_tool_says_how_to_get_
             result = await client.call_tool(tool.name, arguments)
 
             assert result.is_error, tool.name
-            refusal = result.structured_content
-            assert refusal is not None and refusal["code"] == "unauthorized", (tool.name, refusal)
+            refusal = body(result)
+            assert refusal["code"] == "unauthorized", (tool.name, refusal)
             assert "qpu-gateway keys create" in refusal["message"]
             assert "QPU_GATEWAY_KEY" in refusal["message"]
             assert str(config.db_path) in refusal["message"]  # where this stdio server looks

@@ -33,6 +33,7 @@ from qpu_gateway.runtime import Gateway
 from qpu_gateway.store import open_store
 
 from .support import BELL2, BELL3, ERAS, in_memory, new_key
+from .support import body as tool_body
 
 pytestmark = pytest.mark.anyio
 
@@ -271,8 +272,7 @@ def assert_no_leak(text: str, args: Any, *extra_markers: str) -> None:
 
 def assert_coded(result: Any) -> None:
     if result.is_error:
-        body = result.structured_content
-        assert isinstance(body, dict), result.content
+        body = tool_body(result)
         assert body.get("code") in KNOWN_CODES, body
         assert body["code"] != "internal_error", body  # a bad argument is the agent's error, not ours
         assert isinstance(body.get("message"), str) and body["message"]
@@ -343,20 +343,20 @@ async def test_fuzzed_resource_uris_and_prompt_arguments_are_refused_cleanly(
 async def test_a_cursor_with_a_huge_sequence_number_is_an_invalid_argument(gateway: Gateway, alice_key: str) -> None:
     async with in_memory(gateway, alice_key) as client:
         result = await client.call_tool("list_jobs", {"cursor": _cursor(10**20)})
-    assert result.is_error and result.structured_content["code"] == "invalid_arguments", result.content
+    assert result.is_error and tool_body(result)["code"] == "invalid_arguments", result.content
 
 
 async def test_a_max_cost_beyond_decimal_range_is_an_invalid_argument(gateway: Gateway, alice_key: str) -> None:
     async with in_memory(gateway, alice_key) as client:
         result = await client.call_tool("estimate_job", {"circuit": BELL2, "max_cost_usd": "1e999999"})
-    assert result.is_error and result.structured_content["code"] == "invalid_arguments", result.content
+    assert result.is_error and tool_body(result)["code"] == "invalid_arguments", result.content
 
 
 async def test_a_max_cost_with_a_huge_exponent_is_refused_as_an_argument(gateway: Gateway, alice_key: str) -> None:
     # Refused on its size before any arithmetic: such an amount once cost seconds of integer work.
     async with in_memory(gateway, alice_key) as client:
         result = await client.call_tool("estimate_job", {"circuit": BELL2, "max_cost_usd": "1e400000"})
-    assert result.is_error and result.structured_content["code"] == "invalid_arguments", result.content
+    assert result.is_error and tool_body(result)["code"] == "invalid_arguments", result.content
 
 
 async def test_a_gate_chain_that_doubles_at_each_level_is_refused_quickly(gateway: Gateway, alice_key: str) -> None:
@@ -364,7 +364,7 @@ async def test_a_gate_chain_that_doubles_at_each_level_is_refused_quickly(gatewa
         started = time.monotonic()
         result = await client.call_tool("estimate_job", {"circuit": _gate_chain(16)})
         took = time.monotonic() - started
-    body = result.structured_content
+    body = tool_body(result)
     refused = body["code"] if result.is_error else (body.get("refusal") or {}).get("code")
     assert refused == "limit_exceeded", body  # 32,768 expanded gates deep, above max_depth
     assert took < 1.0, f"took {took:.1f} s"
@@ -375,7 +375,7 @@ async def test_deeply_nested_openqasm3_expressions_are_refused_quickly(gateway: 
         started = time.monotonic()
         result = await client.call_tool("estimate_job", {"circuit": _nested(12_000, 3, "paren")})
         took = time.monotonic() - started
-    assert result.is_error and result.structured_content["code"] in ("invalid_circuit", "limit_exceeded")
+    assert result.is_error and tool_body(result)["code"] in ("invalid_circuit", "limit_exceeded")
     assert took < 1.0, f"took {took:.1f} s"
 
 
@@ -443,7 +443,7 @@ async def test_sql_payloads_in_every_string_field_are_stored_verbatim_and_harm_n
                 (payload, {"circuit": payload}),  # an unknown tool named by the payload
             ):
                 refused = await client.call_tool(name, tool_args)
-                assert refused.is_error and refused.structured_content["code"] != "internal_error", (name, payload)
+                assert refused.is_error and tool_body(refused)["code"] != "internal_error", (name, payload)
             with pytest.raises(MCPError):
                 await client.read_resource(f"qpu://jobs/{payload}")
         capped = await client.call_tool("estimate_job", {"circuit": BELL2, "shots": 100})
@@ -454,7 +454,7 @@ async def test_sql_payloads_in_every_string_field_are_stored_verbatim_and_harm_n
     db = config.db_path
     assert_schema_intact(db)
     # The injected agent's own policy section applied: names are looked up, never interpolated.
-    assert capped.is_error and capped.structured_content["code"] == "limit_exceeded", capped.content
+    assert capped.is_error and tool_body(capped)["code"] == "limit_exceeded", capped.content
     assert len(listed.structured_content["jobs"]) == len(SQL_PAYLOADS)
     assert theirs.structured_content["jobs"] == []
     rows = db_rows(db, "SELECT id, agent, project, name, idempotency_key FROM jobs")

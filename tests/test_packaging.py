@@ -34,7 +34,16 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
         REPO,
         source,
         ignore=shutil.ignore_patterns(
-            ".git", ".venv", ".lockenv", ".typecheck", "build", "dist", "*.egg-info", "__pycache__", ".*_cache"
+            ".git",
+            ".venv",
+            ".lockenv",
+            ".typecheck",
+            "build",
+            "dist",
+            "*.egg-info",
+            "__pycache__",
+            ".*_cache",
+            "node_modules",  # tests/clients: the JavaScript test clients and a Node binary, 340 MB
         ),
     )
     dist = tmp_path_factory.mktemp("dist")

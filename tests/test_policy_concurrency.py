@@ -16,7 +16,7 @@ from qpu_gateway.jobs import TERMINAL
 from qpu_gateway.runtime import Gateway
 from qpu_gateway.store import open_store
 
-from .support import BELL2, eventually, http_client, in_memory, start_http_server
+from .support import BELL2, body, eventually, http_client, in_memory, start_http_server
 
 pytestmark = pytest.mark.anyio
 
@@ -45,7 +45,7 @@ async def fire(url: str, key: str, tool: str, args: dict[str, Any], count: int) 
 
         async def one() -> None:
             result = await client.call_tool(tool, args)
-            answers.append({"error": result.is_error, **(result.structured_content or {})})
+            answers.append({"error": result.is_error, **body(result)})
 
         async with anyio.create_task_group() as tg:
             for _ in range(count):
@@ -152,24 +152,24 @@ async def test_every_way_a_job_ends_returns_its_reservation(config: Config, alic
 
             await eventually(reached)
 
-        permanent = (await submit(small)).structured_content["job_id"]
+        permanent = body(await submit(small))["job_id"]
         assert (await finish(permanent))["error"]["code"] == "provider_error"
-        provider_quota = (await submit(small)).structured_content["job_id"]
+        provider_quota = body(await submit(small))["job_id"]
         assert (await finish(provider_quota))["error"]["code"] == "quota_exhausted"
-        running = (await submit(small)).structured_content["job_id"]
+        running = body(await submit(small))["job_id"]
         await state(running, "submitting")
-        queued = (await submit(small)).structured_content["job_id"]  # one at a time: it waits
+        queued = body(await submit(small))["job_id"]  # one at a time: it waits
         assert (await client.call_tool("cancel_job", {"job_id": queued})).structured_content["state"] == "cancelled"
         assert (await client.call_tool("cancel_job", {"job_id": running})).structured_content["state"] == "cancelled"
-        denied = (await submit({**small, "shots": 10_000})).structured_content["job_id"]
+        denied = body(await submit({**small, "shots": 10_000}))["job_id"]
         await deny(gateway.store, denied, by="ops", reason="too dear")
-        expiring = (await submit({**small, "shots": 10_000})).structured_content["job_id"]
+        expiring = body(await submit({**small, "shots": 10_000}))["job_id"]
         assert (await finish(expiring))["state"] == "expired"
         over_budget = await submit({**small, "shots": 30_000})  # $30 against a $25 budget: refused
-        succeeded = (await submit(small)).structured_content["job_id"]
+        succeeded = body(await submit(small))["job_id"]
         assert (await finish(succeeded))["state"] == "succeeded"
         assert (await finish(denied))["state"] == "rejected"
-    assert over_budget.structured_content["code"] == "quota_exhausted"
+    assert body(over_budget)["code"] == "quota_exhausted"
     committed, reserved = await totals(config)
     assert reserved == {}
     assert committed["day"][0] == 100_000  # only the job that succeeded is charged

@@ -17,7 +17,7 @@ from qpu_gateway.config import Config
 from qpu_gateway.runtime import Gateway
 from qpu_gateway.store import open_store
 
-from .support import BELL2, BELL3, ERAS, eventually, in_memory, new_key
+from .support import BELL2, BELL3, ERAS, body, eventually, in_memory, new_key
 
 pytestmark = pytest.mark.anyio
 
@@ -44,11 +44,6 @@ def policy(config: Config, defaults: str, extra: str = PRICED) -> None:
 
 def hardware(config: Config, **overrides: Any) -> Gateway:
     return Gateway(Config(**{**config.__dict__, "faults": "ok", "approval_sweep_s": 0.2, **overrides}))
-
-
-def body(result: Any) -> dict[str, Any]:
-    assert result.structured_content is not None, result.content
-    return dict(result.structured_content)
 
 
 async def ledger(config: Config, agent: str = "alice") -> tuple[dict[str, Any], dict[str, Any]]:

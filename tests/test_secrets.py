@@ -27,7 +27,7 @@ from mcp.shared.exceptions import MCPError
 from qpu_gateway.config import Config
 from qpu_gateway.runtime import Gateway
 
-from .support import BELL2, ERAS, free_port, gateway_cmd, in_memory, stdio_params
+from .support import BELL2, ERAS, body, free_port, gateway_cmd, in_memory, stdio_params
 
 pytestmark = pytest.mark.anyio
 
@@ -298,7 +298,7 @@ async def test_an_agent_cannot_read_wait_on_subscribe_to_list_or_cancel_anothers
                 ("cancel_job", {"job_id": guess}),
             ):
                 result = await bob.call_tool(name, args)
-                answers.append((name, guess, result.is_error, (result.structured_content or {}).get("code")))
+                answers.append((name, guess, result.is_error, body(result).get("code")))
             for attempt in ("read", "subscribe"):
                 with pytest.raises(MCPError) as refused:
                     if attempt == "read":
@@ -334,11 +334,10 @@ async def test_a_job_held_for_an_operator_is_approved_only_by_the_operator(
         async with in_memory(held_gateway, bob_key) as bob:
             names = {t.name for t in (await bob.list_tools()).tools}
             attempts = [
-                await bob.call_tool(n, {"job_id": held.structured_content.get("job_id", "")})
-                for n in ("approve_job", "approve")
+                await bob.call_tool(n, {"job_id": body(held).get("job_id", "")}) for n in ("approve_job", "approve")
             ]
-        job = await held_gateway.store.get_job(held.structured_content["job_id"])
-    assert held.is_error and held.structured_content["code"] == "approval_required", held.content
+        job = await held_gateway.store.get_job(body(held)["job_id"])
+    assert held.is_error and body(held)["code"] == "approval_required", held.content
     assert not [n for n in names if "approv" in n]
-    assert all(a.is_error and a.structured_content["code"] == "not_found" for a in attempts)
+    assert all(a.is_error and body(a)["code"] == "not_found" for a in attempts)
     assert job is not None and job.state.value == "pending_approval"

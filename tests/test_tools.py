@@ -11,7 +11,7 @@ from mcp.shared.exceptions import MCPError
 from qpu_gateway.config import Config
 from qpu_gateway.runtime import Gateway
 
-from .support import BELL2, BELL3, ERAS, in_memory, new_key
+from .support import BELL2, BELL3, ERAS, body, in_memory, new_key
 
 pytestmark = pytest.mark.anyio
 
@@ -24,11 +24,6 @@ cx q[0], q[1];
 cx q[1], q[2];
 measure q -> c;
 """
-
-
-def body(result: Any) -> dict[str, Any]:
-    assert result.structured_content is not None, result.content
-    return dict(result.structured_content)
 
 
 async def audit_rows(gateway: Gateway) -> list[Any]:

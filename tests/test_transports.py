@@ -18,7 +18,7 @@ from mcp.shared.exceptions import MCPError
 
 from qpu_gateway.config import Config
 
-from .support import BELL2, ERAS, HttpServer, free_port, http_client, new_key, start_http_server, stdio_params
+from .support import BELL2, ERAS, HttpServer, body, free_port, http_client, new_key, start_http_server, stdio_params
 
 pytestmark = pytest.mark.anyio
 
@@ -116,7 +116,7 @@ async def test_a_key_revoked_by_the_cli_fails_at_once_in_a_running_server(
             await client.call_tool("get_usage", {})
     async with Client(stdio_params(config, key)) as stdio:  # type: ignore[arg-type]
         refused = await stdio.call_tool("get_usage", {})
-    assert refused.is_error and refused.structured_content["code"] == "unauthorized"
+    assert refused.is_error and body(refused)["code"] == "unauthorized"
 
 
 def test_the_server_answers_initialize_without_importing_any_provider_sdk(config: Config) -> None:

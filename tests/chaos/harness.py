@@ -343,11 +343,14 @@ class Server:
 
 
 def answer(result: Any) -> dict[str, Any]:
-    """A tool result's structured body; errors carry {code, message, ...}."""
-    body = dict(result.structured_content or {})
-    if result.is_error:
-        body.setdefault("code", "unknown")
-    return body
+    """A tool result's body: a success's structured content, or an error's {code, message, ...} (its text)."""
+    if not result.is_error:
+        return dict(result.structured_content or {})
+    try:
+        body = json.loads(result.content[0].text)
+    except (IndexError, AttributeError, ValueError):
+        body = {}
+    return {"code": "unknown", **body} if isinstance(body, dict) else {"code": "unknown"}
 
 
 class Agent:
