@@ -7,6 +7,7 @@ token-verifier hook before any MCP work; the gateway middleware takes the princi
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -22,7 +23,7 @@ from qpu_gateway.app import build_server
 from qpu_gateway.config import ENV_KEY
 from qpu_gateway.errors import GatewayError
 from qpu_gateway.keys import Principal, authenticate
-from qpu_gateway.records import AuditEntry
+from qpu_gateway.records import AuditEntry, Pause
 from qpu_gateway.runtime import Gateway
 from qpu_gateway.store import StoreError
 
@@ -48,7 +49,7 @@ class GatewayTokenVerifier:
             client_id=who.key_id,
             scopes=sorted(who.scopes),
             subject=who.agent,
-            claims={"project": who.project},
+            claims={"project": who.project, "paused": None if who.paused is None else dataclasses.astuple(who.paused)},
         )
 
 
@@ -58,11 +59,13 @@ def bearer_principal() -> Principal | None:
     token = get_access_token()
     if token is None or token.subject is None or not token.claims:
         return None
+    paused = token.claims.get("paused")
     return Principal(
         agent=token.subject,
         project=str(token.claims["project"]),
         scopes=frozenset(token.scopes),
         key_id=token.client_id,
+        paused=None if paused is None else Pause(*paused),
     )
 
 
