@@ -86,7 +86,7 @@ async def cancel_job(
         await workers.stop_cancelled(moved)
         at_provider = "stopped by this process's worker, which cancels it at the provider"
     elif moved.provider_ref is not None and adapter is not None:
-        at_provider = await cancel_at_provider(adapter, moved)
+        at_provider = await cancel_at_provider(adapter, moved.id, moved.provider_ref)
     elif job.state in (JobState.QUEUED, JobState.PENDING_APPROVAL):
         at_provider = "it never reached a provider"
     else:
@@ -96,13 +96,12 @@ async def cancel_job(
     return Cancelled(moved, job.state, at_provider)
 
 
-async def cancel_at_provider(adapter: Adapter, job: JobRecord) -> str:
+async def cancel_at_provider(adapter: Adapter, job_id: str, provider_ref: str) -> str:
     """Ask the provider to cancel the job's run; the job is cancelled here whatever it answers."""
-    assert job.provider_ref is not None
     try:
-        await adapter.cancel(ProviderRef(job.provider_ref))
+        await adapter.cancel(ProviderRef(provider_ref))
     except Exception as exc:  # the provider may have finished it, or refuse: it is cancelled on our side
-        log.warning("provider cancel of job %s failed: %s", job.id, exc, extra={"job_id": job.id})
+        log.warning("provider cancel of job %s failed: %s", job_id, exc, extra={"job_id": job_id})
         return f"the provider's cancel failed ({str(exc)[:200]}); it may still finish it"
-    log.info("job cancelled at its provider", extra={"job_id": job.id, "backend": job.backend})
+    log.info("job cancelled at its provider", extra={"job_id": job_id})
     return "cancelled at the provider"

@@ -98,7 +98,7 @@ class Workers:
             return
         self.stop_local(job.id)
         if job.provider_ref is not None and adapter is not None:
-            await cancellation.cancel_at_provider(adapter, job)
+            await cancellation.cancel_at_provider(adapter, job.id, job.provider_ref)
 
     async def run(self) -> None:
         """Dispatch and heartbeat until cancelled; on the way out, hand every held job back."""
@@ -255,7 +255,7 @@ class Workers:
                     return
                 moved = await self._move(job, JobState.RUNNING, provider_ref=ref.provider_job_id)
                 if moved is None:  # cancelled while it was being submitted
-                    await adapter.cancel(ref)
+                    await cancellation.cancel_at_provider(adapter, job.id, ref.provider_job_id)
                     return
             else:
                 ref = ProviderRef(job.provider_ref)

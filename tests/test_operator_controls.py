@@ -338,6 +338,27 @@ async def test_a_job_running_in_another_server_process_is_stopped_and_cancelled_
     assert "intact" in await cli_ok(config, "audit", "verify")
 
 
+async def test_a_cancel_during_a_submission_lets_it_finish_then_cancels_what_the_provider_accepted(
+    config: Config, alice_key: str, tmp_path: Path
+) -> None:
+    books = tmp_path / "provider"
+    gateway = Gateway(Config(**{**config.__dict__, "faults": "slow:1.5", "faults_dir": books}))
+    async with gateway.running(), in_memory(gateway, alice_key) as client:
+        job_id = body(await client.call_tool("submit_job", {"circuit": BELL2, "backend": HARDWARE}))["job_id"]
+        await wait_for_state(config, job_id, JobState.SUBMITTING)
+        cancelled = body(await client.call_tool("cancel_job", {"job_id": job_id}))
+
+        async def provider_was_told() -> bool:
+            return bool(provider_books(books, "SELECT 1 FROM calls WHERE job_id = ? AND outcome = 'cancel'", (job_id,)))
+
+        await eventually(provider_was_told, within_s=30)
+        final = await stored_job(config, job_id)
+    outcomes = provider_books(books, "SELECT outcome FROM calls WHERE job_id = ? ORDER BY id", (job_id,))
+    assert cancelled["state"] == "cancelled"
+    assert [row[0] for row in outcomes] == ["accepted", "cancel"]  # the submission was seen through, then cancelled
+    assert final.state is JobState.CANCELLED and final.provider_ref is None
+
+
 async def test_cancelling_a_job_that_ended_or_does_not_exist_exits_1_and_writes_nothing(
     config: Config, alice_key: str
 ) -> None:
