@@ -7,7 +7,9 @@ Registered only when the configuration names a fault spec (`QPU_GATEWAY_FAULTS` 
 Two kinds of spec:
 
 - A schedule, consumed one entry per submit call: `ok`, `transient`, `quota`, `permanent`,
-  `slow:SECONDS` (`"transient,slow:0.5,ok"`). Once it runs out, every call is `ok`.
+  `slow:SECONDS` (`"transient,slow:0.5,ok"`), and `hold:SECONDS` (accepted at once, then running
+  at the provider for SECONDS unless it is cancelled there; needs a provider directory). Once it
+  runs out, every call is `ok`.
 - A mix, `mix:transient=0.3,quota=0.05,permanent=0.05,slow=0.05,slow_s=5,seed=1,...`: each job
   draws its fate once from its id and the seed, so every process that handles the job agrees.
   A transient job fails its first 1..`transient_tries` submits, then succeeds; a quota or
@@ -18,10 +20,12 @@ the provider's side in `provider.db` there, shared by every gateway process, as 
 would: every submit call it received and what it answered (`calls`), and every job it accepted
 and ran (`runs`). A submit whose job id it already accepted is answered with the same job and
 runs nothing (the idempotency token every cloud adapter sends), so `runs` counts what was really
-executed and billed. Two files there steer it from outside: `down` makes every submit fail
-transiently (an outage, for the circuit breaker) while it exists, and `kill-after-accept` makes
-the next process that accepts a job delete it and SIGKILL itself before returning the job to the
-gateway: a crash exactly between "provider accepted" and "state saved".
+executed and billed. A cancel reaching the provider is recorded too (`calls` outcome `cancel`,
+and the run's `cancelled_at`): a run cancelled before it executed never does. Two files there
+steer it from outside: `down` makes every submit fail transiently (an outage, for the circuit
+breaker) while it exists, and `kill-after-accept` makes the next process that accepts a job
+delete it and SIGKILL itself before returning the job to the gateway: a crash exactly between
+"provider accepted" and "state saved".
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ from qpu_gateway.adapters.base import (
 )
 
 BACKEND_ID = "faulty/qpu"
-_KINDS = {"ok", "transient", "quota", "permanent", "slow"}
+_KINDS = {"ok", "transient", "quota", "permanent", "slow", "hold"}
 _MIX_KEYS = {"transient", "quota", "permanent", "slow", "slow_s", "seed", "transient_tries", "price_usd"}
 _REF_PREFIX = "faulty-"
 _SCHEMA = """
@@ -63,7 +67,9 @@ CREATE TABLE IF NOT EXISTS calls (
 CREATE INDEX IF NOT EXISTS calls_job ON calls (job_id);
 CREATE TABLE IF NOT EXISTS runs (
     job_id TEXT NOT NULL, accepted_at REAL NOT NULL, pid INTEGER NOT NULL,
-    counts TEXT, cost_micro_usd INTEGER NOT NULL, spec TEXT NOT NULL
+    counts TEXT, cost_micro_usd INTEGER NOT NULL, spec TEXT NOT NULL,
+    hold_until REAL,  -- a held run waits at the provider until then (unless cancelled)
+    cancelled_at REAL
 );
 CREATE INDEX IF NOT EXISTS runs_job ON runs (job_id);
 """
@@ -158,7 +164,9 @@ class ProviderLedger:
             return False
         return True
 
-    def decide(self, job: JobSpec, choose: str, failures_before_ok: int, price_micro_usd: int) -> str:
+    def decide(
+        self, job: JobSpec, choose: str, failures_before_ok: int, price_micro_usd: int, hold_s: float = 0.0
+    ) -> str:
         """Answer one submit call, atomically: 'duplicate', 'accepted', or the fault it gets."""
         job_id = job.job_id
         db = self._connect()
@@ -183,10 +191,12 @@ class ProviderLedger:
                 (job_id, time.time(), os.getpid(), outcome),
             )
             if outcome == "accepted":
+                now = time.time()
+                hold_until = now + hold_s if choose == "hold" else None
                 db.execute(
-                    "INSERT INTO runs (job_id, accepted_at, pid, counts, cost_micro_usd, spec) "
-                    "VALUES (?, ?, ?, NULL, ?, ?)",
-                    (job_id, time.time(), os.getpid(), price_micro_usd, _spec_json(job)),
+                    "INSERT INTO runs (job_id, accepted_at, pid, counts, cost_micro_usd, spec, hold_until) "
+                    "VALUES (?, ?, ?, NULL, ?, ?, ?)",
+                    (job_id, now, os.getpid(), price_micro_usd, _spec_json(job), hold_until),
                 )
             db.execute("COMMIT")
             return outcome
@@ -205,6 +215,34 @@ class ProviderLedger:
             ).fetchone()
         return None if row is None else (row[0], int(row[1]), int(row[2]))
 
+    def held(self, job_id: str) -> tuple[float | None, float | None]:
+        """(hold_until, cancelled_at) of the job's run."""
+        with self._connect() as db:
+            row = db.execute("SELECT hold_until, cancelled_at FROM runs WHERE job_id = ?", (job_id,)).fetchone()
+        return (None, None) if row is None else (row[0], row[1])
+
+    def release(self, job_id: str) -> JobSpec | None:
+        """A held run whose time is up: the spec to execute if this process took it, else None."""
+        with self._connect() as db:
+            row = db.execute(
+                "UPDATE runs SET hold_until = NULL, pid = ? WHERE job_id = ? AND counts IS NULL "
+                "AND hold_until <= ? AND cancelled_at IS NULL RETURNING spec",
+                (os.getpid(), job_id, time.time()),
+            ).fetchone()
+        return None if row is None else _spec_of(job_id, row[0])
+
+    def cancel(self, job_id: str) -> None:
+        """The provider's side of a cancel: recorded, and a run not executed yet never will be."""
+        with self._connect() as db:
+            db.execute(
+                "INSERT INTO calls (job_id, at, pid, outcome) VALUES (?, ?, ?, 'cancel')",
+                (job_id, time.time(), os.getpid()),
+            )
+            db.execute(
+                "UPDATE runs SET cancelled_at = ? WHERE job_id = ? AND counts IS NULL AND cancelled_at IS NULL",
+                (time.time(), job_id),
+            )
+
     def take_over(self, job_id: str, dead_pid: int) -> JobSpec | None:
         """Carry on a run whose process died: the spec to run if this process won it, else None."""
         with self._connect() as db:
@@ -215,8 +253,7 @@ class ProviderLedger:
             if not moved:
                 return None
             (spec,) = db.execute("SELECT spec FROM runs WHERE job_id = ?", (job_id,)).fetchone()
-        data = json.loads(spec)
-        return JobSpec(job_id=job_id, backend=data["backend"], circuits=tuple(data["circuits"]), shots=data["shots"])
+        return _spec_of(job_id, spec)
 
 
 def _alive(pid: int) -> bool:
@@ -240,6 +277,8 @@ class FaultyAdapter:
         self._aer = AerAdapter()
         self._lock = threading.Lock()
         self._ledger = ProviderLedger(directory) if directory is not None else None
+        if self._ledger is None and any(kind == "hold" for kind, _ in self._steps):
+            raise ValueError("the hold fault needs a provider directory (QPU_GATEWAY_FAULTS_DIR) to keep its runs")
         self.submits = 0  # every submit call this process made, faulted or not
 
     @property
@@ -277,17 +316,17 @@ class FaultyAdapter:
         if self._ledger is None:
             _raise_for(kind)
             return await self._aer.submit(job)
-        return await self._submit_recorded(job, kind, failures)
+        return await self._submit_recorded(job, kind, failures, hold_s=arg if kind == "hold" else 0.0)
 
-    async def _submit_recorded(self, job: JobSpec, kind: str, failures: int) -> ProviderRef:
+    async def _submit_recorded(self, job: JobSpec, kind: str, failures: int, *, hold_s: float = 0.0) -> ProviderRef:
         assert self._ledger is not None
         ledger = self._ledger
         price = round((self._mix.price_usd if self._mix else 0.0) * 1_000_000)
-        outcome = await sdk_thread.run_sync(lambda: ledger.decide(job, kind, failures, price))
+        outcome = await sdk_thread.run_sync(lambda: ledger.decide(job, kind, failures, price, hold_s))
         _raise_for(outcome)
         ref = ProviderRef(provider_job_id=_REF_PREFIX + job.job_id)
-        if outcome == "duplicate":
-            return ref  # already accepted under this job id: nothing runs twice
+        if outcome == "duplicate" or kind == "hold":
+            return ref  # already accepted under this job id (nothing runs twice), or held at the provider
         await self._execute(job)
         if ledger.take_kill_trigger():
             os.kill(os.getpid(), signal.SIGKILL)
@@ -320,6 +359,16 @@ class FaultyAdapter:
             return ProviderStatus(ProviderState.UNKNOWN, "the provider has no such job")
         counts, pid, _ = run
         if counts is None:
+            hold_until, cancelled_at = await sdk_thread.run_sync(lambda: ledger.held(job_id))
+            if cancelled_at is not None:
+                return ProviderStatus(ProviderState.CANCELLED, "cancelled at the provider")
+            if hold_until is not None:
+                if time.time() < hold_until:
+                    return ProviderStatus(ProviderState.RUNNING)
+                spec = await sdk_thread.run_sync(lambda: ledger.release(job_id))
+                if spec is not None:
+                    await self._execute(spec)
+                return await self.status(ref)
             # The process standing in for the provider died mid-run; a real provider carries on
             # with its run, so this process finishes that same run (it is not a second one).
             spec = None if _alive(pid) else await sdk_thread.run_sync(lambda: ledger.take_over(job_id, pid))
@@ -344,6 +393,10 @@ class FaultyAdapter:
     async def cancel(self, ref: ProviderRef) -> None:
         if self._ledger is None:
             await self._aer.cancel(ref)
+            return
+        ledger = self._ledger
+        job_id = ref.provider_job_id.removeprefix(_REF_PREFIX)
+        await sdk_thread.run_sync(lambda: ledger.cancel(job_id))
 
 
 def _raise_for(kind: str) -> None:
@@ -357,3 +410,8 @@ def _raise_for(kind: str) -> None:
 
 def _spec_json(job: JobSpec) -> str:
     return json.dumps({"backend": job.backend, "circuits": list(job.circuits), "shots": job.shots})
+
+
+def _spec_of(job_id: str, spec: str) -> JobSpec:
+    data = json.loads(spec)
+    return JobSpec(job_id=job_id, backend=data["backend"], circuits=tuple(data["circuits"]), shots=data["shots"])

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any, Literal
 
-from qpu_gateway import models
+from qpu_gateway import models, pauses
 from qpu_gateway.adapters import sdk_thread
 from qpu_gateway.adapters.aer import BACKEND_ID as AER_BACKEND
 from qpu_gateway.adapters.aer import AerAdapter
@@ -207,7 +207,7 @@ async def _assess(gw: Gateway, who: Principal, request: JobRequest) -> Assessmen
 
 async def estimate_job(gw: Gateway, who: Principal, request: JobRequest) -> models.Estimate:
     a = await assess(gw, who, request)
-    refusal = a.refusal or _max_cost_refusal(a)
+    refusal = a.refusal or _max_cost_refusal(a) or await _paused_backend(gw, a.run_on)
     quota_after: list[models.QuotaLine] = []
     if refusal is None:
         now = time.time()
@@ -240,6 +240,13 @@ def _estimate_model(a: Assessment, refusal: Refusal | None, quota_after: list[mo
         else models.Refused(code=refusal.code, message=refusal.message, rule=refusal.rule),
         quota_after=quota_after,
     )
+
+
+async def _paused_backend(gw: Gateway, backend: str) -> Refusal | None:
+    """Whether an operator paused the backend the job would run on (submit_job checks it again
+    inside its transaction)."""
+    pause = await gw.store.pause_of("backend", backend)
+    return None if pause is None else pauses.backend_paused(pause)
 
 
 def _max_cost_refusal(a: Assessment) -> Refusal | None:
@@ -370,6 +377,9 @@ async def submit_job(
     rules, amounts = a.rules, a.amounts
 
     def decide(facts: AdmissionFacts) -> Refusal | None:
+        paused = pauses.admission_refusal(facts)
+        if paused is not None:
+            return paused
         loop = check_loop(rules, facts.repeats)
         if loop is not None:
             log.warning(
@@ -468,6 +478,8 @@ async def approval_question(
         return None  # the tool body raises the same error with its code
     if a.refusal is not None or a.approval != "person" or _max_cost_refusal(a) is not None:
         return None
+    if await _paused_backend(gw, a.run_on) is not None:
+        return None  # nobody is asked to approve a job that would be refused
     totals = await gw.store.ledger_totals("agent", who.agent, time.time())
     lines = [
         q for q in _quota_after(a.rules, totals, totals, a.amounts) if q.scope == "agent" and q.dimension == "cost"

@@ -126,8 +126,8 @@ async def ask_approval(
     not_asked._asked = False
     caps = ctx.client_capabilities
     who = current_call().principal
-    if who is None or "submit" not in who.scopes or caps is None or caps.elicitation is None:
-        return not_asked
+    if who is None or who.paused or "submit" not in who.scopes or caps is None or caps.elicitation is None:
+        return not_asked  # the tool body refuses, or decides, without asking anyone
     try:
         request = admission.JobRequest.from_args(
             circuit=circuit,

@@ -1,24 +1,20 @@
-"""Operator decisions on held jobs: approve (queue it) or deny (reject it, releasing its reservation)."""
+"""Operator decisions on held jobs: approve (queue it) or deny (reject it, releasing its reservation).
+
+Each decision and its audit row, naming the operator, are one transaction.
+"""
 
 from __future__ import annotations
 
-import getpass
 import time
 
 from qpu_gateway.jobs import JobState
-from qpu_gateway.records import AuditEntry, JobRecord
+from qpu_gateway.operators import operator_entry
+from qpu_gateway.records import JobRecord
 from qpu_gateway.store import Store
 
 
 class ApprovalError(Exception):
     """The job is not waiting for approval (unknown, or already decided)."""
-
-
-def operator_name() -> str:
-    try:
-        return getpass.getuser()
-    except Exception:  # no user database entry: still record that an operator acted
-        return "unknown"
 
 
 async def approve(store: Store, job_id: str, *, by: str) -> JobRecord:
@@ -27,7 +23,7 @@ async def approve(store: Store, job_id: str, *, by: str) -> JobRecord:
         JobState.QUEUED,
         time.time(),
         fields={"approved_by": f"operator {by}"},
-        audit=AuditEntry(tool="approvals.approve", decision="ok", detail=f"approved by operator {by}"),
+        audit=operator_entry("approvals.approve", by, detail=f"approved by operator {by}"),
         from_state=JobState.PENDING_APPROVAL,
     )
     if job is None:
@@ -42,7 +38,7 @@ async def deny(store: Store, job_id: str, *, by: str, reason: str | None) -> Job
         JobState.REJECTED,
         time.time(),
         fields={"error_code": "approval_denied", "error_message": why, "finished_at": time.time()},
-        audit=AuditEntry(tool="approvals.deny", decision="refused", error_code="approval_denied", detail=why[:500]),
+        audit=operator_entry("approvals.deny", by, decision="refused", error_code="approval_denied", detail=why),
         from_state=JobState.PENDING_APPROVAL,
     )
     if job is None:

@@ -2,8 +2,9 @@
 
 Each row stores `prev_hash` (the hash of the row before it, or `GENESIS` for the first hashed
 row) and `row_hash = sha256(prev_hash || canonical JSON of its content)`. The content includes
-`seq`, so a row moved to another position no longer matches its hash. Everything here is pure:
-the store computes hashes inside its write transaction, the CLI feeds the verifier pages of rows.
+`seq`, so a row moved to another position no longer matches its hash, and, on an operator's act,
+the operator. Everything here is pure: the store computes hashes inside its write transaction,
+the CLI feeds the verifier pages of rows.
 
 A chain is evidence against an attacker who edits rows without recomputing every later hash. One
 who rewrites the whole tail is caught only by a head recorded elsewhere (`audit verify` prints
@@ -22,6 +23,8 @@ from qpu_gateway.records import AuditRecord
 
 GENESIS = "0" * 64  # the prev_hash of the first hashed row
 CONTENT = ("seq", "at", "agent", "project", "key_id", "tool", "decision", "error_code", "args_hash", "job_id", "detail")
+# Hashed only when set (migration 0004 added it), so rows written before it keep their hashes.
+OPTIONAL_CONTENT = ("operator",)
 # After a break, how many later rows the verifier reads to tell a reordering from an edit.
 LOOKAHEAD = 1000
 
@@ -31,6 +34,7 @@ BreakKind = Literal["changed", "missing", "reordered", "unhashed", "truncated", 
 def canonical(content: Mapping[str, Any]) -> bytes:
     """The stable serialisation a row's hash covers: its content fields as compact, key-sorted JSON."""
     fields = {name: content[name] for name in CONTENT}
+    fields.update({name: content[name] for name in OPTIONAL_CONTENT if content.get(name) is not None})
     fields["seq"] = int(fields["seq"])
     fields["at"] = float(fields["at"])  # SQLite REAL hands back a float whatever was stored
     return json.dumps(fields, sort_keys=True, separators=(",", ":")).encode("ascii")
@@ -43,7 +47,7 @@ def chain_hash(prev_hash: str, content: Mapping[str, Any]) -> str:
 
 def content_of(row: AuditRecord, *, seq: int | None = None) -> dict[str, Any]:
     """A stored row's hashed content; with `seq`, as if it stood at that position."""
-    content = {name: getattr(row, name) for name in CONTENT}
+    content = {name: getattr(row, name) for name in (*CONTENT, *OPTIONAL_CONTENT)}
     if seq is not None:
         content["seq"] = seq
     return content

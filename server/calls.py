@@ -39,6 +39,7 @@ from qpu_gateway.errors import (
 from qpu_gateway.events import job_id_of
 from qpu_gateway.keys import Principal, authenticate
 from qpu_gateway.logs import redact
+from qpu_gateway.pauses import agent_paused
 from qpu_gateway.ratelimit import applicable
 from qpu_gateway.records import AuditEntry
 from qpu_gateway.runtime import Gateway
@@ -94,6 +95,8 @@ class CallState:
     def require(self, scope: str) -> Principal:
         if self.principal is None:
             raise self.auth_error or Unauthorized("No gateway key was given.")
+        if self.principal.paused is not None:  # read with the key, so it costs the call nothing more
+            raise agent_paused(self.principal.paused)
         if scope not in self.principal.scopes:
             raise Forbidden(
                 f"Your key lacks the '{scope}' scope this call needs. Ask the operator for a key with it "

@@ -1,7 +1,9 @@
-"""The `qpu-gateway` command: init, paths, serve, keys, jobs, audit, demo.
+"""The `qpu-gateway` command: init, paths, serve, keys, quotas, approvals, jobs, agents, backends, audit, demo.
 
 Exit codes: 0 ok, 1 runtime error, 2 usage error (argparse's own). Output meant for scripts
-(`keys create`) goes to stdout alone; logs go to stderr.
+(`keys create`) goes to stdout alone; logs go to stderr. Every act that changes what agents may do
+(keys, quotas, approvals, pauses, cancels) writes an audit row naming the operator: the OS user
+running this command.
 """
 
 from __future__ import annotations
@@ -9,9 +11,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import hashlib
 import json
 import logging
 import os
+import shlex
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -26,6 +30,7 @@ from qpu_gateway import __version__, logs
 from qpu_gateway.config import ENV_DB, ENV_KEY, ENV_POLICY, Config
 from qpu_gateway.jobs import JobState
 from qpu_gateway.keys import SCOPES, create_key, parse_scopes
+from qpu_gateway.operators import operator_entry, operator_name
 from qpu_gateway.policy.file import PolicyFileError, default_policy_text
 from qpu_gateway.records import AuditRecord
 from qpu_gateway.store import Store, StoreError, open_store, store_initialised
@@ -95,7 +100,9 @@ def cmd_init(args: argparse.Namespace) -> int:
         applied = await store.migrate()  # opened without migrating, so this reports what it applied
         if any(k.agent == LOCAL_AGENT for k in await store.list_keys()):
             return applied, None
-        _, key = await create_key(store, agent=LOCAL_AGENT, project="default", scopes=frozenset(SCOPES))
+        _, key = await create_key(
+            store, agent=LOCAL_AGENT, project="default", scopes=frozenset(SCOPES), by=operator_name()
+        )
         return applied, key
 
     store_existed = config.db_path.exists()
@@ -220,7 +227,9 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
     scopes = parse_scopes(args.scopes)
 
     async def action(store: Store) -> str:
-        _, key = await create_key(store, agent=args.agent, project=args.project, scopes=scopes, ttl_s=args.ttl)
+        _, key = await create_key(
+            store, agent=args.agent, project=args.project, scopes=scopes, ttl_s=args.ttl, by=operator_name()
+        )
         return key
 
     print(_with_store(config, action))
@@ -259,7 +268,8 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
             _when(k.created_at),
             _when(k.expires_at),
             _when(k.last_used_at),
-            "revoked" if k.revoked_at else ("expired" if k.expires_at and k.expires_at <= now else "active"),
+            ("revoked" if k.revoked_at else ("expired" if k.expires_at and k.expires_at <= now else "active"))
+            + (" (agent paused)" if k.agent_pause and not k.revoked_at else ""),
         ]
         for k in keys
     ]
@@ -268,7 +278,9 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_revoke(args: argparse.Namespace) -> int:
-    revoked = _with_store(_config(args), lambda store: store.revoke_key(args.id, time.time()))
+    from qpu_gateway.keys import revoke_key
+
+    revoked = _with_store(_config(args), lambda store: revoke_key(store, args.id, by=operator_name()))
     if not revoked:
         raise CliError(f"No active key with id {args.id!r} (see `qpu-gateway keys list`).")
     print(f"Revoked key {args.id}; calls with it are refused from now on, in every process.")
@@ -280,7 +292,7 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
 
     async def action(store: Store) -> str:
         try:
-            return await rotate_key(store, args.id)
+            return await rotate_key(store, args.id, by=operator_name())
         except ValueError as exc:
             raise CliError(f"{exc} (see `qpu-gateway keys list`).") from None
 
@@ -377,6 +389,16 @@ def cmd_quota_set(args: argparse.Namespace) -> int:
         path = set_quota(config.policy_path, level=level, quota=quota, key=key, value=value)
     except ValueError as exc:
         raise CliError(str(exc)) from None
+    by = operator_name()
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    entry = operator_entry(
+        "quota.set",
+        by,
+        detail=f"{'.'.join(level)}.{args.key} = {args.value} set by operator {by} in {path} (sha256 {digest})",
+        agent=args.agent,
+        project=args.project,
+    )
+    _with_store(config, lambda store: store.append_audit(entry, time.time()))
     print(f"Set {'.'.join(level)}.{args.key} = {args.value} in {path}; running gateways apply it within a second.")
     return 0
 
@@ -407,19 +429,24 @@ def cmd_approvals_list(args: argparse.Namespace) -> int:
 def cmd_approvals_decide(args: argparse.Namespace) -> int:
     from qpu_gateway import approvals
 
-    by = approvals.operator_name()
+    by = operator_name()
 
     async def action(store: Store) -> Any:
         try:
             if args.approvals_command == "approve":
-                return await approvals.approve(store, args.id, by=by)
-            return await approvals.deny(store, args.id, by=by, reason=args.reason)
+                job = await approvals.approve(store, args.id, by=by)
+            else:
+                job = await approvals.deny(store, args.id, by=by, reason=args.reason)
         except approvals.ApprovalError as exc:
             raise CliError(str(exc)) from None
+        return job, await store.pause_of("agent", job.agent), await store.pause_of("backend", job.backend)
 
-    job = _with_store(_config(args), action)
+    job, agent_pause, backend_pause = _with_store(_config(args), action)
     verb = "approved" if args.approvals_command == "approve" else "denied"
     print(f"Job {job.id} is now {job.state.value} ({verb} by operator {by}).")
+    if job.state is JobState.QUEUED and (agent_pause or backend_pause):
+        held = f"agent {job.agent}" if agent_pause else f"backend {job.backend}"
+        print(f"It waits in the queue while {held} is paused.")
     return 0
 
 
@@ -448,6 +475,186 @@ def cmd_jobs_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_jobs_cancel(args: argparse.Namespace) -> int:
+    from qpu_gateway import cancellation
+    from qpu_gateway.jobs import TERMINAL
+
+    config = _config(args)
+    reason = args.reason.strip()
+    if not reason:
+        raise CliError("--reason must say why: the job's agent is told it.")
+    by = operator_name()
+
+    async def action(store: Store) -> Any:
+        job = await store.get_job(args.id)
+        if job is None:
+            raise CliError(f"No job {args.id!r} (see `qpu-gateway jobs list`).")
+        if job.state in TERMINAL:
+            raise CliError(f"Job {job.id} already ended ({job.state.value}); there is nothing to cancel.")
+        done = await cancellation.cancel_job(
+            store, job, cancellation.Canceller.operator(by, reason[:500]), providers=_providers(config)
+        )
+        if done is None:
+            latest = await store.get_job(job.id)
+            raise CliError(f"Job {job.id} ended ({latest.state.value if latest else 'gone'}) before it was cancelled.")
+        return done
+
+    done = _with_store(config, action)
+    print(
+        f"Cancelled job {done.job.id} of agent {done.job.agent} (it was {done.was.value} on {done.job.backend}): "
+        f"{done.at_provider}. Its reservation is released; its agent reads the reason in get_job."
+    )
+    return 0
+
+
+def _providers(config: Config) -> Any:
+    """The provider adapters, to cancel a job at its provider from this command (SDKs load only if used)."""
+    from qpu_gateway.providers import Providers
+
+    return Providers(config)
+
+
+def cmd_pause(args: argparse.Namespace) -> int:
+    """`agents pause NAME` and `backends pause ID`."""
+    from qpu_gateway import pauses
+
+    kind = args.pause_kind
+    by = operator_name()
+    config = _config(args)
+
+    async def action(store: Store) -> tuple[Any, bool, list[str]]:
+        try:
+            pause, new = await pauses.pause(store, kind, args.name, by=by, reason=args.reason)
+        except ValueError as exc:
+            raise CliError(str(exc)) from None
+        cancelled = await _cancel_running(store, config, pause.name, by, args.reason) if args.cancel_running else []
+        return pause, new, cancelled
+
+    pause, new, cancelled = _with_store(config, action)
+    what = f"Agent {pause.name}" if kind == "agent" else f"Backend {pause.name}"
+    if not new:
+        print(f"{what} was already paused by {pause.paused_by} since {_when(pause.paused_at)}; nothing changed.")
+    elif kind == "agent":
+        print(
+            f"Agent {pause.name} is paused: its calls are refused (agent_paused) and its queued jobs held, in every "
+            f"process, until `qpu-gateway agents resume {pause.name}`."
+        )
+    else:
+        print(
+            f"Backend {pause.name} is paused: no job of it is claimed or admitted (backend_paused) until "
+            f"`qpu-gateway backends resume {pause.name}`; jobs already at the provider finish."
+        )
+    for line in cancelled:
+        print(line)
+    return 0
+
+
+async def _cancel_running(store: Store, config: Config, agent: str, by: str, reason: str | None) -> list[str]:
+    """`agents pause --cancel-running`: cancel the agent's jobs already held by workers, at their provider too."""
+    from qpu_gateway import cancellation
+
+    canceller = cancellation.Canceller.operator(by, f"its agent was paused{': ' + reason if reason else ''}")
+    providers = _providers(config)
+    lines = []
+    for state in (JobState.SUBMITTING, JobState.RUNNING):
+        for job in await store.list_jobs(agent=agent, state=state, limit=10_000, before_seq=None):
+            done = await cancellation.cancel_job(store, job, canceller, providers=providers)
+            if done is not None:
+                lines.append(f"Cancelled job {job.id} (it was {state.value} on {job.backend}): {done.at_provider}.")
+    return lines
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    """`agents resume NAME` and `backends resume ID`."""
+    from qpu_gateway import pauses
+
+    kind = args.pause_kind
+
+    async def action(store: Store) -> Any:
+        try:
+            return await pauses.resume(store, kind, args.name, by=operator_name())
+        except pauses.PauseError as exc:
+            raise CliError(str(exc)) from None
+
+    lifted = _with_store(_config(args), action)
+    now = "its calls are served and its queued jobs run" if kind == "agent" else "its jobs are claimed and admitted"
+    since = f"paused by {lifted.paused_by} since {_when(lifted.paused_at)}"
+    print(f"{kind.capitalize()} {lifted.name} is resumed (it was {since}): {now}.")
+    return 0
+
+
+def cmd_agents_list(args: argparse.Namespace) -> int:
+    async def action(store: Store) -> tuple[Any, ...]:
+        return await store.list_keys(), await store.pauses("agent"), await store.active_job_counts("agent")
+
+    keys, paused, counts = _with_store(_config(args), action)
+    now = time.time()
+    pause_of = {p.name: p for p in paused}
+    agents = sorted({k.agent for k in keys} | set(pause_of) | set(counts))
+    listed = []
+    for agent in agents:
+        own = [k for k in keys if k.agent == agent]
+        active = [k for k in own if not k.revoked_at and not (k.expires_at and k.expires_at <= now)]
+        pause = pause_of.get(agent)
+        waiting, running = counts.get(agent, (0, 0))
+        listed.append(
+            {
+                "agent": agent,
+                "projects": sorted({k.project for k in own}),
+                "active_keys": len(active),
+                "waiting_jobs": waiting,
+                "running_jobs": running,
+                "paused": pause is not None,
+                **_pause_fields(pause),
+            }
+        )
+    return _print_listing(args, listed, ["agent", "projects", "active_keys", "waiting_jobs", "running_jobs"])
+
+
+def cmd_backends_list(args: argparse.Namespace) -> int:
+    async def action(store: Store) -> tuple[Any, ...]:
+        return await store.pauses("backend"), await store.active_job_counts("backend")
+
+    paused, counts = _with_store(_config(args), action)
+    pause_of = {p.name: p for p in paused}
+    listed = [
+        {
+            "backend": backend,
+            "waiting_jobs": counts.get(backend, (0, 0))[0],
+            "running_jobs": counts.get(backend, (0, 0))[1],
+            "paused": backend in pause_of,
+            **_pause_fields(pause_of.get(backend)),
+        }
+        for backend in sorted(set(pause_of) | set(counts))
+    ]
+    return _print_listing(args, listed, ["backend", "waiting_jobs", "running_jobs"])
+
+
+def _pause_fields(pause: Any) -> dict[str, Any]:
+    if pause is None:
+        return {"paused_by": None, "paused_at": None, "reason": None}
+    return {"paused_by": pause.paused_by, "paused_at": pause.paused_at, "reason": pause.reason}
+
+
+def _print_listing(args: argparse.Namespace, listed: list[dict[str, Any]], columns: list[str]) -> int:
+    if args.json:
+        print(json.dumps(listed, indent=1))
+        return 0
+    rows = [
+        [
+            *(", ".join(r[c]) if isinstance(r[c], list) else str(r[c]) for c in columns),
+            "paused" if r["paused"] else "active",
+            r["paused_by"] or "",
+            _when(r["paused_at"]) if r["paused"] else "",
+            r["reason"] or "",
+        ]
+        for r in listed
+    ]
+    header = [c.replace("_jobs", "").replace("_", " ") for c in columns]
+    print(_table(rows, [*header, "status", "paused by", "since", "reason"]))
+    return 0
+
+
 def cmd_jobs_show(args: argparse.Namespace) -> int:
     from qpu_gateway.service import job_view
 
@@ -467,8 +674,16 @@ def cmd_jobs_show(args: argparse.Namespace) -> int:
         project=job.project,
         key_id=job.key_id,
         runs=job.runs,
+        cancelled_by=job.cancelled_by,
         audit=[
-            {"at": _when(a.at), "tool": a.tool, "decision": a.decision, "code": a.error_code, "detail": a.detail}
+            {
+                "at": _when(a.at),
+                "tool": a.tool,
+                "decision": a.decision,
+                "code": a.error_code,
+                "operator": a.operator,
+                "detail": a.detail,
+            }
             for a in audit
         ],
     )
@@ -492,7 +707,8 @@ def cmd_audit_tail(args: argparse.Namespace) -> int:
     while True:
         for r in _with_store(config, functools.partial(read, after=after)):
             print(
-                f"{r.seq:>6} {_when(r.at)} agent={r.agent or '-'} key={r.key_id or '-'} {r.tool} "
+                f"{r.seq:>6} {_when(r.at)} agent={r.agent or '-'} key={r.key_id or '-'}"
+                f"{' operator=' + shlex.quote(r.operator) if r.operator else ''} {r.tool} "
                 f"{r.decision}{' ' + r.error_code if r.error_code else ''}"
                 f"{' job=' + r.job_id if r.job_id else ''}{' args=' + r.args_hash[:12] if r.args_hash else ''}"
                 f"{' ' + repr(r.detail) if r.detail else ''}",
@@ -699,6 +915,46 @@ def build_parser() -> argparse.ArgumentParser:
     p = jsub.add_parser("show", parents=[common], help="one job, its result and its audit trail")
     p.add_argument("id")
     p.set_defaults(func=cmd_jobs_show)
+
+    p = jsub.add_parser("cancel", parents=[common], help="cancel any agent's job, at its provider too")
+    p.add_argument("id")
+    p.add_argument("--reason", required=True, help="why (the job's agent reads it in get_job)")
+    p.set_defaults(func=cmd_jobs_cancel)
+
+    for kind, noun, arg in (("agent", "agents", "name"), ("backend", "backends", "id")):
+        group = sub.add_parser(
+            noun,
+            parents=[common],
+            help="pause (kill switch) or resume an agent, list agents"
+            if kind == "agent"
+            else "pause (drain) or resume a backend, list backends with jobs or pauses",
+        )
+        gsub = group.add_subparsers(dest=f"{noun}_command", required=True, metavar="ACTION")
+        effect = "refuse its calls, hold its queued jobs" if kind == "agent" else "claim and admit none of its jobs"
+        p = gsub.add_parser("pause", parents=[common], help=f"{effect}, in every process")
+        p.add_argument("name", metavar=arg.upper())
+        p.add_argument("--reason", help="why (shown to the agent, and in the audit log)")
+        if kind == "agent":
+            p.add_argument(
+                "--cancel-running",
+                action="store_true",
+                help="also cancel its jobs that workers already hold (at their provider too)",
+            )
+        else:
+            p.set_defaults(cancel_running=False)
+        p.set_defaults(func=cmd_pause, pause_kind=kind)
+        p = gsub.add_parser("resume", parents=[common], help=f"lift the {kind}'s pause")
+        p.add_argument("name", metavar=arg.upper())
+        p.set_defaults(func=cmd_resume, pause_kind=kind)
+        p = gsub.add_parser(
+            "list",
+            parents=[common],
+            help="agents with keys, jobs or a pause: keys, jobs, pause"
+            if kind == "agent"
+            else "backends with waiting or running jobs, or paused: jobs, pause",
+        )
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(func=cmd_agents_list if kind == "agent" else cmd_backends_list)
 
     audit = sub.add_parser("audit", parents=[common], help="read the audit log")
     asub = audit.add_subparsers(dest="audit_command", required=True, metavar="ACTION")

@@ -79,6 +79,18 @@ class SimulationRequired(GatewayError):
     code = "simulation_required"
 
 
+class AgentPaused(GatewayError):
+    """An operator paused this agent (its kill switch): every call is refused until they resume it."""
+
+    code = "agent_paused"
+
+
+class BackendPaused(GatewayError):
+    """An operator paused (drained) this backend: no new jobs for it until they resume it."""
+
+    code = "backend_paused"
+
+
 class NotFound(GatewayError):
     code = "not_found"
 
@@ -116,6 +128,8 @@ BY_CODE: dict[str, type[GatewayError]] = {
         ApprovalDenied,
         LoopDetected,
         SimulationRequired,
+        AgentPaused,
+        BackendPaused,
         NotFound,
         Conflict,
         ProviderError,

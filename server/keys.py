@@ -16,7 +16,8 @@ import time
 from dataclasses import dataclass
 
 from qpu_gateway.errors import Unauthorized
-from qpu_gateway.records import KeyRecord
+from qpu_gateway.operators import operator_entry
+from qpu_gateway.records import AuditEntry, KeyRecord, Pause
 from qpu_gateway.store import Store, StoreError
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ class Principal:
     project: str
     scopes: frozenset[str]
     key_id: str
+    paused: Pause | None = None  # an operator paused the agent: its every call is refused (server/pauses.py)
 
 
 def hash_key(key: str) -> str:
@@ -61,9 +63,18 @@ def parse_scopes(text: str) -> frozenset[str]:
 
 
 async def create_key(
-    store: Store, *, agent: str, project: str, scopes: frozenset[str], ttl_s: float | None = None
+    store: Store,
+    *,
+    agent: str,
+    project: str,
+    scopes: frozenset[str],
+    ttl_s: float | None = None,
+    by: str | None = None,
 ) -> tuple[KeyRecord, str]:
-    """Store a new key's hash and return the record and the key itself (shown once, never stored)."""
+    """Store a new key's hash and return the record and the key itself (shown once, never stored).
+
+    `by` names the operator creating it: the key and a `keys.create` audit row are then stored together.
+    """
     validate_name("agent", agent)
     validate_name("project", project)
     key_id = secrets.token_hex(6)
@@ -78,7 +89,18 @@ async def create_key(
         created_at=now,
         expires_at=None if ttl_s is None else now + ttl_s,
     )
-    await store.insert_key(record)
+    audit = None
+    if by is not None:
+        expiry = "never expires" if ttl_s is None else f"expires after {ttl_s:g} s"
+        audit = operator_entry(
+            "keys.create",
+            by,
+            detail=f"key created by operator {by}: scopes {','.join(sorted(scopes))}, {expiry}",
+            agent=agent,
+            project=project,
+            key_id=key_id,
+        )
+    await store.insert_key(record, audit)
     return record, key
 
 
@@ -87,12 +109,35 @@ async def create_key(
 TOUCH_EVERY_S = 60.0
 
 
-async def rotate_key(store: Store, key_id: str) -> str:
-    """A new secret for key `key_id` (same id, agent, scopes); the old secret stops working now."""
+async def rotate_key(store: Store, key_id: str, *, by: str | None = None) -> str:
+    """A new secret for key `key_id` (same id, agent, scopes); the old secret stops working now.
+
+    With `by` (the operator), a `keys.rotate` audit row is written with the change.
+    """
     key = f"qpg_{key_id}_{secrets.token_urlsafe(32)}"
-    if not await store.rotate_key(key_id, hash_key(key)):
+    if not await store.rotate_key(key_id, hash_key(key), await _key_entry(store, "rotate", key_id, by)):
         raise ValueError(f"no active key with id {key_id!r}")
     return key
+
+
+async def revoke_key(store: Store, key_id: str, *, by: str | None = None) -> bool:
+    """Revoke key `key_id` (every process refuses it from its next call); False if no active key has that id."""
+    return await store.revoke_key(key_id, time.time(), await _key_entry(store, "revoke", key_id, by))
+
+
+async def _key_entry(store: Store, act: str, key_id: str, by: str | None) -> AuditEntry | None:
+    """The audit row of an operator's `act` (rotate, revoke) on a key, naming the key's agent."""
+    if by is None:
+        return None
+    record = await store.key_by_id(key_id)
+    return operator_entry(
+        f"keys.{act}",
+        by,
+        detail=f"key {key_id} {act}d by operator {by}",
+        agent=record.agent if record else None,
+        project=record.project if record else None,
+        key_id=key_id,
+    )
 
 
 async def authenticate(store: Store, key: str | None) -> Principal:
@@ -115,4 +160,6 @@ async def authenticate(store: Store, key: str | None) -> Principal:
             # "Last used" is advisory: a database too busy (or full) to note it must not turn a
             # valid key away. The next call notes it.
             log.info("could not note the key's last use: %s", exc)
-    return Principal(agent=record.agent, project=record.project, scopes=record.scopes, key_id=record.id)
+    return Principal(
+        agent=record.agent, project=record.project, scopes=record.scopes, key_id=record.id, paused=record.agent_pause
+    )

@@ -46,7 +46,11 @@ class BackendInfo(Model):
         description="'closed' (jobs run), 'open' (the backend keeps failing: jobs wait) or 'half_open' (probing).",
     )
     allowed: bool = Field(description="Whether your policy lets you submit to this backend.")
-    reason: str | None = Field(default=None, description="Why the backend is unavailable or not allowed.")
+    paused: bool = Field(
+        default=False,
+        description="An operator paused (drained) it: no new job is admitted and queued ones wait; `reason` says why.",
+    )
+    reason: str | None = Field(default=None, description="Why the backend is unavailable, paused or not allowed.")
 
 
 class BackendList(Model):

@@ -2,13 +2,17 @@
 
 Every process watches the file on its own (a stat per second), so an edit applies to every
 running gateway within about a second, without a restart. An invalid edit is refused with its
-line and reason, logged, and the last good policy stays in force.
+line and reason, logged, and the last good policy stays in force. Each reload, applied or
+refused, is reported with the sha256 of both files as read, so the gateway can audit it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
@@ -18,6 +22,28 @@ from qpu_gateway.policy.file import Policy, PolicyFileError, load_policy, overri
 log = logging.getLogger(__name__)
 
 CHECK_INTERVAL_S = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Reload:
+    """One reload: applied or refused, and what the policy file and the overrides file held."""
+
+    applied: bool
+    policy_path: Path
+    policy_sha256: str | None  # None: the file does not exist (the shipped default applies)
+    overrides_path: Path
+    overrides_sha256: str | None  # None: no overrides file
+    error: str | None = None  # why it was refused
+
+    def describe(self) -> str:
+        """One line for the audit log: the outcome and both files' hashes first, then the reason."""
+        files = (
+            f"policy {self.policy_path} sha256 {self.policy_sha256 or '(no file: the shipped default)'}; "
+            f"overrides {self.overrides_path} sha256 {self.overrides_sha256 or '(no file)'}"
+        )
+        if self.applied:
+            return f"applied {files}"
+        return f"refused, the last good policy stays in force: {files}; {self.error}"
 
 
 class PolicySource:
@@ -39,23 +65,39 @@ class PolicySource:
                 stamps.append((st.st_mtime_ns, st.st_size))
         return tuple(stamps)
 
-    def reload_if_changed(self) -> bool:
-        """Reload when the file's mtime or size changed; True if a new policy took effect."""
+    def reload_if_changed(self) -> Reload | None:
+        """Reload when either file's mtime or size changed; None when neither did."""
         stamp = self._stat()
         if stamp == self._stamp:
-            return False
+            return None
         self._stamp = stamp
+        # Hashed just before parsing: a write landing in between changes the stamp again, and the
+        # next check reloads (and reports) the newer content.
+        hashes = (self.path, _sha256(self.path), overrides_path(self.path), _sha256(overrides_path(self.path)))
         try:
             policy = load_policy(self.path)
         except PolicyFileError as exc:
             self.last_error = str(exc)
             log.error("policy file refused, the last good policy stays in force: %s", exc)
-            return False
+            return Reload(False, *hashes, error=str(exc))
         self.current, self.last_error = policy, None
-        log.info("policy reloaded", extra={"path": str(self.path)})
-        return True
+        log.info("policy reloaded", extra={"path": str(self.path), "sha256": hashes[1], "overrides_sha256": hashes[3]})
+        return Reload(True, *hashes)
 
-    async def watch(self, interval_s: float = CHECK_INTERVAL_S) -> None:
+    async def watch(
+        self, interval_s: float = CHECK_INTERVAL_S, on_reload: Callable[[Reload], Awaitable[None]] | None = None
+    ) -> None:
         while True:
             await anyio.sleep(interval_s)
-            self.reload_if_changed()
+            reload = self.reload_if_changed()
+            if reload is not None and on_reload is not None:
+                await on_reload(reload)
+
+
+def _sha256(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:  # unreadable: load_policy reports it; the row says why there is no hash
+        return f"(unreadable: {exc.strerror})"

@@ -10,6 +10,17 @@ from qpu_gateway.jobs import JobState
 
 
 @dataclass(frozen=True, slots=True)
+class Pause:
+    """An operator's pause of an agent (its kill switch) or a backend (a drain)."""
+
+    kind: str  # agent | backend
+    name: str  # the agent's name or the backend id
+    reason: str | None
+    paused_by: str  # the operator (OS user)
+    paused_at: float
+
+
+@dataclass(frozen=True, slots=True)
 class KeyRecord:
     id: str
     secret_hash: str
@@ -20,6 +31,8 @@ class KeyRecord:
     expires_at: float | None = None
     revoked_at: float | None = None
     last_used_at: float | None = None
+    # The key's agent's pause, read in the same query as the key: the check every call makes.
+    agent_pause: Pause | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +108,7 @@ class JobRecord:
     approval_level: str | None = None
     approval_expires_at: float | None = None
     approved_by: str | None = None
+    cancelled_by: str | None = None  # 'agent', 'operator <user>' or 'provider', once cancelled
 
     @classmethod
     def from_row(cls, row: Any) -> JobRecord:
@@ -129,7 +143,7 @@ class AuditEntry:
     """One decision: who, what, with which arguments (hashed), and how it ended."""
 
     tool: str
-    decision: str  # ok | refused | error | event
+    decision: str  # ok | refused | error | event | held | asked | alert
     agent: str | None = None
     project: str | None = None
     key_id: str | None = None
@@ -137,6 +151,7 @@ class AuditEntry:
     args_hash: str | None = None
     job_id: str | None = None
     detail: str | None = None
+    operator: str | None = None  # the OS user behind an operator act (CLI, or a policy reload)
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +169,7 @@ class AuditRecord:
     detail: str | None
     prev_hash: str | None = None  # the previous row's row_hash (None on rows older than the chain)
     row_hash: str | None = None  # sha256(prev_hash || canonical content), see server/audit.py
+    operator: str | None = None  # hashed with the content when set
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,3 +196,5 @@ class AdmissionFacts:
     agent: LedgerTotals
     project: LedgerTotals
     repeats: int  # this agent's jobs with the same circuit on the same backend within the loop window
+    agent_pause: Pause | None = None  # the agent is paused (its kill switch)
+    backend_pause: Pause | None = None  # the backend the job would run on is paused (drained)

@@ -14,9 +14,10 @@ from qpu_gateway.audit_spool import AuditSpool
 from qpu_gateway.config import Config
 from qpu_gateway.events import JobEvents
 from qpu_gateway.jobs import JobState
+from qpu_gateway.operators import operator_entry, operator_name
 from qpu_gateway.policy.file import Policy
 from qpu_gateway.policy.storm import StormWatch
-from qpu_gateway.policy_source import PolicySource
+from qpu_gateway.policy_source import CHECK_INTERVAL_S, PolicySource, Reload
 from qpu_gateway.providers import Providers
 from qpu_gateway.ratelimit import RateLimiter, default_storage_uri
 from qpu_gateway.records import AuditEntry
@@ -81,7 +82,7 @@ class Gateway:
                 if workers:
                     tg.start_soon(self._workers.run)
                 tg.start_soon(self.events.watch_foreign_changes, store, self.config.poll_interval_s)
-                tg.start_soon(self.policy_source.watch)
+                tg.start_soon(self.policy_source.watch, CHECK_INTERVAL_S, self._audit_reload)
                 tg.start_soon(self._expire_approvals)
                 tg.start_soon(self._flush_audit_spool)
                 log.info("gateway running", extra={"db": str(self.config.db_path), "worker": self._workers.owner})
@@ -125,6 +126,18 @@ class Gateway:
                 path,
                 extra={"db": str(path)},
             )
+
+    async def _audit_reload(self, reload: Reload) -> None:
+        """Every reload of the policy in this process, applied or refused, is an audit row naming
+        the OS user this process runs as (the operator whose gateway applied the files)."""
+        entry = operator_entry(
+            "policy.reload",
+            operator_name(),
+            decision="ok" if reload.applied else "refused",
+            error_code=None if reload.applied else "invalid_policy",
+            detail=reload.describe(),
+        )
+        await self.audit_spool.write(self.store, entry, time.time())
 
     async def _flush_audit_spool(self) -> None:
         """Write audit rows set aside while the database refused writes, once it takes them again."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -17,19 +16,20 @@ from typing import Literal
 
 import anyio
 
-from qpu_gateway import models
+from qpu_gateway import cancellation, models
 from qpu_gateway.adapters import qasm
 from qpu_gateway.adapters.aer import BACKEND_ID as DEFAULT_BACKEND
-from qpu_gateway.adapters.base import AdapterError, ProviderRef
+from qpu_gateway.cancellation import Canceller
 from qpu_gateway.errors import Conflict, InvalidArguments, NotFound
 from qpu_gateway.events import job_uri
 from qpu_gateway.jobs import TERMINAL, JobState
 from qpu_gateway.keys import Principal
+from qpu_gateway.pauses import backend_paused_message
 from qpu_gateway.policy.admission import backend_allowed
 from qpu_gateway.policy.file import Policy, Quota, Rules
 from qpu_gateway.policy.pricing import price_for
 from qpu_gateway.policy.quotas import DIMENSIONS, PERIODS, Amounts, cap_units, caps_of
-from qpu_gateway.records import AuditEntry, JobRecord
+from qpu_gateway.records import JobRecord
 from qpu_gateway.runtime import Gateway
 from qpu_gateway.store import Store
 
@@ -54,10 +54,12 @@ def iso(ts: float | None) -> str | None:
 
 async def list_backends(gw: Gateway, who: Principal) -> models.BackendList:
     rules = gw.policy.rules_for(agent=who.agent, project=who.project)
+    paused = {p.name: p for p in await gw.store.pauses("backend")}
     infos = []
     for backend in await gw.providers.backends():
         price = price_for(gw.policy.prices, backend.id)
         allowed = backend_allowed(rules, backend.id)
+        pause = paused.get(backend.id)
         infos.append(
             models.BackendInfo(
                 id=backend.id,
@@ -72,7 +74,10 @@ async def list_backends(gw: Gateway, who: Principal) -> models.BackendList:
                 queue_depth=backend.queue_depth,
                 price_model=price.describe() if price else "unknown",
                 allowed=allowed,
-                reason=backend.reason or (None if allowed else "not allowed by your policy"),
+                paused=pause is not None,
+                reason=backend.reason
+                or (backend_paused_message(pause) if pause else None)
+                or (None if allowed else "not allowed by your policy"),
             )
         )
     return models.BackendList(backends=infos, default_backend=DEFAULT_BACKEND)
@@ -174,25 +179,13 @@ async def cancel_job(gw: Gateway, who: Principal, job_id: str) -> models.JobView
     job = await owned_job(gw, who, job_id)
     if job.state in TERMINAL:
         raise Conflict(f"Job {job.id} already ended ({job.state.value}); there is nothing to cancel.", job_id=job.id)
-    moved = await gw.store.transition(
-        job.id,
-        JobState.CANCELLED,
-        time.time(),
-        fields={"finished_at": time.time(), "lease_owner": None, "lease_expires": None},
-        audit=AuditEntry(tool="job.cancelled", decision="event", key_id=who.key_id, detail="cancelled by its agent"),
+    done = await cancellation.cancel_job(
+        gw.store, job, Canceller.agent(who), providers=gw.providers, workers=gw.workers, events=gw.events
     )
-    if moved is None:  # it ended between our read and the update
+    if done is None:  # it ended between our read and the update
         latest = await owned_job(gw, who, job_id)
         raise Conflict(f"Job {job.id} already ended ({latest.state.value}).", job_id=job.id)
-    gw.workers.stop_local(job.id)
-    if job.provider_ref is not None:
-        adapter = gw.providers.adapter_for(job.backend)
-        if adapter is not None:
-            # The job is cancelled on our side either way; the provider may still finish it.
-            with contextlib.suppress(AdapterError):
-                await adapter.cancel(ProviderRef(job.provider_ref))
-    await gw.events.announce(moved)
-    return job_view(moved)
+    return job_view(done.job)
 
 
 def _encode_cursor(seq: int) -> str:

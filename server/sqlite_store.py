@@ -39,6 +39,7 @@ from qpu_gateway.records import (
     KeyRecord,
     LedgerTotals,
     NewJob,
+    Pause,
     StateUsage,
 )
 from qpu_gateway.sqlite_thread import Busy, GroupWriter, Work, quick_connection, read_here_first, would_wait, write_gate
@@ -60,6 +61,7 @@ _SETTABLE = (
     "actual_cost_micro_usd",
     "actual_qpu_seconds",
     "approved_by",
+    "cancelled_by",
 )
 # Each settable column takes a (set it?, value) pair of parameters, in _SETTABLE order.
 _TRANSITION = """
@@ -74,7 +76,8 @@ UPDATE jobs SET state = ?, version = version + 1, updated_at = ?,
     lease_expires = CASE WHEN ? THEN ? ELSE lease_expires END,
     actual_cost_micro_usd = CASE WHEN ? THEN ? ELSE actual_cost_micro_usd END,
     actual_qpu_seconds = CASE WHEN ? THEN ? ELSE actual_qpu_seconds END,
-    approved_by = CASE WHEN ? THEN ? ELSE approved_by END
+    approved_by = CASE WHEN ? THEN ? ELSE approved_by END,
+    cancelled_by = CASE WHEN ? THEN ? ELSE cancelled_by END
 WHERE id = ? AND state IN (SELECT value FROM json_each(?)) AND (? IS NULL OR lease_owner = ?)
 RETURNING *
 """
@@ -111,12 +114,24 @@ _COUNTS_BY = {
     "coalesce(sum(state IN ('submitting', 'running')), 0) FROM jobs WHERE project = ? "
     "AND state IN ('queued', 'pending_approval', 'submitting', 'running')",
 }
+# Both claim queries leave out a paused agent's or backend's jobs that would go to a provider
+# (queued, or reclaimed before the provider took them); one already at a provider is still
+# claimed, to be polled to its end.
+# Waiting (queued or held for approval) and running jobs per agent or backend, for operators' lists.
+_ACTIVE = (
+    "SELECT {column}, sum(state IN ('queued', 'pending_approval')), sum(state IN ('submitting', 'running')) "
+    "FROM jobs WHERE state IN ('queued', 'pending_approval', 'submitting', 'running') GROUP BY {column}"
+)
+_ACTIVE_BY = {"agent": _ACTIVE.replace("{column}", "agent"), "backend": _ACTIVE.replace("{column}", "backend")}
 _CLAIM_CANDIDATES = """
 SELECT j.seq, j.state, j.agent, j.project FROM jobs j LEFT JOIN agent_turns t ON t.agent = j.agent
 WHERE (j.state = 'queued' OR (j.state IN ('submitting', 'running') AND j.lease_expires < ?))
   AND substr(j.backend, 1, instr(j.backend, '/') - 1) IN (SELECT value FROM json_each(?))
   AND j.backend NOT IN (SELECT value FROM json_each(?))
   AND (j.state != 'queued' OR j.agent NOT IN (SELECT value FROM json_each(?)))
+  AND (NOT EXISTS (SELECT 1 FROM pauses) OR j.provider_ref IS NOT NULL
+       OR (j.agent NOT IN (SELECT name FROM pauses WHERE kind = 'agent')
+           AND j.backend NOT IN (SELECT name FROM pauses WHERE kind = 'backend')))
 ORDER BY j.state != 'queued' DESC, j.priority DESC, coalesce(t.last_claimed_at, 0), j.seq
 LIMIT 64
 """
@@ -127,6 +142,9 @@ SELECT 1 FROM jobs j
 WHERE (j.state = 'queued' OR (j.state IN ('submitting', 'running') AND j.lease_expires < ?))
   AND substr(j.backend, 1, instr(j.backend, '/') - 1) IN (SELECT value FROM json_each(?))
   AND j.backend NOT IN (SELECT value FROM json_each(?))
+  AND (NOT EXISTS (SELECT 1 FROM pauses) OR j.provider_ref IS NOT NULL
+       OR (j.agent NOT IN (SELECT name FROM pauses WHERE kind = 'agent')
+           AND j.backend NOT IN (SELECT name FROM pauses WHERE kind = 'backend')))
 LIMIT 1
 """
 _CLAIM_ONE = """
@@ -146,6 +164,13 @@ _INSERT_JOB = (
     "qpu_seconds_estimate, approval_level, approval_expires_at, approved_by) "
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING *"
 )
+# A key with its agent's pause, if any: one indexed query per call whether or not anyone is paused.
+_KEYS = (
+    "SELECT k.*, p.reason AS pause_reason, p.paused_by, p.paused_at FROM keys k "
+    "LEFT JOIN pauses p ON p.kind = 'agent' AND p.name = k.agent"
+)
+_PAUSE = "SELECT * FROM pauses WHERE kind = ? AND name = ?"
+_PAUSES_OF_JOB = "SELECT * FROM pauses WHERE (kind = 'agent' AND name = ?) OR (kind = 'backend' AND name = ?)"
 _BY_IDEMPOTENCY_KEY = "SELECT * FROM jobs WHERE agent = ? AND idempotency_key = ?"
 _NO_CURSOR = 2**62
 _LIST_JOBS = {
@@ -379,7 +404,7 @@ class SqliteStore:
 
     # -- keys -------------------------------------------------------------------------------
 
-    async def insert_key(self, key: KeyRecord) -> None:
+    async def insert_key(self, key: KeyRecord, audit: AuditEntry | None = None) -> None:
         params = (
             key.id,
             key.secret_hash,
@@ -390,30 +415,40 @@ class SqliteStore:
             key.expires_at,
         )
         await self._write(
-            _run(
-                "INSERT INTO keys (id, secret_hash, agent, project, scopes, created_at, expires_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                params,
+            _with_audit(
+                _run(
+                    "INSERT INTO keys (id, secret_hash, agent, project, scopes, created_at, expires_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    params,
+                ),
+                audit,
+                key.created_at,
             )
         )
 
     async def key_by_id(self, key_id: str) -> KeyRecord | None:
-        row = await self._read(_first("SELECT * FROM keys WHERE id = ?", (key_id,)))
+        row = await self._read(_first(_KEYS + " WHERE k.id = ?", (key_id,)))
         return _key(row) if row is not None else None
 
     async def list_keys(self) -> list[KeyRecord]:
-        rows = await self._read(_all("SELECT * FROM keys ORDER BY created_at, id"))
+        rows = await self._read(_all(_KEYS + " ORDER BY k.created_at, k.id"))
         return [_key(row) for row in rows]
 
-    async def revoke_key(self, key_id: str, now: float) -> bool:
+    async def revoke_key(self, key_id: str, now: float, audit: AuditEntry | None = None) -> bool:
         changed = await self._write(
-            _run("UPDATE keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL", (now, key_id))
+            _with_audit(
+                _run("UPDATE keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL", (now, key_id)), audit, now
+            )
         )
         return changed == 1
 
-    async def rotate_key(self, key_id: str, secret_hash: str) -> bool:
+    async def rotate_key(self, key_id: str, secret_hash: str, audit: AuditEntry | None = None) -> bool:
         changed = await self._write(
-            _run("UPDATE keys SET secret_hash = ? WHERE id = ? AND revoked_at IS NULL", (secret_hash, key_id))
+            _with_audit(
+                _run("UPDATE keys SET secret_hash = ? WHERE id = ? AND revoked_at IS NULL", (secret_hash, key_id)),
+                audit,
+                time.time(),
+            )
         )
         return changed == 1
 
@@ -424,6 +459,42 @@ class SqliteStore:
         row = await self._read(_first("SELECT count(*) FROM keys"))
         assert row is not None
         return int(row[0])
+
+    # -- pauses -----------------------------------------------------------------------------
+
+    async def pause(self, pause: Pause, audit: AuditEntry) -> Pause | None:
+        def work(db: sqlite3.Connection) -> Pause | None:
+            earlier = db.execute(_PAUSE, (pause.kind, pause.name)).fetchone()
+            if earlier is not None:
+                return Pause(*earlier)
+            db.execute(
+                "INSERT INTO pauses (kind, name, reason, paused_by, paused_at) VALUES (?, ?, ?, ?, ?)",
+                (pause.kind, pause.name, pause.reason, pause.paused_by, pause.paused_at),
+            )
+            _insert_audit(db, audit, pause.paused_at)
+            return None
+
+        return await self._write(work)
+
+    async def resume(self, kind: str, name: str, now: float, audit: AuditEntry) -> Pause | None:
+        def work(db: sqlite3.Connection) -> Pause | None:
+            row = db.execute("DELETE FROM pauses WHERE kind = ? AND name = ? RETURNING *", (kind, name)).fetchone()
+            if row is None:
+                return None
+            _insert_audit(db, audit, now)
+            return Pause(*row)
+
+        return await self._write(work)
+
+    async def pauses(self, kind: str | None = None) -> list[Pause]:
+        rows = await self._read(
+            _all("SELECT * FROM pauses WHERE ? IS NULL OR kind = ? ORDER BY kind, paused_at", (kind, kind))
+        )
+        return [Pause(*row) for row in rows]
+
+    async def pause_of(self, kind: str, name: str) -> Pause | None:
+        row = await self._read(_first(_PAUSE, (kind, name)))
+        return Pause(*row) if row is not None else None
 
     # -- jobs -------------------------------------------------------------------------------
 
@@ -447,10 +518,14 @@ class SqliteStore:
                 "SELECT count(*) FROM jobs WHERE agent = ? AND backend = ? AND fingerprint = ? AND created_at > ?",
                 (job.agent, job.backend, job.fingerprint, now - loop_window_s),
             ).fetchone()
+            # Read here, under the write lock, so no job is admitted once a pause has committed.
+            paused = {row[0]: Pause(*row) for row in db.execute(_PAUSES_OF_JOB, (job.agent, job.backend))}
             facts = AdmissionFacts(
                 agent=_totals(db, "agent", job.agent, day, month),
                 project=_totals(db, "project", job.project, day, month),
                 repeats=int(repeats),
+                agent_pause=paused.get("agent"),
+                backend_pause=paused.get("backend"),
             )
             refusal = decide(facts)
             if refusal is not None:
@@ -642,6 +717,7 @@ class SqliteStore:
                     args_hash=entry.args_hash,
                     job_id=job.id,
                     detail=entry.detail,
+                    operator=entry.operator,
                 ),
                 now,
             )
@@ -724,6 +800,10 @@ class SqliteStore:
             _all("SELECT id, version, state FROM jobs WHERE id IN (SELECT value FROM json_each(?))", (json.dumps(ids),))
         )
         return {row[0]: (int(row[1]), JobState(row[2])) for row in rows}
+
+    async def active_job_counts(self, column: Literal["agent", "backend"]) -> dict[str, tuple[int, int]]:
+        rows = await self._read(_all(_ACTIVE_BY[column]))
+        return {row[0]: (int(row[1]), int(row[2])) for row in rows}
 
     async def usage_by_state(self, agent: str) -> list[StateUsage]:
         rows = await self._read(
@@ -941,11 +1021,12 @@ def _insert_audit(db: sqlite3.Connection, entry: AuditEntry, now: float) -> None
         "args_hash": entry.args_hash,
         "job_id": entry.job_id,
         "detail": entry.detail,
+        "operator": entry.operator,
     }
     prev_hash = prev_hash or GENESIS  # the first row, or the first after rows older than the chain
     db.execute(
         "INSERT INTO audit (seq, at, agent, project, key_id, tool, decision, error_code, args_hash, job_id, detail, "
-        "prev_hash, row_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "operator, prev_hash, row_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (*content.values(), prev_hash, chain_hash(prev_hash, content)),
     )
 
@@ -953,7 +1034,22 @@ def _insert_audit(db: sqlite3.Connection, entry: AuditEntry, now: float) -> None
 def _key(row: Any) -> KeyRecord:
     data = dict(row)
     data["scopes"] = frozenset(s for s in data["scopes"].split(",") if s)
+    reason, by, at = data.pop("pause_reason"), data.pop("paused_by"), data.pop("paused_at")
+    if at is not None:
+        data["agent_pause"] = Pause("agent", data["agent"], reason, by, at)
     return KeyRecord(**data)
+
+
+def _with_audit(work: Callable[[sqlite3.Connection], int], audit: AuditEntry | None, now: float) -> Work[int]:
+    """`work`, and `audit` in the same transaction if it changed a row (an operator's act on a key)."""
+
+    def run(db: sqlite3.Connection) -> int:
+        changed = work(db)
+        if changed and audit is not None:
+            _insert_audit(db, audit, now)
+        return changed
+
+    return run
 
 
 def _statements(script: str) -> list[str]:

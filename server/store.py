@@ -20,6 +20,7 @@ from qpu_gateway.records import (
     KeyRecord,
     LedgerTotals,
     NewJob,
+    Pause,
     StateUsage,
 )
 
@@ -43,13 +44,17 @@ class Store(Protocol):
         """Apply pending migrations; return the names applied."""
         ...
 
-    # keys
-    async def insert_key(self, key: KeyRecord) -> None: ...
-    async def key_by_id(self, key_id: str) -> KeyRecord | None: ...
-    async def list_keys(self) -> list[KeyRecord]: ...
-    async def revoke_key(self, key_id: str, now: float) -> bool: ...
+    # keys (an operator's change passes `audit`, written in the same transaction)
+    async def insert_key(self, key: KeyRecord, audit: AuditEntry | None = None) -> None: ...
 
-    async def rotate_key(self, key_id: str, secret_hash: str) -> bool:
+    async def key_by_id(self, key_id: str) -> KeyRecord | None:
+        """The key, with its agent's pause if the agent is paused (read in the same query)."""
+        ...
+
+    async def list_keys(self) -> list[KeyRecord]: ...
+    async def revoke_key(self, key_id: str, now: float, audit: AuditEntry | None = None) -> bool: ...
+
+    async def rotate_key(self, key_id: str, secret_hash: str, audit: AuditEntry | None = None) -> bool:
         """Replace an active key's secret: the old key stops working at once."""
         ...
 
@@ -58,6 +63,19 @@ class Store(Protocol):
         ...
 
     async def key_count(self) -> int: ...
+
+    # pauses (an agent's kill switch, a backend's drain)
+    async def pause(self, pause: Pause, audit: AuditEntry) -> Pause | None:
+        """Store `pause` with its audit row; if that agent or backend is paused already, return that
+        pause and write nothing."""
+        ...
+
+    async def resume(self, kind: str, name: str, now: float, audit: AuditEntry) -> Pause | None:
+        """Lift a pause with its audit row; return the pause lifted, or None (and write nothing) if none was."""
+        ...
+
+    async def pauses(self, kind: str | None = None) -> list[Pause]: ...
+    async def pause_of(self, kind: str, name: str) -> Pause | None: ...
 
     # jobs
     async def admit(
@@ -110,7 +128,8 @@ class Store(Protocol):
     ) -> JobRecord | None:
         """Take the next claimable job for one of `providers`, skipping `busy_backends`.
 
-        Claimable: queued, or leased by a worker that stopped heartbeating (those first). Then the
+        Claimable: queued, or leased by a worker that stopped heartbeating (those first); a paused
+        agent's or backend's job only once it is at its provider (to be polled). Then the
         highest priority, and within it the agent whose last job was claimed longest ago, so one
         agent's long queue cannot starve another's. `may_run(job, agent_running, project_running)`
         can hold back a queued job whose agent or project is at its running cap.
@@ -169,6 +188,10 @@ class Store(Protocol):
         ...
 
     async def usage_by_state(self, agent: str) -> list[StateUsage]: ...
+
+    async def active_job_counts(self, column: Literal["agent", "backend"]) -> dict[str, tuple[int, int]]:
+        """(waiting, running) jobs per agent or backend that has any: waiting is queued or held for approval."""
+        ...
 
     # audit
     async def append_audit(self, entry: AuditEntry, now: float) -> None: ...

@@ -9,6 +9,7 @@ the session to it), and the gateway middleware takes it from there.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -28,7 +29,7 @@ from qpu_gateway.app import build_server
 from qpu_gateway.config import ENV_DB, ENV_KEY
 from qpu_gateway.errors import GatewayError
 from qpu_gateway.keys import Principal, authenticate
-from qpu_gateway.records import AuditEntry
+from qpu_gateway.records import AuditEntry, Pause
 from qpu_gateway.runtime import Gateway
 from qpu_gateway.store import StoreError
 
@@ -83,7 +84,7 @@ class GatewayTokenVerifier:
             client_id=who.key_id,
             scopes=sorted(who.scopes),
             subject=who.agent,
-            claims={"project": who.project},
+            claims={"project": who.project, "paused": None if who.paused is None else dataclasses.astuple(who.paused)},
         )
         return access, ""
 
@@ -156,11 +157,13 @@ def bearer_principal() -> Principal | None:
     token = get_access_token()
     if token is None or token.subject is None or not token.claims:
         return None
+    paused = token.claims.get("paused")
     return Principal(
         agent=token.subject,
         project=str(token.claims["project"]),
         scopes=frozenset(token.scopes),
         key_id=token.client_id,
+        paused=None if paused is None else Pause(*paused),
     )
 
 

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import anyio
 import backoff
 
+from qpu_gateway import cancellation
 from qpu_gateway.adapters.base import (
     Adapter,
     JobSpec,
@@ -62,6 +63,7 @@ class Workers:
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self._wake = anyio.Event()
         self._in_flight: dict[str, anyio.CancelScope] = {}
+        self._cancelled: set[str] = set()  # held here and cancelled (here or elsewhere): being stopped
         self._per_backend: Counter[str] = Counter()
         self.breakers = Breakers(threshold=config.breaker_threshold, cooldown_s=config.breaker_cooldown_s)
 
@@ -76,11 +78,34 @@ class Workers:
             scope.cancel()
         return scope is not None
 
+    def holds(self, job_id: str) -> bool:
+        """Whether a worker of this process runs `job_id` now."""
+        return job_id in self._in_flight
+
+    async def stop_cancelled(self, job: JobRecord) -> None:
+        """`job`, held here, was cancelled (by its agent or an operator, in any process): stop it and
+        cancel it at its provider.
+
+        A submission to a provider that is in flight is not abandoned: the provider may be accepting
+        the job, and an abandoned call would leave that run going unseen. It is let finish (its
+        retries give up), and `_drive`, finding the job cancelled, cancels what the provider took.
+        """
+        if job.id not in self._in_flight or job.id in self._cancelled:
+            return
+        self._cancelled.add(job.id)
+        adapter = self.providers.adapter_for(job.backend)
+        if job.provider_ref is None and adapter is not None and not getattr(adapter, "runs_in_submit", False):
+            return
+        self.stop_local(job.id)
+        if job.provider_ref is not None and adapter is not None:
+            await cancellation.cancel_at_provider(adapter, job.id, job.provider_ref)
+
     async def run(self) -> None:
         """Dispatch and heartbeat until cancelled; on the way out, hand every held job back."""
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._heartbeat_loop)
+                tg.start_soon(self._cancel_watch_loop)
                 await self._dispatch_loop(tg)
         finally:
             with anyio.CancelScope(shield=True):
@@ -157,9 +182,38 @@ class Workers:
             except StoreError as exc:
                 log.warning("heartbeat failed: %s", exc)
                 continue
-            for job_id in set(held) - still:
+            for job_id in set(held) - still - self._cancelled:
                 # Cancelled, or the lease went to another worker: stop without settling.
-                self.stop_local(job_id)
+                await self._lost(job_id)
+
+    async def _cancel_watch_loop(self) -> None:
+        """Notice within a poll interval that a job held here was cancelled elsewhere (another
+        process serving its agent, or an operator's `jobs cancel`), rather than at the next heartbeat."""
+        while True:
+            await anyio.sleep(self.config.poll_interval_s)
+            held = [job_id for job_id in self._in_flight if job_id not in self._cancelled]
+            if not held:
+                continue
+            try:
+                versions = await self.store.job_versions(held)
+            except StoreError as exc:
+                log.info("cannot check held jobs for cancels: %s", exc)
+                continue
+            for job_id, (_, state) in versions.items():
+                if state is JobState.CANCELLED:
+                    await self._lost(job_id)
+
+    async def _lost(self, job_id: str) -> None:
+        """A job held here that this worker no longer holds in the store: cancelled, or taken over."""
+        try:
+            job = await self.store.get_job(job_id)
+        except StoreError as exc:
+            log.warning("cannot read job %s, stopping it here: %s", job_id, exc)
+            job = None
+        if job is not None and job.state is JobState.CANCELLED:
+            await self.stop_cancelled(job)
+        else:
+            self.stop_local(job_id)
 
     async def _run(self, job: JobRecord, scope: anyio.CancelScope) -> None:
         try:
@@ -179,6 +233,7 @@ class Workers:
                     log.error("could not record the failure of job %s: %s", job.id, exc)
         finally:
             self._in_flight.pop(job.id, None)
+            self._cancelled.discard(job.id)
             self._per_backend[job.backend] -= 1
             if self._per_backend[job.backend] <= 0:
                 del self._per_backend[job.backend]
@@ -200,7 +255,7 @@ class Workers:
                     return
                 moved = await self._move(job, JobState.RUNNING, provider_ref=ref.provider_job_id)
                 if moved is None:  # cancelled while it was being submitted
-                    await adapter.cancel(ref)
+                    await cancellation.cancel_at_provider(adapter, job.id, ref.provider_job_id)
                     return
             else:
                 ref = ProviderRef(job.provider_ref)
@@ -237,7 +292,9 @@ class Workers:
             if status.state is ProviderState.FAILED:
                 raise PermanentError(status.message or "the provider reports the job failed")
             if status.state is ProviderState.CANCELLED:
-                await self._move(job, JobState.CANCELLED, finished_at=time.time(), lease_owner=None)
+                await self._move(
+                    job, JobState.CANCELLED, finished_at=time.time(), lease_owner=None, cancelled_by="provider"
+                )
                 return None
             if status.state is ProviderState.UNKNOWN:
                 # The run was lost with the process that held it (local simulators only): queue again.
@@ -266,7 +323,7 @@ class Workers:
             jitter=backoff.full_jitter,
             factor=self.config.retry_base_s,
             max_value=30,
-            giveup=lambda _: self.breakers.is_open(job.backend),
+            giveup=lambda _: self.breakers.is_open(job.backend) or job.id in self._cancelled,
             on_backoff=lambda details: log.info(
                 "transient provider failure, retrying",
                 extra={"job_id": job.id, "try": details["tries"], "wait_s": round(details.get("wait", 0), 3)},

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import threading
 from collections import Counter
@@ -19,6 +20,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 from qpu_gateway.adapters import azure
@@ -34,7 +36,7 @@ from qpu_gateway.adapters.base import (
 from qpu_gateway.config import Config
 from qpu_gateway.runtime import Gateway
 
-from .support import BELL2, BELL3, body, in_memory, new_key
+from .support import BELL2, BELL3, body, gateway_cmd, in_memory, new_key
 
 pytestmark = pytest.mark.anyio
 
@@ -400,6 +402,40 @@ async def test_cancel_job_cancels_the_azure_job(config: Config, fake: FakeWorksp
             await __import__("anyio").sleep(0.05)
     assert fake.jobs[azure_job_id(job_id)]["status"] == "Cancelled"
     assert fake.hits["POST cancel"] == 1
+
+
+async def test_an_operators_cancel_from_the_cli_is_carried_to_azure_by_the_gateway_polling_the_job(
+    config: Config, fake: FakeWorkspace, adapter: AzureAdapter
+) -> None:
+    fake.hold = True
+    gateway = await azure_gateway(config, adapter)
+    key = await new_key(config.db_path, "alice")
+    async with gateway.running(), in_memory(gateway, key) as client:
+        submitted = await client.call_tool(
+            "submit_job", {"circuit": BELL2, "shots": 10, "backend": "azure/ionq.simulator"}
+        )
+        job_id = submitted.structured_content["job_id"]
+        for _ in range(200):
+            view = (await client.call_tool("get_job", {"job_id": job_id})).structured_content
+            if view["state"] == "running":
+                break
+            await anyio.sleep(0.05)
+        # The operator's command runs in its own process, with no Azure credentials of its own.
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("QPU_GATEWAY_", "AZURE_"))}
+        done = await anyio.run_process(
+            gateway_cmd("jobs", "cancel", job_id, "--reason", "over budget", "--db", str(config.db_path)),
+            env=env,
+            check=False,
+        )
+        for _ in range(200):
+            if fake.jobs[azure_job_id(job_id)]["status"] == "Cancelled":
+                break
+            await anyio.sleep(0.05)
+        seen = (await client.call_tool("get_job", {"job_id": job_id})).structured_content
+    assert done.returncode == 0, done.stderr
+    assert fake.jobs[azure_job_id(job_id)]["status"] == "Cancelled"
+    assert fake.hits["POST cancel"] == 1
+    assert seen["state"] == "cancelled" and seen["error"]["code"] == "cancelled_by_operator"
 
 
 async def test_no_credential_appears_in_results_errors_logs_or_the_database(
