@@ -216,7 +216,8 @@ def _transpiled(circuit: QuantumCircuit, basis: tuple[str, ...], target: str) ->
 
     if any(inst.operation.name not in (*basis, "measure", "barrier", "reset") for inst in circuit.data):
         try:
-            circuit = transpile(circuit, basis_gates=[*basis, "measure", "barrier", "reset"], optimization_level=0)
+            # Barriers pass through untouched; Qiskit 2.6 refuses them among `basis_gates`.
+            circuit = transpile(circuit, basis_gates=[*basis, "measure", "reset"], optimization_level=0)
         except Exception as exc:  # qiskit raises several types for circuits it cannot translate
             raise PermanentError(
                 f"cannot translate the circuit for {target}: {str(exc).splitlines()[0][:200]}"

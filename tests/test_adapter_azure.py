@@ -575,3 +575,18 @@ def test_a_broken_connection_string_never_echoes_its_key() -> None:
 
     (entry,) = anyio.run(AzureAdapter(workspace_factory=broken).backends)
     assert entry.status == "unavailable" and API_KEY not in (entry.reason or "")
+
+
+@pytest.mark.parametrize(
+    ("translate", "target"), [(azure.to_ionq, "ionq.simulator"), (azure.to_quil, "rigetti.sim.qvm")]
+)
+def test_a_gate_outside_the_target_set_is_decomposed_and_barriers_pass(translate: Any, target: str) -> None:
+    # Qiskit 2.6 refuses `barrier` among transpile's basis_gates: every such job used to fail.
+    source = BELL2.replace("cx q[0], q[1];", "cz q[0], q[1];\nbarrier q;\nu3(0.1, 0.2, 0.3) q[1];")
+    text = translate(source, target, 10).data.decode()
+    if target.startswith("ionq"):
+        gates = json.loads(text)["circuit"]
+        assert {"gate": "x", "controls": [0], "targets": [1]} in gates  # cz as h, cx, h
+        assert {g["gate"] for g in gates} <= {"x", "y", "z", "h", "s", "si", "t", "ti", "v", "vi", "rx", "ry", "rz"}
+    else:
+        assert "CZ 0 1" in text.splitlines() and "U3" not in text
