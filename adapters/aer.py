@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from concurrent.futures import Future
 from typing import Any
 
-from qpu_gateway.adapters import qasm, sdk_thread
+from qpu_gateway.adapters import qasm, sdk_imports, sdk_thread
 from qpu_gateway.adapters.base import (
     Backend,
     JobSpec,
@@ -190,6 +190,7 @@ class AerAdapter:
         small = all(circuit.num_qubits < SMALL_QUBITS for _, circuits in jobs for circuit in circuits)
         sampler = self._samplers.get(small)
         if sampler is None:
+            sdk_imports.ensure("aer")
             from qiskit_aer.primitives import SamplerV2
 
             options = {"backend_options": {"max_parallel_threads": 1}} if small else None
@@ -249,6 +250,7 @@ def _counts(bits: Any) -> dict[str, int]:
 
 
 def _aer_max_qubits() -> int:
+    sdk_imports.ensure("aer")
     from qiskit_aer import AerSimulator
 
     return int(AerSimulator().configuration().n_qubits)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from qpu_gateway.adapters import qasm, sdk_thread
+from qpu_gateway.adapters import qasm, sdk_imports, sdk_thread
 from qpu_gateway.adapters.base import (
     AdapterError,
     Backend,
@@ -99,6 +99,7 @@ TRANSPORT_ERRORS = (
 
 def classify(exc: BaseException) -> AdapterError:
     """The classified error for an SDK exception; the message names the class of failure, never a secret."""
+    sdk_imports.ensure("azure")
     from azure.core.exceptions import ClientAuthenticationError, HttpResponseError
 
     if isinstance(exc, AdapterError):
@@ -149,6 +150,8 @@ def workspace_from_environment() -> Any:
     resource_id = os.environ.get(ENV_RESOURCE_ID, "").strip()
     location = os.environ.get(ENV_LOCATION, "").strip()
     connection_string = os.environ.get(ENV_CONNECTION_STRING, "").strip()
+    if (resource_id and location) or connection_string:
+        sdk_imports.ensure("azure")
     if resource_id and location:
         from azure.identity import DefaultAzureCredential
         from azure.quantum import Workspace
@@ -212,6 +215,7 @@ def _load(source: str) -> QuantumCircuit:
 
 
 def _transpiled(circuit: QuantumCircuit, basis: tuple[str, ...], target: str) -> QuantumCircuit:
+    sdk_imports.ensure("transpiler")
     from qiskit import transpile
 
     if any(inst.operation.name not in (*basis, "measure", "barrier", "reset") for inst in circuit.data):
@@ -281,6 +285,7 @@ def to_openqasm2(source: str, target: str, shots: int) -> _Payload:
     circuit = _load(source)
     text = source
     if version != 2:
+        sdk_imports.ensure("qiskit")
         import qiskit.qasm2
 
         try:
@@ -532,6 +537,7 @@ def azure_job_id(job_id: str) -> str:
 
 def _job_details(workspace: Any, job_id: str) -> Any:
     """The job's details, or None if the workspace has no such job."""
+    sdk_imports.ensure("azure")
     from azure.core.exceptions import ResourceNotFoundError
 
     try:
@@ -553,6 +559,7 @@ def _job_error(details: Any) -> tuple[str | None, str]:
 
 
 def _target_class(family: str) -> Any:
+    sdk_imports.ensure("azure")
     from azure.quantum.target import IonQ, Quantinuum, Rigetti
 
     return {"ionq": IonQ, "quantinuum": Quantinuum, "rigetti": Rigetti}[family]
@@ -560,6 +567,7 @@ def _target_class(family: str) -> Any:
 
 def _submit_once(workspace: Any, job_id: str, target: str, shots: int, payload: _Payload) -> None:
     """Create the job under our id unless it exists: safe to repeat after a crash at any step."""
+    sdk_imports.ensure("azure")
     from azure.core.exceptions import ResourceExistsError
     from azure.quantum import Job
     from azure.quantum.storage import remove_sas_token
@@ -626,6 +634,7 @@ def _fetch_result(workspace: Any, job_id: str) -> Result:
 
 
 def _cancel(workspace: Any, job_id: str) -> None:
+    sdk_imports.ensure("azure")
     from azure.core.exceptions import ResourceNotFoundError
 
     try:

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from qpu_gateway.adapters import qasm, sdk_thread
+from qpu_gateway.adapters import qasm, sdk_imports, sdk_thread
 from qpu_gateway.adapters.base import (
     AdapterError,
     Backend,
@@ -175,6 +175,7 @@ _CREDENTIALS_HINT = (
 
 def classify(exc: BaseException) -> AdapterError:
     """A botocore/SDK failure as Transient, Quota or Permanent, with a message safe to show."""
+    sdk_imports.ensure("braket")
     from botocore.exceptions import (  # type: ignore[import-untyped]
         ClientError,
         ConnectionClosedError,
@@ -325,6 +326,7 @@ class BraketAdapter:
         )
 
     def _run_local(self, job: JobSpec, simulator: str) -> Result:
+        sdk_imports.ensure("braket")
         from braket.devices import LocalSimulator
         from braket.ir.openqasm import Program
 
@@ -463,6 +465,7 @@ class BraketAdapter:
         )
 
     def _submit_cloud(self, job: JobSpec, name: str, arn: str) -> ProviderRef:
+        sdk_imports.ensure("braket")
         from braket.aws import AwsQuantumTask
         from braket.ir.openqasm import Program
 
@@ -496,6 +499,7 @@ class BraketAdapter:
         return ProviderRef(json.dumps({"tasks": tasks, "registers": [p.registers for p in programs]}))
 
     def _task_metadata(self, cloud: _Cloud, task_arn: str) -> dict[str, Any]:
+        sdk_imports.ensure("braket")
         from braket.aws import AwsQuantumTask
 
         try:
@@ -522,6 +526,7 @@ class BraketAdapter:
         return ProviderStatus(ProviderState.DONE)
 
     def _cloud_result(self, ref: _Ref) -> Result:
+        sdk_imports.ensure("braket")
         from braket.schema_common import BraketSchemaBase
         from braket.task_result import GateModelTaskResult
         from braket.tasks import GateModelQuantumTaskResult
@@ -554,6 +559,7 @@ class BraketAdapter:
         )
 
     def _cloud_cancel(self, ref: _Ref) -> None:
+        sdk_imports.ensure("braket")
         from braket.aws import AwsQuantumTask
 
         cloud = self._require_cloud()
@@ -573,6 +579,7 @@ def translate(source: str, operations: frozenset[str], max_qubits: int | None) -
     Gates outside the device's set are decomposed by Qiskit into the ones it has; measurements
     must come last on each qubit, one per qubit and bit (Braket measures once, at the end).
     """
+    sdk_imports.ensure("qiskit")
     import qiskit
 
     try:
@@ -583,6 +590,7 @@ def translate(source: str, operations: frozenset[str], max_qubits: int | None) -
         raise PermanentError(f"The circuit uses {circuit.num_qubits} qubits; this device has {max_qubits}.")
     basis = {q: b for q, b in QISKIT_TO_BRAKET.items() if b in operations}
     if any(i.operation.name not in basis and i.operation.name not in ("measure", "barrier") for i in circuit.data):
+        sdk_imports.ensure("transpiler")
         try:
             circuit = qiskit.transpile(circuit, basis_gates=[*basis, "measure"], optimization_level=1)
         except Exception as exc:  # the transpiler raises its own errors for gates it cannot decompose
@@ -594,6 +602,7 @@ def translate(source: str, operations: frozenset[str], max_qubits: int | None) -
 
 
 def _export(circuit: QuantumCircuit, basis: dict[str, str]) -> _Program:
+    sdk_imports.ensure("qiskit")
     import qiskit.qasm3
     from qiskit import ClassicalRegister, QuantumCircuit, QuantumRegister
 
@@ -677,6 +686,7 @@ def _check_shots(job: JobSpec, max_shots: int | None) -> None:
 
 
 def _default_session() -> AwsSession:
+    sdk_imports.ensure("braket")
     import boto3  # type: ignore[import-untyped]
     from botocore.config import Config  # type: ignore[import-untyped]
     from braket.aws import AwsSession
@@ -691,6 +701,7 @@ def _default_session() -> AwsSession:
 
 @functools.cache
 def _local_properties(simulator: str) -> tuple[int | None, int | None, frozenset[str]]:
+    sdk_imports.ensure("braket")
     from braket.devices import LocalSimulator
 
     properties = LocalSimulator(simulator).properties

@@ -18,7 +18,7 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from qpu_gateway.adapters import qasm, sdk_thread
+from qpu_gateway.adapters import qasm, sdk_imports, sdk_thread
 from qpu_gateway.adapters.base import (
     AdapterError,
     Backend,
@@ -334,6 +334,7 @@ class IbmAdapter:
     # -- local testing mode
 
     def _fake(self, name: str) -> Any:
+        sdk_imports.ensure("ibm")
         from qiskit_ibm_runtime import fake_provider
 
         with self._lock:
@@ -344,6 +345,7 @@ class IbmAdapter:
             return self._fakes[name]
 
     def _submit_local(self, job: JobSpec, name: str) -> ProviderRef:
+        sdk_imports.ensure("ibm")
         from qiskit_ibm_runtime import SamplerV2
 
         ref = ProviderRef(f"{LOCAL_REF_PREFIX}{job.job_id}")
@@ -397,6 +399,7 @@ class IbmAdapter:
     # -- Qiskit Runtime (cloud)
 
     def _connect(self) -> Any:
+        sdk_imports.ensure("ibm")
         from qiskit_ibm_runtime import QiskitRuntimeService
 
         with self._lock:
@@ -409,6 +412,7 @@ class IbmAdapter:
         return ProviderRef(jobs[0].job_id()) if jobs else None
 
     def _submit_cloud(self, job: JobSpec, name: str) -> ProviderRef:
+        sdk_imports.ensure("ibm")
         from qiskit_ibm_runtime import SamplerV2
 
         existing = self._find_cloud(job.job_id)
@@ -468,6 +472,7 @@ def _device_name(backend_id: str) -> str:
 
 def _isa_circuits(job: JobSpec, device: Any) -> list[QuantumCircuit]:
     """Parse, check against the device and transpile to its basis gates and coupling map."""
+    sdk_imports.ensure("transpiler")
     from qiskit.transpiler import generate_preset_pass_manager
 
     circuits = [qasm.load(source) for source in job.circuits]

@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
+from qpu_gateway.adapters import sdk_imports
+
 if TYPE_CHECKING:
     from qiskit import QuantumCircuit
 
@@ -132,6 +134,7 @@ def load(source: str, *, version: int | None = None) -> QuantumCircuit:
 
 
 def _parse(source: str, version: int) -> QuantumCircuit:
+    sdk_imports.ensure("qiskit")
     try:
         if version == 2:
             import qiskit.qasm2
