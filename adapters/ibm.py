@@ -13,6 +13,7 @@ job instead of paying for it twice. All Qiskit calls run on `sdk_thread`.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from dataclasses import dataclass
@@ -35,6 +36,11 @@ from qpu_gateway.adapters.base import (
 
 if TYPE_CHECKING:
     from qiskit import QuantumCircuit
+
+# ibm-cloud-sdk-core turns on http.client's wire trace for the whole process when its logger is at
+# DEBUG as a client is built (its base_service.py): every SDK's request headers, Azure's API key
+# among them, would then reach the log. Its own debug lines are such traces too.
+logging.getLogger("ibm-cloud-sdk-core").setLevel(logging.INFO)
 
 PROVIDER = "ibm"
 FAKE_PREFIX = "fake_"

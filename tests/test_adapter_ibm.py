@@ -476,3 +476,16 @@ async def test_providers_list_the_fake_backends_when_the_adapter_is_built_withou
     providers = Providers(config)
     assert isinstance(providers.adapters["ibm"], IbmAdapter)
     assert (await providers.backend("ibm/fake_manila")) is not None
+
+
+async def test_building_the_cloud_client_at_debug_level_turns_on_no_wire_trace_for_other_sdks(
+    loopback_ibm: LoopbackIbm, caplog: pytest.LogCaptureFixture
+) -> None:
+    # ibm-cloud-sdk-core sets http.client's debuglevel for the whole process when its logger is at
+    # DEBUG: the next Azure request would print its API key header into the log.
+    import http.client
+
+    caplog.set_level(logging.DEBUG)
+    await IbmAdapter().backends()
+    assert any(host == "iam.cloud.test" for _, host, _ in loopback_ibm.requests)  # the SDK's clients were built
+    assert http.client.HTTPConnection.debuglevel == 0
