@@ -25,6 +25,7 @@ from qpu_gateway.adapters.base import (
     ProviderStatus,
     RegisterCounts,
     Result,
+    pass_internal,
 )
 
 BACKEND_ID = "aer/simulator"
@@ -199,6 +200,7 @@ class AerAdapter:
         try:
             pub_results = list(sampler.run(pubs).result())
         except Exception as exc:  # Aer raises its own and numpy's errors for circuits it cannot run
+            pass_internal(exc)
             raise PermanentError(f"Aer could not run the circuit: {str(exc).splitlines()[0][:300]}") from None
         results, start = [], 0
         for _, circuits in jobs:

@@ -32,6 +32,7 @@ from qpu_gateway.adapters.base import (
     RegisterCounts,
     Result,
     TransientError,
+    pass_internal,
 )
 
 if TYPE_CHECKING:
@@ -99,6 +100,7 @@ TRANSPORT_ERRORS = (
 
 def classify(exc: BaseException) -> AdapterError:
     """The classified error for an SDK exception; the message names the class of failure, never a secret."""
+    pass_internal(exc)  # a failure of this process is not the provider's answer
     sdk_imports.ensure("azure")
     from azure.core.exceptions import ClientAuthenticationError, HttpResponseError
 
@@ -223,6 +225,7 @@ def _transpiled(circuit: QuantumCircuit, basis: tuple[str, ...], target: str) ->
             # Barriers pass through untouched; Qiskit 2.6 refuses them among `basis_gates`.
             circuit = transpile(circuit, basis_gates=[*basis, "measure", "reset"], optimization_level=0)
         except Exception as exc:  # qiskit raises several types for circuits it cannot translate
+            pass_internal(exc)
             raise PermanentError(
                 f"cannot translate the circuit for {target}: {str(exc).splitlines()[0][:200]}"
             ) from None
@@ -291,6 +294,7 @@ def to_openqasm2(source: str, target: str, shots: int) -> _Payload:
         try:
             text = qiskit.qasm2.dumps(circuit)
         except Exception as exc:  # the exporter refuses constructs OpenQASM 2 cannot express
+            pass_internal(exc)
             raise PermanentError(f"cannot express the circuit in OpenQASM 2 for {target}: {exc}"[:300]) from None
     metadata = {_META_REGISTERS: json.dumps(_registers(circuit)), _META_SHOTS: str(shots)}
     return _Payload(text.encode(), metadata)

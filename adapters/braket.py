@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from qpu_gateway.adapters import qasm, sdk_imports, sdk_thread
 from qpu_gateway.adapters.base import (
+    LIST_RETRY_S,
     AdapterError,
     Backend,
     JobSpec,
@@ -38,6 +39,7 @@ from qpu_gateway.adapters.base import (
     RegisterCounts,
     Result,
     TransientError,
+    pass_internal,
 )
 
 if TYPE_CHECKING:
@@ -185,6 +187,7 @@ def classify(exc: BaseException) -> AdapterError:
     )
     from botocore.exceptions import ConnectTimeoutError as BotoConnectTimeout
 
+    pass_internal(exc)  # a failure of this process is not the provider's answer
     if isinstance(exc, AdapterError):
         return exc
     if isinstance(exc, ClientError):
@@ -341,6 +344,7 @@ class BraketAdapter:
             try:
                 task = device.run(Program(source=program.source), shots=job.shots).result()
             except Exception as exc:  # the simulator raises several unrelated types for programs it refuses
+                pass_internal(exc)
                 raise PermanentError(f"The Braket simulator could not run the circuit: {_first_line(exc)}") from None
             counts.append(register_counts(list(task.measured_qubits), task.measurements, program.registers))
         return Result(
@@ -419,13 +423,14 @@ class BraketAdapter:
         unreachable: str | None = None
         for name, arn in self.device_arns.items():
             if unreachable is not None:
-                listed.append(self._unavailable(name, arn, unreachable))
+                listed.append(self._unavailable(name, arn, unreachable, retry_after_s=LIST_RETRY_S))
                 continue
             try:
                 listed.append(self._cloud_backend(name, self._device(cloud, arn)))
             except AdapterError as exc:
-                listed.append(self._unavailable(name, arn, str(exc)))
-                if isinstance(exc, TransientError):
+                transient = isinstance(exc, TransientError)
+                listed.append(self._unavailable(name, arn, str(exc), retry_after_s=LIST_RETRY_S if transient else None))
+                if transient:
                     unreachable = str(exc)
         return listed
 
@@ -452,7 +457,7 @@ class BraketAdapter:
             reason=reason,
         )
 
-    def _unavailable(self, name: str, arn: str, reason: str) -> Backend:
+    def _unavailable(self, name: str, arn: str, reason: str, *, retry_after_s: float | None = None) -> Backend:
         return Backend(
             id=f"{PROVIDER}/{name}",
             provider=PROVIDER,
@@ -462,6 +467,7 @@ class BraketAdapter:
             status="unavailable",
             max_shots=KNOWN_MAX_SHOTS.get(name),
             reason=reason,
+            retry_after_s=retry_after_s,
         )
 
     def _submit_cloud(self, job: JobSpec, name: str, arn: str) -> ProviderRef:
@@ -549,6 +555,7 @@ class BraketAdapter:
                     raise TypeError(type(raw).__name__)
                 task = GateModelQuantumTaskResult.from_object(raw)
             except Exception as exc:  # pydantic, json and the SDK's own errors for a malformed result
+                pass_internal(exc)
                 raise PermanentError(f"Braket returned a result this gateway cannot read: {_first_line(exc)}") from None
             counts.append(register_counts(list(task.measured_qubits), task.measurements, registers))
             shots += int(raw.taskMetadata.shots)
@@ -594,6 +601,7 @@ def translate(source: str, operations: frozenset[str], max_qubits: int | None) -
         try:
             circuit = qiskit.transpile(circuit, basis_gates=[*basis, "measure"], optimization_level=1)
         except Exception as exc:  # the transpiler raises its own errors for gates it cannot decompose
+            pass_internal(exc)
             raise PermanentError(
                 f"The circuit cannot be expressed in this device's gates ({', '.join(sorted(operations))}): "
                 f"{_first_line(exc)}"

@@ -7,7 +7,9 @@ Registered only when the configuration names a fault spec (`QPU_GATEWAY_FAULTS` 
 Two kinds of spec:
 
 - A schedule, consumed one entry per submit call: `ok`, `transient`, `quota`, `permanent`,
-  `slow:SECONDS` (`"transient,slow:0.5,ok"`). Once it runs out, every call is `ok`.
+  `slow:SECONDS`, `internal` (`"transient,slow:0.5,ok"`). Once it runs out, every call is `ok`.
+  `internal` raises what a half-imported SDK raises (an ImportError) before anything reaches
+  the provider: a failure of the gateway, not of the job.
 - A mix, `mix:transient=0.3,quota=0.05,permanent=0.05,slow=0.05,slow_s=5,seed=1,...`: each job
   draws its fate once from its id and the seed, so every process that handles the job agrees.
   A transient job fails its first 1..`transient_tries` submits, then succeeds; a quota or
@@ -18,10 +20,12 @@ the provider's side in `provider.db` there, shared by every gateway process, as 
 would: every submit call it received and what it answered (`calls`), and every job it accepted
 and ran (`runs`). A submit whose job id it already accepted is answered with the same job and
 runs nothing (the idempotency token every cloud adapter sends), so `runs` counts what was really
-executed and billed. Two files there steer it from outside: `down` makes every submit fail
-transiently (an outage, for the circuit breaker) while it exists, and `kill-after-accept` makes
-the next process that accepts a job delete it and SIGKILL itself before returning the job to the
-gateway: a crash exactly between "provider accepted" and "state saved".
+executed and billed. Files there steer it from outside: `down` makes every submit fail
+transiently (an outage, for the circuit breaker) while it exists; `unlisted` makes listing its
+backends fail as a half-imported SDK does (an ImportError) while it exists; and
+`kill-after-accept` makes the next process that accepts a job delete it and SIGKILL itself
+before returning the job to the gateway: a crash exactly between "provider accepted" and "state
+saved".
 """
 
 from __future__ import annotations
@@ -53,7 +57,10 @@ from qpu_gateway.adapters.base import (
 )
 
 BACKEND_ID = "faulty/qpu"
-_KINDS = {"ok", "transient", "quota", "permanent", "slow"}
+_KINDS = {"ok", "transient", "quota", "permanent", "slow", "internal"}
+# What the first import of Qiskit from two threads at once raised in a real run.
+_HALF_IMPORTED = "injected internal fault: cannot import name 'DAGCircuit' from partially initialized module"
+
 _MIX_KEYS = {"transient", "quota", "permanent", "slow", "slow_s", "seed", "transient_tries", "price_usd"}
 _REF_PREFIX = "faulty-"
 _SCHEMA = """
@@ -149,6 +156,10 @@ class ProviderLedger:
     @property
     def down(self) -> bool:
         return (self.directory / "down").exists()
+
+    @property
+    def unlisted(self) -> bool:
+        return (self.directory / "unlisted").exists()
 
     def take_kill_trigger(self) -> bool:
         """True in exactly one process once `kill-after-accept` exists (it deletes the file)."""
@@ -251,6 +262,8 @@ class FaultyAdapter:
             return self._steps.pop(0) if self._steps else ("ok", 0.0)
 
     async def backends(self) -> list[Backend]:
+        if self._ledger is not None and self._ledger.unlisted:
+            raise ImportError(_HALF_IMPORTED)
         (aer,) = await self._aer.backends()
         return [
             Backend(
@@ -272,6 +285,8 @@ class FaultyAdapter:
         else:
             kind, arg = self._next_step()
             failures = 1 if kind == "transient" else 0
+        if kind == "internal":
+            raise ImportError(_HALF_IMPORTED)
         if kind == "slow":
             await anyio.sleep(arg)
         if self._ledger is None:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from qpu_gateway.adapters import qasm, sdk_imports, sdk_thread
 from qpu_gateway.adapters.base import (
+    LIST_RETRY_S,
     AdapterError,
     Backend,
     JobSpec,
@@ -32,6 +33,7 @@ from qpu_gateway.adapters.base import (
     RegisterCounts,
     Result,
     TransientError,
+    pass_internal,
 )
 
 if TYPE_CHECKING:
@@ -132,6 +134,9 @@ EXCEPTION_ERRORS: dict[str, type[AdapterError]] = {
     "BackendOfflineError": TransientError,  # raised by this adapter for a non-operational device
 }
 
+# Transport failures that decide when they are the cause of whatever the SDK raised instead.
+TRANSPORT_CAUSES = frozenset({"ConnectionError", "Timeout", "TimeoutError", "ChunkedEncodingError"})
+
 MESSAGE_ERRORS: dict[str, type[AdapterError]] = {
     "maintenance mode": TransientError,  # the SDK's text for a 503 it re-raises without a status
     "is not operational": TransientError,  # device offline or paused
@@ -163,7 +168,11 @@ def status_code_of(exc: BaseException) -> int | None:
 
 
 def classify(exc: BaseException) -> AdapterError:
-    """The adapter error for any exception the SDK raised, with a message safe to show an agent."""
+    """The adapter error for any exception the SDK raised, with a message safe to show an agent.
+
+    A failure of this process (`INTERNAL_ERRORS`) is raised again as it is: it is not the provider's.
+    """
+    pass_internal(exc)
     if isinstance(exc, AdapterError):
         return type(exc)(scrub(str(exc)))
     message = describe(exc)
@@ -174,6 +183,10 @@ def classify(exc: BaseException) -> AdapterError:
     code = status_code_of(exc)
     if code is not None and code in HTTP_STATUS_ERRORS:
         return HTTP_STATUS_ERRORS[code](message)
+    # The SDK reports an IAM or API it cannot reach as a bad account (InvalidAccountError, "Unable
+    # to retrieve instances") caused by the connection error: the network failed, not the account.
+    if any(cls.__name__ in TRANSPORT_CAUSES for link in _chain(exc)[1:] for cls in type(link).__mro__):
+        return TransientError(message)
     for link in _chain(exc):
         for cls in type(link).__mro__:
             if cls.__name__ in EXCEPTION_ERRORS:
@@ -246,8 +259,12 @@ class IbmAdapter:
         try:
             cloud = await sdk_thread.run_sync(self._cloud_backends)
         except Exception as exc:  # one unreachable account must not hide the offline backends
-            reason = NO_ACCOUNT_REASON if _is_missing_account(exc) else classify(exc).args[0]
-            cloud = [_unavailable(str(reason))]
+            if _is_missing_account(exc):
+                cloud = [_unavailable(NO_ACCOUNT_REASON)]
+            else:
+                error = classify(exc)
+                retry = LIST_RETRY_S if isinstance(error, TransientError) else None
+                cloud = [_unavailable(str(error.args[0]), retry_after_s=retry)]
         return fakes + cloud
 
     def _fake_backends(self) -> list[Backend]:
@@ -529,7 +546,7 @@ def _is_missing_account(exc: BaseException) -> bool:
     return any(type(link).__name__ == "AccountNotFoundError" for link in _chain(exc))
 
 
-def _unavailable(reason: str) -> Backend:
+def _unavailable(reason: str, *, retry_after_s: float | None = None) -> Backend:
     return Backend(
         id=f"{PROVIDER}/*",
         provider=PROVIDER,
@@ -538,4 +555,5 @@ def _unavailable(reason: str) -> Backend:
         simulator=False,
         status="unavailable",
         reason=reason,
+        retry_after_s=retry_after_s,
     )

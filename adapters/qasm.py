@@ -10,6 +10,7 @@ import re
 from typing import TYPE_CHECKING
 
 from qpu_gateway.adapters import sdk_imports
+from qpu_gateway.adapters.base import pass_internal
 
 if TYPE_CHECKING:
     from qiskit import QuantumCircuit
@@ -146,6 +147,7 @@ def _parse(source: str, version: int) -> QuantumCircuit:
     except CircuitSourceError:
         raise
     except Exception as exc:  # the parsers raise several unrelated types for bad programs
+        pass_internal(exc)
         raise CircuitSourceError(f"OpenQASM {version} parse error: {_first_line(exc)}") from None
 
 

@@ -4,10 +4,15 @@ The verbs are the queue's: `claim` (a guarded UPDATE any process may win, never 
 `heartbeat` (extend the lease every lease/3 while the job runs), `settle` (store the result or
 the failure, clear the lease). A worker that stops heartbeating (its process died) loses its
 jobs to any other process once the lease lapses.
+
+A failure of the gateway itself (anything the adapter did not classify: our bug, an SDK that
+would not import) is not the job's: the job runs again after a growing wait, and fails
+`internal_error` only after `internal_retry_max` such failures.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
@@ -48,6 +53,9 @@ POLL_START_S = 0.05
 POLL_MAX_S = 5.0
 # Jobs claimed in one transaction at most: a queue of many is taken in a few writes, not one each.
 CLAIM_BATCH = 32
+# The longest wait before a job hit by an internal failure runs again (the waits double from
+# Config.internal_retry_base_s up to this).
+INTERNAL_RETRY_MAX_WAIT_S = 300.0
 
 
 class Workers:
@@ -170,13 +178,13 @@ class Workers:
             # saved. It is left to its lease: once that lapses, a worker claims it again and
             # resubmits under the same job id, which the provider recognises.
             log.warning("job %s paused until its lease lapses: %s", job.id, exc)
-        except Exception:
+        except Exception as exc:
             log.exception("worker failed on job %s", job.id)
             with anyio.CancelScope(shield=True):
                 try:
-                    await self._settle_failure(job, "internal_error", "The gateway failed while running this job.")
-                except StoreError as exc:
-                    log.error("could not record the failure of job %s: %s", job.id, exc)
+                    await self._internal_failure(job, exc)
+                except StoreError as store_exc:
+                    log.error("could not record the failure of job %s: %s", job.id, store_exc)
         finally:
             self._in_flight.pop(job.id, None)
             self._per_backend[job.backend] -= 1
@@ -198,10 +206,13 @@ class Workers:
                     result = await self._with_retries(job, lambda: adapter.result(ref), count_attempts=False)
                     await self._settle_success(job, result, provider_ref=ref.provider_job_id)
                     return
-                moved = await self._move(job, JobState.RUNNING, provider_ref=ref.provider_job_id)
+                moved = await self._move(
+                    job, JobState.RUNNING, provider_ref=ref.provider_job_id, submitted_at=time.time()
+                )
                 if moved is None:  # cancelled while it was being submitted
                     await adapter.cancel(ref)
                     return
+                job = moved
             else:
                 ref = ProviderRef(job.provider_ref)
             outcome = await self._poll(job, adapter, ref)
@@ -249,6 +260,47 @@ class Workers:
                 return None
             await anyio.sleep(delay)
             delay = min(delay * 2, POLL_MAX_S)
+
+    async def _internal_failure(self, job: JobRecord, exc: Exception) -> None:
+        """A failure of the gateway itself, not of the job or its provider: run the job again later.
+
+        The waits double from `internal_retry_base_s` (so a job that always trips the same bug
+        does not loop hot), and after `internal_retry_max` failures the job fails `internal_error`.
+        """
+        failures = job.internal_failures + 1
+        limit = self.config.internal_retry_max
+        kind = type(exc).__name__  # the type only: an exception's text may quote anything
+        if failures >= limit:
+            current = await self.store.get_job(job.id)
+            provider_ref = current.provider_ref if current is not None else None
+            adapter = self.providers.adapter_for(job.backend)
+            if provider_ref is not None and adapter is not None:
+                with contextlib.suppress(Exception):  # best effort: the gateway is failing on this job
+                    await adapter.cancel(ProviderRef(provider_ref))
+            at_provider = provider_ref is not None
+            charged = (
+                "it was cancelled at its provider, and its estimate is charged since the provider may have run it"
+                if at_provider
+                else "nothing was charged"
+            )
+            await self._settle_failure(
+                job,
+                "internal_error",
+                f"The gateway failed {failures} times while running this job (last: {kind}) and stopped trying; "
+                f"{charged}. The fault is the gateway's, not the circuit's: tell its operator (the log has details).",
+                charge=at_provider,
+            )
+            return
+        wait = min(INTERNAL_RETRY_MAX_WAIT_S, self.config.internal_retry_base_s * 2 ** (failures - 1))
+        until = time.time() + wait
+        message = (
+            f"The gateway failed while running this job ({kind}); it runs again from "
+            f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(until))} (failure {failures} of at most {limit})."
+        )
+        moved = await self.store.retry_later(job.id, self.owner, time.time(), until=until, message=message)
+        if moved is not None:
+            log.warning("job %s runs again in %.0f s after internal failure %d of %d", job.id, wait, failures, limit)
+            await self.events.announce(moved)
 
     async def _with_retries(self, job: JobRecord, call: Callable[[], Awaitable[T]], *, count_attempts: bool) -> T:
         """Retry `TransientError` with exponential backoff and full jitter, within the caps.
@@ -313,7 +365,11 @@ class Workers:
             **fields,
         )
 
-    async def _settle_failure(self, job: JobRecord, code: str, message: str) -> None:
+    async def _settle_failure(
+        self, job: JobRecord, code: str, message: str, *, charge: bool = False, **fields: Any
+    ) -> None:
+        """End the job `failed`; its reservation is released, or committed with `charge` (at the
+        actual figures in `fields`, else the estimate)."""
         moved = await self.store.transition(
             job.id,
             JobState.FAILED,
@@ -325,8 +381,10 @@ class Workers:
                 "finished_at": time.time(),
                 "lease_owner": None,
                 "lease_expires": None,
+                **fields,
             },
             audit=AuditEntry(tool="job.failed", decision="event", error_code=code, detail=message[:500]),
+            charge=charge,
         )
         if moved is not None:
             await self.events.announce(moved)

@@ -41,6 +41,7 @@ from qpu_gateway.adapters.base import (
 )
 from qpu_gateway.adapters.ibm import IbmAdapter, classify
 from qpu_gateway.config import Config
+from qpu_gateway.errors import Unavailable
 from qpu_gateway.providers import Providers
 from qpu_gateway.runtime import Gateway
 
@@ -150,6 +151,10 @@ def _sdk_errors() -> list[tuple[BaseException, type[Exception]]]:
         RuntimeJobFailureError,
     )
 
+    def caused_by(outer: BaseException, cause: BaseException) -> BaseException:
+        outer.__cause__ = cause
+        return outer
+
     def wrapped(status: int, text: str = "error") -> BaseException:
         # How the SDK reports a failed submit: `raise IBMRuntimeError(...) from None` inside an except.
         try:
@@ -178,6 +183,12 @@ def _sdk_errors() -> list[tuple[BaseException, type[Exception]]]:
         (wrapped(400, "400 Bad Request. Invalid circuit"), PermanentError),
         (wrapped(422), PermanentError),
         (InvalidAccountError("Unable to retrieve instances."), PermanentError),
+        (
+            caused_by(
+                InvalidAccountError("Unable to retrieve instances."), requests.exceptions.ConnectionError("no route")
+            ),
+            TransientError,
+        ),  # the SDK's wrapping of an IAM it could not reach
         (AccountNotFoundError("Unable to find account."), PermanentError),
         (IBMInputValueError("bad input"), PermanentError),
         (RuntimeJobFailureError("Unable to retrieve job result."), PermanentError),
@@ -489,3 +500,29 @@ async def test_building_the_cloud_client_at_debug_level_turns_on_no_wire_trace_f
     await IbmAdapter().backends()
     assert any(host == "iam.cloud.test" for _, host, _ in loopback_ibm.requests)  # the SDK's clients were built
     assert http.client.HTTPConnection.debuglevel == 0
+
+
+async def test_an_unreachable_cloud_keeps_the_fake_devices_and_answers_unavailable_for_the_rest(
+    config: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _clear_ibm_env(monkeypatch)
+    monkeypatch.setenv("QISKIT_IBM_TOKEN", FAKE_TOKEN)
+    monkeypatch.setenv("QISKIT_IBM_INSTANCE", CRN)
+    monkeypatch.setenv("QISKIT_IBM_URL", "http://127.0.0.1:9")  # nothing listens: IBM cannot be reached
+    providers = Providers(config, adapters={"ibm": IbmAdapter()})
+    listed = {b.id: b for b in await providers.backends()}
+    assert listed["ibm/fake_manila"].status == "online"
+    assert listed["ibm/*"].status == "unavailable" and listed["ibm/*"].retry_after_s is not None
+    with pytest.raises(Unavailable) as refused:
+        await providers.backend("ibm/ibm_brisbane")  # it may well exist: IBM could not be asked
+    assert refused.value.retry_after_s is not None and FAKE_TOKEN not in refused.value.message
+    assert await providers.backend("ibm/fake_manila") is not None
+
+
+async def test_without_an_account_a_cloud_device_is_unknown_rather_than_unavailable(
+    config: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _clear_ibm_env(monkeypatch)
+    monkeypatch.setattr("qiskit_ibm_runtime.accounts.management._DEFAULT_ACCOUNT_CONFIG_JSON_FILE", "/nonexistent/x")
+    providers = Providers(config, adapters={"ibm": IbmAdapter()})
+    assert (await providers.backend("ibm/ibm_brisbane")) is None  # asking again cannot help: it is configuration
