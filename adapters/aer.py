@@ -25,6 +25,7 @@ from qpu_gateway.adapters.base import (
     ProviderStatus,
     RegisterCounts,
     Result,
+    Usage,
     pass_internal,
 )
 
@@ -98,6 +99,9 @@ class AerAdapter:
 
     async def cancel(self, ref: ProviderRef) -> None:
         self._finished.pop(ref.provider_job_id, None)
+
+    async def usage(self, ref: ProviderRef) -> Usage:
+        return Usage(cost_micro_usd=0)  # a local simulation costs nothing
 
     def keep_parsed(self, job_id: str, circuits: list[Any]) -> None:
         """Keep the circuits admission parsed for `job_id`, so its batch need not parse the sources

@@ -32,6 +32,7 @@ from qpu_gateway.adapters.base import (
     RegisterCounts,
     Result,
     TransientError,
+    Usage,
     pass_internal,
 )
 
@@ -517,6 +518,9 @@ class AzureAdapter:
     async def cancel(self, ref: ProviderRef) -> None:
         await self._call(lambda ws: _cancel(ws, ref.provider_job_id))
 
+    async def usage(self, ref: ProviderRef) -> Usage:
+        return await self._call(lambda ws: _usage(ws, ref.provider_job_id))
+
 
 def _unavailable(reason: str) -> Backend:
     return Backend(
@@ -628,13 +632,24 @@ def _fetch_result(workspace: Any, job_id: str) -> Result:
         raise PermanentError("the Azure Quantum result has an unexpected shape")
     result_meta = {"target": str(details.target), "azure_status": _text(details.status)}
     cost = details.cost_estimate
-    cost_micro: int | None = None
     if cost is not None and cost.estimated_total is not None:
-        currency = str(cost.currency_code or "")
-        result_meta["cost_estimate"] = f"{cost.estimated_total} {currency}".strip()
-        if currency.upper() == "USD":
-            cost_micro = int((Decimal(str(cost.estimated_total)) * 1_000_000).to_integral_value())
-    return Result(counts=(counter(output, metadata),), cost_micro_usd=cost_micro, metadata=result_meta)
+        result_meta["cost_estimate"] = f"{cost.estimated_total} {cost.currency_code or ''}".strip()
+    return Result(counts=(counter(output, metadata),), cost_micro_usd=_usd_micro(cost), metadata=result_meta)
+
+
+def _usd_micro(cost: Any) -> int | None:
+    """A job's cost estimate in micro-dollars; None when Azure gives none, or gives it in another currency."""
+    if cost is None or cost.estimated_total is None or str(cost.currency_code or "").upper() != "USD":
+        return None
+    return int((Decimal(str(cost.estimated_total)) * 1_000_000).to_integral_value())
+
+
+def _usage(workspace: Any, job_id: str) -> Usage:
+    """The job's cost estimate as Azure reports it, finished or cancelled."""
+    details = _job_details(workspace, job_id)
+    if details is None:
+        return Usage(cost_micro_usd=0)  # no job was ever created: nothing ran
+    return Usage(cost_micro_usd=_usd_micro(details.cost_estimate))
 
 
 def _cancel(workspace: Any, job_id: str) -> None:

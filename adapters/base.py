@@ -1,7 +1,8 @@
 """The adapter contract and the job and result types every adapter shares.
 
 An adapter turns a `JobSpec` into a provider job and back: `backends`, `submit`, `status`,
-`result`, `cancel`. It classifies every provider failure as
+`result`, `cancel`, and `usage` (what a job that ended without a result used). It classifies
+every provider failure as
 `TransientError` (safe to retry with backoff), `QuotaError` (the provider's own quota: surface,
 never retry) or `PermanentError` (the job can never succeed as sent).
 """
@@ -93,6 +94,18 @@ class Result:
     metadata: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """What the provider says a job used that ended without a result (cancelled at the wall-clock cap).
+
+    Each adapter fills what its provider reports; None where it reports nothing of that kind.
+    """
+
+    cost_micro_usd: int | None = None  # a figure in USD the provider gives (Azure's cost estimate)
+    qpu_seconds: float | None = None  # QPU time the provider charges (IBM's usage)
+    circuits_run: int | None = None  # circuits whose task completed, so were billed (Braket: a task each)
+
+
 class AdapterError(Exception):
     """A provider failure, already classified; the message is safe to show an agent."""
 
@@ -129,3 +142,7 @@ class Adapter(Protocol):
     async def result(self, ref: ProviderRef) -> Result: ...
 
     async def cancel(self, ref: ProviderRef) -> None: ...
+
+    async def usage(self, ref: ProviderRef) -> Usage:
+        """What the job used, asked after it was cancelled (a cancelled job may have run in part)."""
+        ...

@@ -39,6 +39,7 @@ from qpu_gateway.adapters.base import (
     RegisterCounts,
     Result,
     TransientError,
+    Usage,
     pass_internal,
 )
 
@@ -310,6 +311,11 @@ class BraketAdapter:
             return
         await sdk_thread.run_sync(lambda: self._cloud_cancel(_decode_ref(ref)))
 
+    async def usage(self, ref: ProviderRef) -> Usage:
+        if ref.provider_job_id.startswith(_LOCAL_PREFIX):
+            return Usage(cost_micro_usd=0)  # the local simulators run here, free
+        return await sdk_thread.run_sync(lambda: self._cloud_usage(_decode_ref(ref)))
+
     # -- local simulators ----------------------------------------------------------------------
 
     async def _local_backend(self, name: str) -> Backend:
@@ -564,6 +570,14 @@ class BraketAdapter:
         return Result(
             counts=tuple(counts), metadata={"tasks": str(len(ref.tasks)), "shots": str(shots), "device": device}
         )
+
+    def _cloud_usage(self, ref: _Ref) -> Usage:
+        """How many of the job's tasks (one per circuit) completed. Braket bills a task that completed,
+        not one cancelled or failed: the SDK's own cost tracker prices those at $0
+        (braket/tracking/tracker.py, `_get_qpu_task_cost`)."""
+        cloud = self._require_cloud()
+        completed = [self._task_metadata(cloud, task).get("status") == "COMPLETED" for task in ref.tasks]
+        return Usage(circuits_run=sum(completed))
 
     def _cloud_cancel(self, ref: _Ref) -> None:
         sdk_imports.ensure("braket")

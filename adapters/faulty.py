@@ -7,13 +7,14 @@ Registered only when the configuration names a fault spec (`QPU_GATEWAY_FAULTS` 
 Two kinds of spec:
 
 - A schedule, consumed one entry per submit call: `ok`, `transient`, `quota`, `permanent`,
-  `slow:SECONDS`, `internal` (`"transient,slow:0.5,ok"`). Once it runs out, every call is `ok`.
-  `internal` raises what a half-imported SDK raises (an ImportError) before anything reaches
-  the provider: a failure of the gateway, not of the job.
+  `slow:SECONDS`, `hang`, `internal` (`"transient,slow:0.5,ok"`). Once it runs out, every call
+  is `ok`. `internal` raises what a half-imported SDK raises (an ImportError) before anything
+  reaches the provider: a failure of the gateway, not of the job.
 - A mix, `mix:transient=0.3,quota=0.05,permanent=0.05,slow=0.05,slow_s=5,seed=1,...`: each job
   draws its fate once from its id and the seed, so every process that handles the job agrees.
   A transient job fails its first 1..`transient_tries` submits, then succeeds; a quota or
-  permanent job fails every submit; a slow job's submits take `slow_s` seconds.
+  permanent job fails every submit; a slow job's submits take `slow_s` seconds; a hung job is
+  accepted and then runs at the provider until it is cancelled (for the wall-clock cap).
 
 With a provider directory (`QPU_GATEWAY_FAULTS_DIR` or `Config.faults_dir`) the adapter keeps
 the provider's side in `provider.db` there, shared by every gateway process, as a real provider
@@ -54,14 +55,16 @@ from qpu_gateway.adapters.base import (
     QuotaError,
     Result,
     TransientError,
+    Usage,
 )
 
 BACKEND_ID = "faulty/qpu"
-_KINDS = {"ok", "transient", "quota", "permanent", "slow", "internal"}
+_KINDS = {"ok", "transient", "quota", "permanent", "slow", "hang", "internal"}
 # What the first import of Qiskit from two threads at once raised in a real run.
 _HALF_IMPORTED = "injected internal fault: cannot import name 'DAGCircuit' from partially initialized module"
 
-_MIX_KEYS = {"transient", "quota", "permanent", "slow", "slow_s", "seed", "transient_tries", "price_usd"}
+_MIX_KEYS = {"transient", "quota", "permanent", "slow", "hang", "slow_s", "seed", "transient_tries", "price_usd"}
+_CANCELLED = '{"cancelled": true}'  # a run's counts once it was cancelled before it finished
 _REF_PREFIX = "faulty-"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS calls (
@@ -98,6 +101,7 @@ class Mix:
     quota: float = 0.0
     permanent: float = 0.0
     slow: float = 0.0
+    hang: float = 0.0
     slow_s: float = 2.0
     seed: int = 0
     transient_tries: int = 2  # a transient job fails 1..this many submits before one succeeds
@@ -120,7 +124,7 @@ class Mix:
             seed=int(values.get("seed", 0)),
             transient_tries=int(values.get("transient_tries", 2)),
         )
-        if mix.transient + mix.quota + mix.permanent + mix.slow > 1:
+        if mix.transient + mix.quota + mix.permanent + mix.slow + mix.hang > 1:
             raise ValueError("the mix's fractions add up to more than 1")
         return mix
 
@@ -130,7 +134,7 @@ class Mix:
         digest = hashlib.sha256(f"{self.seed}:{job_id}".encode()).digest()
         roll = int.from_bytes(digest[:8], "big") / 2**64
         tries = 1 + int.from_bytes(digest[8:12], "big") % max(1, self.transient_tries)
-        for kind in ("transient", "quota", "permanent", "slow"):
+        for kind in ("transient", "quota", "permanent", "slow", "hang"):
             share: float = getattr(self, kind)
             if roll < share:
                 return kind, tries if kind == "transient" else 0
@@ -197,7 +201,7 @@ class ProviderLedger:
                 db.execute(
                     "INSERT INTO runs (job_id, accepted_at, pid, counts, cost_micro_usd, spec) "
                     "VALUES (?, ?, ?, NULL, ?, ?)",
-                    (job_id, time.time(), os.getpid(), price_micro_usd, _spec_json(job)),
+                    (job_id, time.time(), os.getpid(), price_micro_usd, _spec_json(job, hang=choose == "hang")),
                 )
             db.execute("COMMIT")
             return outcome
@@ -207,6 +211,10 @@ class ProviderLedger:
     def finish(self, job_id: str, counts: str) -> None:
         with self._connect() as db:
             db.execute("UPDATE runs SET counts = ? WHERE job_id = ? AND counts IS NULL", (counts, job_id))
+
+    def cancel(self, job_id: str) -> None:
+        """Stop a run that has not finished; it stays billed, as it was accepted."""
+        self.finish(job_id, _CANCELLED)
 
     def run_of(self, job_id: str) -> tuple[str | None, int, int] | None:
         """(counts JSON or None while running, pid running it, cost) of the job's first run."""
@@ -227,6 +235,8 @@ class ProviderLedger:
                 return None
             (spec,) = db.execute("SELECT spec FROM runs WHERE job_id = ?", (job_id,)).fetchone()
         data = json.loads(spec)
+        if data.get("hang"):
+            return None  # a hung run stays running, whoever polls it, until it is cancelled
         return JobSpec(job_id=job_id, backend=data["backend"], circuits=tuple(data["circuits"]), shots=data["shots"])
 
 
@@ -251,7 +261,9 @@ class FaultyAdapter:
         self._aer = AerAdapter()
         self._lock = threading.Lock()
         self._ledger = ProviderLedger(directory) if directory is not None else None
+        self._hung: dict[str, bool] = {}  # without a ledger: hung job id -> cancelled yet
         self.submits = 0  # every submit call this process made, faulted or not
+        self.cancels = 0  # cancel calls that reached this provider
 
     @property
     def executions(self) -> int:
@@ -291,6 +303,9 @@ class FaultyAdapter:
             await anyio.sleep(arg)
         if self._ledger is None:
             _raise_for(kind)
+            if kind == "hang":
+                self._hung.setdefault(job.job_id, False)
+                return ProviderRef(provider_job_id=_REF_PREFIX + job.job_id)
             return await self._aer.submit(job)
         return await self._submit_recorded(job, kind, failures)
 
@@ -301,8 +316,8 @@ class FaultyAdapter:
         outcome = await sdk_thread.run_sync(lambda: ledger.decide(job, kind, failures, price))
         _raise_for(outcome)
         ref = ProviderRef(provider_job_id=_REF_PREFIX + job.job_id)
-        if outcome == "duplicate":
-            return ref  # already accepted under this job id: nothing runs twice
+        if outcome == "duplicate" or kind == "hang":
+            return ref  # already accepted under this job id (nothing runs twice), or left running
         await self._execute(job)
         if ledger.take_kill_trigger():
             os.kill(os.getpid(), signal.SIGKILL)
@@ -328,6 +343,9 @@ class FaultyAdapter:
 
     async def status(self, ref: ProviderRef) -> ProviderStatus:
         if self._ledger is None:
+            hung = self._hung.get(ref.provider_job_id.removeprefix(_REF_PREFIX))
+            if hung is not None:
+                return ProviderStatus(ProviderState.CANCELLED if hung else ProviderState.RUNNING)
             return await self._aer.status(ref)
         ledger = self._ledger
         job_id, run = await self._run_of(ref)
@@ -345,6 +363,8 @@ class FaultyAdapter:
         outcome = json.loads(counts)
         if "failed" in outcome:
             return ProviderStatus(ProviderState.FAILED, outcome["failed"])
+        if "cancelled" in outcome:
+            return ProviderStatus(ProviderState.CANCELLED)
         return ProviderStatus(ProviderState.DONE)
 
     async def result(self, ref: ProviderRef) -> Result:
@@ -357,8 +377,24 @@ class FaultyAdapter:
         return Result(counts=counts, cost_micro_usd=run[2], metadata={"provider": "faulty"})
 
     async def cancel(self, ref: ProviderRef) -> None:
+        with self._lock:
+            self.cancels += 1
+        job_id = ref.provider_job_id.removeprefix(_REF_PREFIX)
         if self._ledger is None:
-            await self._aer.cancel(ref)
+            if job_id in self._hung:
+                self._hung[job_id] = True
+            else:
+                await self._aer.cancel(ref)
+            return
+        ledger = self._ledger
+        await sdk_thread.run_sync(lambda: ledger.cancel(job_id))
+
+    async def usage(self, ref: ProviderRef) -> Usage:
+        """What the provider bills for the job: its price per run it accepted (a cancelled run too)."""
+        if self._ledger is None:
+            return Usage(cost_micro_usd=0)
+        _, run = await self._run_of(ref)
+        return Usage(cost_micro_usd=0 if run is None else run[2])
 
 
 def _raise_for(kind: str) -> None:
@@ -370,5 +406,6 @@ def _raise_for(kind: str) -> None:
         raise PermanentError("injected permanent fault: the provider rejected the circuit")
 
 
-def _spec_json(job: JobSpec) -> str:
-    return json.dumps({"backend": job.backend, "circuits": list(job.circuits), "shots": job.shots})
+def _spec_json(job: JobSpec, *, hang: bool = False) -> str:
+    spec = {"backend": job.backend, "circuits": list(job.circuits), "shots": job.shots, "hang": hang}
+    return json.dumps(spec)

@@ -33,6 +33,7 @@ from qpu_gateway.adapters.base import (
     RegisterCounts,
     Result,
     TransientError,
+    Usage,
     pass_internal,
 )
 
@@ -347,6 +348,14 @@ class IbmAdapter:
         except Exception as exc:
             raise classify(exc) from None
 
+    async def usage(self, ref: ProviderRef) -> Usage:
+        if ref.provider_job_id.startswith(LOCAL_REF_PREFIX):
+            return Usage(cost_micro_usd=0)  # the fake devices run here, free
+        try:
+            return await sdk_thread.run_sync(lambda: self._usage_cloud(ref))
+        except Exception as exc:
+            raise classify(exc) from None
+
     async def find(self, job_id: str) -> ProviderRef | None:
         """The provider job already created for our `job_id`, if any (by its tag)."""
         try:
@@ -468,6 +477,10 @@ class IbmAdapter:
             qpu_seconds=_usage_seconds(job.metrics()),
             metadata={"mode": "cloud", "ibm_job_id": ref.provider_job_id},
         )
+
+    def _usage_cloud(self, ref: ProviderRef) -> Usage:
+        # IBM charges the QPU time a job used, also when it was cancelled while running.
+        return Usage(qpu_seconds=_usage_seconds(self._connect().job(ref.provider_job_id).metrics()))
 
     def _cancel_cloud(self, ref: ProviderRef) -> None:
         job = self._connect().job(ref.provider_job_id)

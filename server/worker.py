@@ -5,15 +5,18 @@ The verbs are the queue's: `claim` (a guarded UPDATE any process may win, never 
 the failure, clear the lease). A worker that stops heartbeating (its process died) loses its
 jobs to any other process once the lease lapses.
 
-A failure of the gateway itself (anything the adapter did not classify: our bug, an SDK that
-would not import) is not the job's: the job runs again after a growing wait, and fails
-`internal_error` only after `internal_retry_max` such failures.
+Two bounds keep a job from going on for ever. A failure of the gateway itself (anything the
+adapter did not classify: our bug, an SDK that would not import) is not the job's: the job runs
+again after a growing wait, and fails `internal_error` only after `internal_retry_max` such
+failures. And a job at its provider longer than its policy's `max_wall_clock` is cancelled there
+and fails `timeout`, its reservation settled by what the provider says the job used.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import secrets
 import socket
@@ -27,6 +30,7 @@ import backoff
 
 from qpu_gateway.adapters.base import (
     Adapter,
+    AdapterError,
     JobSpec,
     PermanentError,
     ProviderRef,
@@ -34,13 +38,14 @@ from qpu_gateway.adapters.base import (
     QuotaError,
     Result,
     TransientError,
+    Usage,
 )
 from qpu_gateway.breaker import Breakers
 from qpu_gateway.config import Config
 from qpu_gateway.events import JobEvents
 from qpu_gateway.jobs import JobState
 from qpu_gateway.policy.file import Policy
-from qpu_gateway.policy.pricing import cost_of_usage, price_for
+from qpu_gateway.policy.pricing import cost_of_usage, format_usd, price_for
 from qpu_gateway.policy.quotas import may_start
 from qpu_gateway.providers import Providers
 from qpu_gateway.records import AuditEntry, JobRecord
@@ -241,7 +246,14 @@ class Workers:
 
     async def _poll(self, job: JobRecord, adapter: Adapter, ref: ProviderRef) -> Result | None:
         delay = POLL_START_S
+        # A job stored before submitted_at existed is timed from its first claim.
+        since = job.submitted_at or job.started_at or time.time()
         while True:
+            # Read each round: a policy edit applies to jobs already waiting.
+            cap_s = self.policy().rules_for(agent=job.agent, project=job.project).wall_clock_s(job.backend)
+            left = since + cap_s - time.time()
+            if left <= 0:
+                return await self._time_out(job, adapter, ref, cap_s)
             status = await self._with_retries(job, lambda: adapter.status(ref), count_attempts=False)
             if status.state is ProviderState.DONE:
                 return await self._with_retries(job, lambda: adapter.result(ref), count_attempts=False)
@@ -258,8 +270,68 @@ class Workers:
                         await self.events.announce(requeued)
                     self.wake()
                 return None
-            await anyio.sleep(delay)
+            await anyio.sleep(min(delay, max(left, 0.0)))
             delay = min(delay * 2, POLL_MAX_S)
+
+    async def _time_out(self, job: JobRecord, adapter: Adapter, ref: ProviderRef, cap_s: int) -> Result | None:
+        """Past the wall-clock cap: cancel the job at its provider and end it `timeout`, settled by what
+        the provider says it used. Returns the result instead if the job finished before the cancel."""
+        log.warning("job %s passed its wall-clock cap of %d s on %s; cancelling it there", job.id, cap_s, job.backend)
+        not_cancelled = None
+        try:
+            await self._with_retries(job, lambda: adapter.cancel(ref), count_attempts=False)
+        except AdapterError as exc:
+            not_cancelled = str(exc)[:200]
+            log.warning("job %s: the provider refused the cancel: %s", job.id, exc)
+        with contextlib.suppress(AdapterError):
+            status = await self._with_retries(job, lambda: adapter.status(ref), count_attempts=False)
+            if status.state is ProviderState.DONE:  # it finished just before the cancel reached it
+                return await self._with_retries(job, lambda: adapter.result(ref), count_attempts=False)
+        usage: Usage | None = None
+        try:
+            usage = await self._with_retries(job, lambda: adapter.usage(ref), count_attempts=False)
+        except AdapterError as exc:
+            log.warning("job %s: the provider did not say what the cancelled job used: %s", job.id, exc)
+        cost, qpu_seconds, charged = self._charge_for(job, usage)
+        where = (
+            f"it was cancelled at the provider; {charged}"
+            if not_cancelled is None
+            else f"the provider refused to cancel it ({not_cancelled}), so it may still run; {charged}"
+        )
+        await self._settle_failure(
+            job,
+            "timeout",
+            f"The job was at {job.backend} longer than its wall-clock cap of {_duration(cap_s)} "
+            f"(policy max_wall_clock); {where}.",
+            charge=cost is None or cost > 0 or bool(qpu_seconds),
+            actual_cost_micro_usd=cost,
+            actual_qpu_seconds=qpu_seconds,
+        )
+        return None
+
+    def _charge_for(self, job: JobRecord, usage: Usage | None) -> tuple[int | None, float | None, str]:
+        """(cost to commit, QPU seconds, what the agent is told) for a job cancelled at its provider.
+
+        A cost of None means the provider did not say: the estimate is committed, since the job
+        may have run and the provider bills what ran.
+        """
+        unknown = f"so its estimate ({format_usd(job.estimate_micro_usd)}) is charged"
+        if usage is None:
+            return None, None, f"the provider did not say what it used, {unknown}"
+        if usage.cost_micro_usd is not None:
+            return usage.cost_micro_usd, usage.qpu_seconds, f"the provider reports {format_usd(usage.cost_micro_usd)}"
+        qpu = usage.qpu_seconds
+        if qpu == 0:
+            return 0, 0.0, "it used no QPU time, so nothing is charged"
+        if qpu is not None:
+            cost = cost_of_usage(price_for(self.policy().prices, job.backend), qpu)
+            if cost is None:
+                return None, qpu, f"it used {qpu:g} s of QPU time on a backend not priced by time, {unknown}"
+            return cost, qpu, f"it used {qpu:g} s of QPU time: {format_usd(cost)} at the list price"
+        if usage.circuits_run is not None:
+            cost = math.ceil(job.estimate_micro_usd * usage.circuits_run / max(job.n_circuits, 1))
+            return cost, None, f"{usage.circuits_run} of its {job.n_circuits} circuit(s) ran: {format_usd(cost)}"
+        return None, None, f"the provider did not say what it used, {unknown}"
 
     async def _internal_failure(self, job: JobRecord, exc: Exception) -> None:
         """A failure of the gateway itself, not of the job or its provider: run the job again later.
@@ -388,3 +460,11 @@ class Workers:
         )
         if moved is not None:
             await self.events.announce(moved)
+
+
+def _duration(seconds: int) -> str:
+    """`86400` -> "24h", `90` -> "90s": as the policy file writes durations."""
+    for unit, size in (("d", 86_400), ("h", 3_600), ("m", 60)):
+        if seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"

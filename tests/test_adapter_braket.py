@@ -550,6 +550,16 @@ async def test_a_refused_cloud_submission_fails_the_job_with_its_code_and_no_sec
     assert SECRET not in everything and ACCESS_KEY_ID not in everything and "123456789012" not in everything
 
 
+async def test_usage_of_a_cancelled_job_counts_the_tasks_that_completed(aws: Aws) -> None:
+    # What the wall-clock cap settles by: Braket bills a task that completed, not one cancelled.
+    adapter = aws.adapter()
+    tasks = [TASK_ARN, TASK_ARN + "1"]
+    aws.expect_get_task("COMPLETED", task=tasks[0])
+    aws.expect_get_task("CANCELLED", task=tasks[1])
+    usage = await adapter.usage(ProviderRef(json.dumps({"tasks": tasks, "registers": [{}, {}]})))
+    assert usage.circuits_run == 1 and usage.cost_micro_usd is None and usage.qpu_seconds is None
+
+
 async def test_a_throttled_device_listing_answers_unavailable_and_is_asked_again(
     braket_config: Config, alice_key: str, aws: Aws, monkeypatch: pytest.MonkeyPatch
 ) -> None:

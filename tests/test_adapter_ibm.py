@@ -502,6 +502,32 @@ async def test_building_the_cloud_client_at_debug_level_turns_on_no_wire_trace_f
     assert http.client.HTTPConnection.debuglevel == 0
 
 
+async def test_a_cloud_job_past_its_wall_clock_cap_is_cancelled_at_ibm_and_charged_the_qpu_time_ibm_reports(
+    loopback_ibm: LoopbackIbm, config: Config
+) -> None:
+    loopback_ibm.initial_state = "Running"  # it never finishes on its own
+    loopback_ibm.qpu_seconds = 1.5  # what IBM's metrics say the cancelled job used
+    gateway = await _gateway_with(config, IbmAdapter())
+    config.policy_path.write_text(
+        POLICY + 'agent_quota = { cost_usd = { day = "100.00" } }\nmax_wall_clock = { "ibm/*" = "1s" }\n',
+        encoding="utf-8",
+    )
+    key = await new_key(config.db_path, "alice")
+    async with gateway.running(), in_memory(gateway, key) as client:
+        submitted = await client.call_tool("submit_job", {"circuit": BELL2, "backend": f"ibm/{DEVICE}", "shots": 1000})
+        job_id = submitted.structured_content["job_id"]
+        done = await client.call_tool("wait_for_job", {"job_id": job_id, "timeout_s": 60})
+        usage = (await client.call_tool("get_usage", {})).structured_content
+    view = done.structured_content
+    assert view["state"] == "failed" and view["error"]["code"] == "timeout", view
+    assert "1.5 s of QPU time: $2.40 at the list price" in view["error"]["message"]
+    (ibm_job,) = loopback_ibm.jobs
+    assert ("POST", "quantum.cloud.test", f"/api/v1/jobs/{ibm_job}/cancel") in loopback_ibm.requests
+    assert loopback_ibm.jobs[ibm_job]["state"] == {"status": "Cancelled"}
+    cost = next(q for q in usage["quotas"] if (q["scope"], q["dimension"], q["period"]) == ("agent", "cost", "day"))
+    assert (cost["committed"], cost["reserved"]) == (2_400_000, 0)  # 1.5 s at $1.60 a second, not the estimate
+
+
 async def test_an_unreachable_cloud_keeps_the_fake_devices_and_answers_unavailable_for_the_rest(
     config: Config, monkeypatch: pytest.MonkeyPatch
 ) -> None:
