@@ -120,9 +120,10 @@ async def test_the_clock_counts_from_the_provider_accepting_the_job_not_from_the
     assert done.structured_content["state"] == "failed" and done.structured_content["error"]["code"] == "timeout"
     assert [r.tool for r in rows[-3:]] == ["job.handed_back", "job.claimed", "job.failed"]
     assert second.providers.adapters["faulty"].cancels == 1  # type: ignore[attr-defined]
-    # Cancelled as soon as the second process claimed it: a clock restarted there would have run 4 s.
+    # Cancelled when the second process claimed it: a clock restarted there could not have run out
+    # before a whole cap (4 s) after the claim.
     assert job is not None and job.submitted_at is not None and job.submitted_at < rows[-3].at
-    assert rows[-1].at - rows[-2].at < 3
+    assert rows[-1].at - rows[-2].at < 4
 
 
 async def test_an_agent_reads_its_caps_in_qpu_policy(config: Config, alice_key: str) -> None:
