@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from concurrent.futures import Future
 from typing import Any
 
-from qpu_gateway.adapters import qasm, sdk_thread
+from qpu_gateway.adapters import qasm, sdk_imports, sdk_thread
 from qpu_gateway.adapters.base import (
     Backend,
     JobSpec,
@@ -25,6 +25,8 @@ from qpu_gateway.adapters.base import (
     ProviderStatus,
     RegisterCounts,
     Result,
+    Usage,
+    pass_internal,
 )
 
 BACKEND_ID = "aer/simulator"
@@ -97,6 +99,9 @@ class AerAdapter:
 
     async def cancel(self, ref: ProviderRef) -> None:
         self._finished.pop(ref.provider_job_id, None)
+
+    async def usage(self, ref: ProviderRef) -> Usage:
+        return Usage(cost_micro_usd=0)  # a local simulation costs nothing
 
     def keep_parsed(self, job_id: str, circuits: list[Any]) -> None:
         """Keep the circuits admission parsed for `job_id`, so its batch need not parse the sources
@@ -190,6 +195,7 @@ class AerAdapter:
         small = all(circuit.num_qubits < SMALL_QUBITS for _, circuits in jobs for circuit in circuits)
         sampler = self._samplers.get(small)
         if sampler is None:
+            sdk_imports.ensure("aer")
             from qiskit_aer.primitives import SamplerV2
 
             options = {"backend_options": {"max_parallel_threads": 1}} if small else None
@@ -198,6 +204,7 @@ class AerAdapter:
         try:
             pub_results = list(sampler.run(pubs).result())
         except Exception as exc:  # Aer raises its own and numpy's errors for circuits it cannot run
+            pass_internal(exc)
             raise PermanentError(f"Aer could not run the circuit: {str(exc).splitlines()[0][:300]}") from None
         results, start = [], 0
         for _, circuits in jobs:
@@ -249,6 +256,7 @@ def _counts(bits: Any) -> dict[str, int]:
 
 
 def _aer_max_qubits() -> int:
+    sdk_imports.ensure("aer")
     from qiskit_aer import AerSimulator
 
     return int(AerSimulator().configuration().n_qubits)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from qpu_gateway.adapters import qasm, sdk_thread
+from qpu_gateway.adapters import qasm, sdk_imports, sdk_thread
 from qpu_gateway.adapters.base import (
     AdapterError,
     Backend,
@@ -32,6 +32,8 @@ from qpu_gateway.adapters.base import (
     RegisterCounts,
     Result,
     TransientError,
+    Usage,
+    pass_internal,
 )
 
 if TYPE_CHECKING:
@@ -99,6 +101,8 @@ TRANSPORT_ERRORS = (
 
 def classify(exc: BaseException) -> AdapterError:
     """The classified error for an SDK exception; the message names the class of failure, never a secret."""
+    pass_internal(exc)  # a failure of this process is not the provider's answer
+    sdk_imports.ensure("azure")
     from azure.core.exceptions import ClientAuthenticationError, HttpResponseError
 
     if isinstance(exc, AdapterError):
@@ -149,6 +153,8 @@ def workspace_from_environment() -> Any:
     resource_id = os.environ.get(ENV_RESOURCE_ID, "").strip()
     location = os.environ.get(ENV_LOCATION, "").strip()
     connection_string = os.environ.get(ENV_CONNECTION_STRING, "").strip()
+    if (resource_id and location) or connection_string:
+        sdk_imports.ensure("azure")
     if resource_id and location:
         from azure.identity import DefaultAzureCredential
         from azure.quantum import Workspace
@@ -212,12 +218,15 @@ def _load(source: str) -> QuantumCircuit:
 
 
 def _transpiled(circuit: QuantumCircuit, basis: tuple[str, ...], target: str) -> QuantumCircuit:
+    sdk_imports.ensure("transpiler")
     from qiskit import transpile
 
     if any(inst.operation.name not in (*basis, "measure", "barrier", "reset") for inst in circuit.data):
         try:
-            circuit = transpile(circuit, basis_gates=[*basis, "measure", "barrier", "reset"], optimization_level=0)
+            # Barriers pass through untouched; Qiskit 2.6 refuses them among `basis_gates`.
+            circuit = transpile(circuit, basis_gates=[*basis, "measure", "reset"], optimization_level=0)
         except Exception as exc:  # qiskit raises several types for circuits it cannot translate
+            pass_internal(exc)
             raise PermanentError(
                 f"cannot translate the circuit for {target}: {str(exc).splitlines()[0][:200]}"
             ) from None
@@ -280,11 +289,13 @@ def to_openqasm2(source: str, target: str, shots: int) -> _Payload:
     circuit = _load(source)
     text = source
     if version != 2:
+        sdk_imports.ensure("qiskit")
         import qiskit.qasm2
 
         try:
             text = qiskit.qasm2.dumps(circuit)
         except Exception as exc:  # the exporter refuses constructs OpenQASM 2 cannot express
+            pass_internal(exc)
             raise PermanentError(f"cannot express the circuit in OpenQASM 2 for {target}: {exc}"[:300]) from None
     metadata = {_META_REGISTERS: json.dumps(_registers(circuit)), _META_SHOTS: str(shots)}
     return _Payload(text.encode(), metadata)
@@ -507,6 +518,9 @@ class AzureAdapter:
     async def cancel(self, ref: ProviderRef) -> None:
         await self._call(lambda ws: _cancel(ws, ref.provider_job_id))
 
+    async def usage(self, ref: ProviderRef) -> Usage:
+        return await self._call(lambda ws: _usage(ws, ref.provider_job_id))
+
 
 def _unavailable(reason: str) -> Backend:
     return Backend(
@@ -531,6 +545,7 @@ def azure_job_id(job_id: str) -> str:
 
 def _job_details(workspace: Any, job_id: str) -> Any:
     """The job's details, or None if the workspace has no such job."""
+    sdk_imports.ensure("azure")
     from azure.core.exceptions import ResourceNotFoundError
 
     try:
@@ -552,6 +567,7 @@ def _job_error(details: Any) -> tuple[str | None, str]:
 
 
 def _target_class(family: str) -> Any:
+    sdk_imports.ensure("azure")
     from azure.quantum.target import IonQ, Quantinuum, Rigetti
 
     return {"ionq": IonQ, "quantinuum": Quantinuum, "rigetti": Rigetti}[family]
@@ -559,6 +575,7 @@ def _target_class(family: str) -> Any:
 
 def _submit_once(workspace: Any, job_id: str, target: str, shots: int, payload: _Payload) -> None:
     """Create the job under our id unless it exists: safe to repeat after a crash at any step."""
+    sdk_imports.ensure("azure")
     from azure.core.exceptions import ResourceExistsError
     from azure.quantum import Job
     from azure.quantum.storage import remove_sas_token
@@ -615,16 +632,28 @@ def _fetch_result(workspace: Any, job_id: str) -> Result:
         raise PermanentError("the Azure Quantum result has an unexpected shape")
     result_meta = {"target": str(details.target), "azure_status": _text(details.status)}
     cost = details.cost_estimate
-    cost_micro: int | None = None
     if cost is not None and cost.estimated_total is not None:
-        currency = str(cost.currency_code or "")
-        result_meta["cost_estimate"] = f"{cost.estimated_total} {currency}".strip()
-        if currency.upper() == "USD":
-            cost_micro = int((Decimal(str(cost.estimated_total)) * 1_000_000).to_integral_value())
-    return Result(counts=(counter(output, metadata),), cost_micro_usd=cost_micro, metadata=result_meta)
+        result_meta["cost_estimate"] = f"{cost.estimated_total} {cost.currency_code or ''}".strip()
+    return Result(counts=(counter(output, metadata),), cost_micro_usd=_usd_micro(cost), metadata=result_meta)
+
+
+def _usd_micro(cost: Any) -> int | None:
+    """A job's cost estimate in micro-dollars; None when Azure gives none, or gives it in another currency."""
+    if cost is None or cost.estimated_total is None or str(cost.currency_code or "").upper() != "USD":
+        return None
+    return int((Decimal(str(cost.estimated_total)) * 1_000_000).to_integral_value())
+
+
+def _usage(workspace: Any, job_id: str) -> Usage:
+    """The job's cost estimate as Azure reports it, finished or cancelled."""
+    details = _job_details(workspace, job_id)
+    if details is None:
+        return Usage(cost_micro_usd=0)  # no job was ever created: nothing ran
+    return Usage(cost_micro_usd=_usd_micro(details.cost_estimate))
 
 
 def _cancel(workspace: Any, job_id: str) -> None:
+    sdk_imports.ensure("azure")
     from azure.core.exceptions import ResourceNotFoundError
 
     try:

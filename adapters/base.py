@@ -1,7 +1,8 @@
 """The adapter contract and the job and result types every adapter shares.
 
-An adapter turns a `JobSpec` into a provider job and back: `backends`, `estimate`,
-`submit`, `status`, `result`, `cancel`. It classifies every provider failure as
+An adapter turns a `JobSpec` into a provider job and back: `backends`, `submit`, `status`,
+`result`, `cancel`, and `usage` (what a job that ended without a result used). It classifies
+every provider failure as
 `TransientError` (safe to retry with backoff), `QuotaError` (the provider's own quota: surface,
 never retry) or `PermanentError` (the job can never succeed as sent).
 """
@@ -14,6 +15,20 @@ from typing import Protocol
 
 # Per circuit: classical register name -> {bitstring: count}.
 RegisterCounts = dict[str, dict[str, int]]
+
+# How soon a provider that could not list (some of) its backends is asked again: long enough that
+# every call does not hammer a provider that is down, short enough that a blip passes unnoticed.
+LIST_RETRY_S = 5.0
+
+# Failures of this process, never of a job or of its provider (an SDK that would not import, or
+# only half): adapters let them through unclassified, and the worker runs the job again later.
+INTERNAL_ERRORS: tuple[type[BaseException], ...] = (ImportError,)
+
+
+def pass_internal(exc: BaseException) -> None:
+    """Raise `exc` again if it is a failure of this process: no classification may charge it to the job."""
+    if isinstance(exc, INTERNAL_ERRORS):
+        raise exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +45,9 @@ class Backend:
     basis_gates: tuple[str, ...] = ()
     queue_depth: int | None = None
     reason: str | None = None  # why a backend is unavailable, in words an operator can act on
+    # Set on an unavailable entry when asking again may find it (the provider could not be reached
+    # just now), not when it never will (no credentials, retired): the listing is then not cached.
+    retry_after_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +94,18 @@ class Result:
     metadata: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """What the provider says a job used that ended without a result (cancelled at the wall-clock cap).
+
+    Each adapter fills what its provider reports; None where it reports nothing of that kind.
+    """
+
+    cost_micro_usd: int | None = None  # a figure in USD the provider gives (Azure's cost estimate)
+    qpu_seconds: float | None = None  # QPU time the provider charges (IBM's usage)
+    circuits_run: int | None = None  # circuits whose task completed, so were billed (Braket: a task each)
+
+
 class AdapterError(Exception):
     """A provider failure, already classified; the message is safe to show an agent."""
 
@@ -112,3 +142,7 @@ class Adapter(Protocol):
     async def result(self, ref: ProviderRef) -> Result: ...
 
     async def cancel(self, ref: ProviderRef) -> None: ...
+
+    async def usage(self, ref: ProviderRef) -> Usage:
+        """What the job used, asked after it was cancelled (a cancelled job may have run in part)."""
+        ...

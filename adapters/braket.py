@@ -25,8 +25,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from qpu_gateway.adapters import qasm, sdk_thread
+from qpu_gateway.adapters import qasm, sdk_imports, sdk_thread
 from qpu_gateway.adapters.base import (
+    LIST_RETRY_S,
     AdapterError,
     Backend,
     JobSpec,
@@ -38,6 +39,8 @@ from qpu_gateway.adapters.base import (
     RegisterCounts,
     Result,
     TransientError,
+    Usage,
+    pass_internal,
 )
 
 if TYPE_CHECKING:
@@ -175,6 +178,7 @@ _CREDENTIALS_HINT = (
 
 def classify(exc: BaseException) -> AdapterError:
     """A botocore/SDK failure as Transient, Quota or Permanent, with a message safe to show."""
+    sdk_imports.ensure("braket")
     from botocore.exceptions import (  # type: ignore[import-untyped]
         ClientError,
         ConnectionClosedError,
@@ -184,6 +188,7 @@ def classify(exc: BaseException) -> AdapterError:
     )
     from botocore.exceptions import ConnectTimeoutError as BotoConnectTimeout
 
+    pass_internal(exc)  # a failure of this process is not the provider's answer
     if isinstance(exc, AdapterError):
         return exc
     if isinstance(exc, ClientError):
@@ -306,6 +311,11 @@ class BraketAdapter:
             return
         await sdk_thread.run_sync(lambda: self._cloud_cancel(_decode_ref(ref)))
 
+    async def usage(self, ref: ProviderRef) -> Usage:
+        if ref.provider_job_id.startswith(_LOCAL_PREFIX):
+            return Usage(cost_micro_usd=0)  # the local simulators run here, free
+        return await sdk_thread.run_sync(lambda: self._cloud_usage(_decode_ref(ref)))
+
     # -- local simulators ----------------------------------------------------------------------
 
     async def _local_backend(self, name: str) -> Backend:
@@ -325,6 +335,7 @@ class BraketAdapter:
         )
 
     def _run_local(self, job: JobSpec, simulator: str) -> Result:
+        sdk_imports.ensure("braket")
         from braket.devices import LocalSimulator
         from braket.ir.openqasm import Program
 
@@ -339,6 +350,7 @@ class BraketAdapter:
             try:
                 task = device.run(Program(source=program.source), shots=job.shots).result()
             except Exception as exc:  # the simulator raises several unrelated types for programs it refuses
+                pass_internal(exc)
                 raise PermanentError(f"The Braket simulator could not run the circuit: {_first_line(exc)}") from None
             counts.append(register_counts(list(task.measured_qubits), task.measurements, program.registers))
         return Result(
@@ -417,13 +429,14 @@ class BraketAdapter:
         unreachable: str | None = None
         for name, arn in self.device_arns.items():
             if unreachable is not None:
-                listed.append(self._unavailable(name, arn, unreachable))
+                listed.append(self._unavailable(name, arn, unreachable, retry_after_s=LIST_RETRY_S))
                 continue
             try:
                 listed.append(self._cloud_backend(name, self._device(cloud, arn)))
             except AdapterError as exc:
-                listed.append(self._unavailable(name, arn, str(exc)))
-                if isinstance(exc, TransientError):
+                transient = isinstance(exc, TransientError)
+                listed.append(self._unavailable(name, arn, str(exc), retry_after_s=LIST_RETRY_S if transient else None))
+                if transient:
                     unreachable = str(exc)
         return listed
 
@@ -450,7 +463,7 @@ class BraketAdapter:
             reason=reason,
         )
 
-    def _unavailable(self, name: str, arn: str, reason: str) -> Backend:
+    def _unavailable(self, name: str, arn: str, reason: str, *, retry_after_s: float | None = None) -> Backend:
         return Backend(
             id=f"{PROVIDER}/{name}",
             provider=PROVIDER,
@@ -460,9 +473,11 @@ class BraketAdapter:
             status="unavailable",
             max_shots=KNOWN_MAX_SHOTS.get(name),
             reason=reason,
+            retry_after_s=retry_after_s,
         )
 
     def _submit_cloud(self, job: JobSpec, name: str, arn: str) -> ProviderRef:
+        sdk_imports.ensure("braket")
         from braket.aws import AwsQuantumTask
         from braket.ir.openqasm import Program
 
@@ -496,6 +511,7 @@ class BraketAdapter:
         return ProviderRef(json.dumps({"tasks": tasks, "registers": [p.registers for p in programs]}))
 
     def _task_metadata(self, cloud: _Cloud, task_arn: str) -> dict[str, Any]:
+        sdk_imports.ensure("braket")
         from braket.aws import AwsQuantumTask
 
         try:
@@ -522,6 +538,7 @@ class BraketAdapter:
         return ProviderStatus(ProviderState.DONE)
 
     def _cloud_result(self, ref: _Ref) -> Result:
+        sdk_imports.ensure("braket")
         from braket.schema_common import BraketSchemaBase
         from braket.task_result import GateModelTaskResult
         from braket.tasks import GateModelQuantumTaskResult
@@ -544,6 +561,7 @@ class BraketAdapter:
                     raise TypeError(type(raw).__name__)
                 task = GateModelQuantumTaskResult.from_object(raw)
             except Exception as exc:  # pydantic, json and the SDK's own errors for a malformed result
+                pass_internal(exc)
                 raise PermanentError(f"Braket returned a result this gateway cannot read: {_first_line(exc)}") from None
             counts.append(register_counts(list(task.measured_qubits), task.measurements, registers))
             shots += int(raw.taskMetadata.shots)
@@ -553,7 +571,16 @@ class BraketAdapter:
             counts=tuple(counts), metadata={"tasks": str(len(ref.tasks)), "shots": str(shots), "device": device}
         )
 
+    def _cloud_usage(self, ref: _Ref) -> Usage:
+        """How many of the job's tasks (one per circuit) completed. Braket bills a task that completed,
+        not one cancelled or failed: the SDK's own cost tracker prices those at $0
+        (braket/tracking/tracker.py, `_get_qpu_task_cost`)."""
+        cloud = self._require_cloud()
+        completed = [self._task_metadata(cloud, task).get("status") == "COMPLETED" for task in ref.tasks]
+        return Usage(circuits_run=sum(completed))
+
     def _cloud_cancel(self, ref: _Ref) -> None:
+        sdk_imports.ensure("braket")
         from braket.aws import AwsQuantumTask
 
         cloud = self._require_cloud()
@@ -573,6 +600,7 @@ def translate(source: str, operations: frozenset[str], max_qubits: int | None) -
     Gates outside the device's set are decomposed by Qiskit into the ones it has; measurements
     must come last on each qubit, one per qubit and bit (Braket measures once, at the end).
     """
+    sdk_imports.ensure("qiskit")
     import qiskit
 
     try:
@@ -583,9 +611,11 @@ def translate(source: str, operations: frozenset[str], max_qubits: int | None) -
         raise PermanentError(f"The circuit uses {circuit.num_qubits} qubits; this device has {max_qubits}.")
     basis = {q: b for q, b in QISKIT_TO_BRAKET.items() if b in operations}
     if any(i.operation.name not in basis and i.operation.name not in ("measure", "barrier") for i in circuit.data):
+        sdk_imports.ensure("transpiler")
         try:
             circuit = qiskit.transpile(circuit, basis_gates=[*basis, "measure"], optimization_level=1)
         except Exception as exc:  # the transpiler raises its own errors for gates it cannot decompose
+            pass_internal(exc)
             raise PermanentError(
                 f"The circuit cannot be expressed in this device's gates ({', '.join(sorted(operations))}): "
                 f"{_first_line(exc)}"
@@ -594,6 +624,7 @@ def translate(source: str, operations: frozenset[str], max_qubits: int | None) -
 
 
 def _export(circuit: QuantumCircuit, basis: dict[str, str]) -> _Program:
+    sdk_imports.ensure("qiskit")
     import qiskit.qasm3
     from qiskit import ClassicalRegister, QuantumCircuit, QuantumRegister
 
@@ -677,6 +708,7 @@ def _check_shots(job: JobSpec, max_shots: int | None) -> None:
 
 
 def _default_session() -> AwsSession:
+    sdk_imports.ensure("braket")
     import boto3  # type: ignore[import-untyped]
     from botocore.config import Config  # type: ignore[import-untyped]
     from braket.aws import AwsSession
@@ -691,6 +723,7 @@ def _default_session() -> AwsSession:
 
 @functools.cache
 def _local_properties(simulator: str) -> tuple[int | None, int | None, frozenset[str]]:
+    sdk_imports.ensure("braket")
     from braket.devices import LocalSimulator
 
     properties = LocalSimulator(simulator).properties

@@ -7,13 +7,16 @@ Registered only when the configuration names a fault spec (`QPU_GATEWAY_FAULTS` 
 Two kinds of spec:
 
 - A schedule, consumed one entry per submit call: `ok`, `transient`, `quota`, `permanent`,
-  `slow:SECONDS` (`"transient,slow:0.5,ok"`), and `hold:SECONDS` (accepted at once, then running
-  at the provider for SECONDS unless it is cancelled there; needs a provider directory). Once it
-  runs out, every call is `ok`.
+  `slow:SECONDS` (`"transient,slow:0.5,ok"`), `hold:SECONDS` (accepted at once, then running
+  at the provider for SECONDS unless it is cancelled there; needs a provider directory), `hang`
+  (accepted, then running until cancelled) and `internal` (raises what a half-imported SDK raises,
+  an ImportError, before anything reaches the provider: a failure of the gateway, not of the
+  job). Once it runs out, every call is `ok`.
 - A mix, `mix:transient=0.3,quota=0.05,permanent=0.05,slow=0.05,slow_s=5,seed=1,...`: each job
   draws its fate once from its id and the seed, so every process that handles the job agrees.
   A transient job fails its first 1..`transient_tries` submits, then succeeds; a quota or
-  permanent job fails every submit; a slow job's submits take `slow_s` seconds.
+  permanent job fails every submit; a slow job's submits take `slow_s` seconds; a hung job is
+  accepted and then runs at the provider until it is cancelled (for the wall-clock cap).
 
 With a provider directory (`QPU_GATEWAY_FAULTS_DIR` or `Config.faults_dir`) the adapter keeps
 the provider's side in `provider.db` there, shared by every gateway process, as a real provider
@@ -21,9 +24,10 @@ would: every submit call it received and what it answered (`calls`), and every j
 and ran (`runs`). A submit whose job id it already accepted is answered with the same job and
 runs nothing (the idempotency token every cloud adapter sends), so `runs` counts what was really
 executed and billed. A cancel reaching the provider is recorded too (`calls` outcome `cancel`,
-and the run's `cancelled_at`): a run cancelled before it executed never does. Two files there
-steer it from outside: `down` makes every submit fail transiently (an outage, for the circuit
-breaker) while it exists, and `kill-after-accept` makes the next process that accepts a job
+and the run's `cancelled_at`): a run cancelled before it executed never does. Files there steer
+it from outside: `down` makes every submit fail transiently (an outage, for the circuit breaker)
+while it exists; `unlisted` makes listing its backends fail as a half-imported SDK does (an
+ImportError) while it exists; and `kill-after-accept` makes the next process that accepts a job
 delete it and SIGKILL itself before returning the job to the gateway: a crash exactly between
 "provider accepted" and "state saved".
 """
@@ -54,11 +58,15 @@ from qpu_gateway.adapters.base import (
     QuotaError,
     Result,
     TransientError,
+    Usage,
 )
 
 BACKEND_ID = "faulty/qpu"
-_KINDS = {"ok", "transient", "quota", "permanent", "slow", "hold"}
-_MIX_KEYS = {"transient", "quota", "permanent", "slow", "slow_s", "seed", "transient_tries", "price_usd"}
+_KINDS = {"ok", "transient", "quota", "permanent", "slow", "hold", "hang", "internal"}
+# What the first import of Qiskit from two threads at once raised in a real run.
+_HALF_IMPORTED = "injected internal fault: cannot import name 'DAGCircuit' from partially initialized module"
+
+_MIX_KEYS = {"transient", "quota", "permanent", "slow", "hang", "slow_s", "seed", "transient_tries", "price_usd"}
 _REF_PREFIX = "faulty-"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS calls (
@@ -97,6 +105,7 @@ class Mix:
     quota: float = 0.0
     permanent: float = 0.0
     slow: float = 0.0
+    hang: float = 0.0
     slow_s: float = 2.0
     seed: int = 0
     transient_tries: int = 2  # a transient job fails 1..this many submits before one succeeds
@@ -119,7 +128,7 @@ class Mix:
             seed=int(values.get("seed", 0)),
             transient_tries=int(values.get("transient_tries", 2)),
         )
-        if mix.transient + mix.quota + mix.permanent + mix.slow > 1:
+        if mix.transient + mix.quota + mix.permanent + mix.slow + mix.hang > 1:
             raise ValueError("the mix's fractions add up to more than 1")
         return mix
 
@@ -129,7 +138,7 @@ class Mix:
         digest = hashlib.sha256(f"{self.seed}:{job_id}".encode()).digest()
         roll = int.from_bytes(digest[:8], "big") / 2**64
         tries = 1 + int.from_bytes(digest[8:12], "big") % max(1, self.transient_tries)
-        for kind in ("transient", "quota", "permanent", "slow"):
+        for kind in ("transient", "quota", "permanent", "slow", "hang"):
             share: float = getattr(self, kind)
             if roll < share:
                 return kind, tries if kind == "transient" else 0
@@ -155,6 +164,10 @@ class ProviderLedger:
     @property
     def down(self) -> bool:
         return (self.directory / "down").exists()
+
+    @property
+    def unlisted(self) -> bool:
+        return (self.directory / "unlisted").exists()
 
     def take_kill_trigger(self) -> bool:
         """True in exactly one process once `kill-after-accept` exists (it deletes the file)."""
@@ -196,7 +209,7 @@ class ProviderLedger:
                 db.execute(
                     "INSERT INTO runs (job_id, accepted_at, pid, counts, cost_micro_usd, spec, hold_until) "
                     "VALUES (?, ?, ?, NULL, ?, ?, ?)",
-                    (job_id, now, os.getpid(), price_micro_usd, _spec_json(job), hold_until),
+                    (job_id, now, os.getpid(), price_micro_usd, _spec_json(job, hang=choose == "hang"), hold_until),
                 )
             db.execute("COMMIT")
             return outcome
@@ -253,6 +266,8 @@ class ProviderLedger:
             if not moved:
                 return None
             (spec,) = db.execute("SELECT spec FROM runs WHERE job_id = ?", (job_id,)).fetchone()
+        if json.loads(spec).get("hang"):
+            return None  # a hung run stays running, whoever polls it, until it is cancelled
         return _spec_of(job_id, spec)
 
 
@@ -279,7 +294,9 @@ class FaultyAdapter:
         self._ledger = ProviderLedger(directory) if directory is not None else None
         if self._ledger is None and any(kind == "hold" for kind, _ in self._steps):
             raise ValueError("the hold fault needs a provider directory (QPU_GATEWAY_FAULTS_DIR) to keep its runs")
+        self._hung: dict[str, bool] = {}  # without a ledger: hung job id -> cancelled yet
         self.submits = 0  # every submit call this process made, faulted or not
+        self.cancels = 0  # cancel calls that reached this provider
 
     @property
     def executions(self) -> int:
@@ -290,6 +307,8 @@ class FaultyAdapter:
             return self._steps.pop(0) if self._steps else ("ok", 0.0)
 
     async def backends(self) -> list[Backend]:
+        if self._ledger is not None and self._ledger.unlisted:
+            raise ImportError(_HALF_IMPORTED)
         (aer,) = await self._aer.backends()
         return [
             Backend(
@@ -311,10 +330,15 @@ class FaultyAdapter:
         else:
             kind, arg = self._next_step()
             failures = 1 if kind == "transient" else 0
+        if kind == "internal":
+            raise ImportError(_HALF_IMPORTED)
         if kind == "slow":
             await anyio.sleep(arg)
         if self._ledger is None:
             _raise_for(kind)
+            if kind == "hang":
+                self._hung.setdefault(job.job_id, False)
+                return ProviderRef(provider_job_id=_REF_PREFIX + job.job_id)
             return await self._aer.submit(job)
         return await self._submit_recorded(job, kind, failures, hold_s=arg if kind == "hold" else 0.0)
 
@@ -325,8 +349,8 @@ class FaultyAdapter:
         outcome = await sdk_thread.run_sync(lambda: ledger.decide(job, kind, failures, price, hold_s))
         _raise_for(outcome)
         ref = ProviderRef(provider_job_id=_REF_PREFIX + job.job_id)
-        if outcome == "duplicate" or kind == "hold":
-            return ref  # already accepted under this job id (nothing runs twice), or held at the provider
+        if outcome == "duplicate" or kind in ("hold", "hang"):
+            return ref  # already accepted under this job id (nothing runs twice), or held or left running
         await self._execute(job)
         if ledger.take_kill_trigger():
             os.kill(os.getpid(), signal.SIGKILL)
@@ -352,6 +376,9 @@ class FaultyAdapter:
 
     async def status(self, ref: ProviderRef) -> ProviderStatus:
         if self._ledger is None:
+            hung = self._hung.get(ref.provider_job_id.removeprefix(_REF_PREFIX))
+            if hung is not None:
+                return ProviderStatus(ProviderState.CANCELLED if hung else ProviderState.RUNNING)
             return await self._aer.status(ref)
         ledger = self._ledger
         job_id, run = await self._run_of(ref)
@@ -379,6 +406,8 @@ class FaultyAdapter:
         outcome = json.loads(counts)
         if "failed" in outcome:
             return ProviderStatus(ProviderState.FAILED, outcome["failed"])
+        if "cancelled" in outcome:
+            return ProviderStatus(ProviderState.CANCELLED)
         return ProviderStatus(ProviderState.DONE)
 
     async def result(self, ref: ProviderRef) -> Result:
@@ -391,12 +420,24 @@ class FaultyAdapter:
         return Result(counts=counts, cost_micro_usd=run[2], metadata={"provider": "faulty"})
 
     async def cancel(self, ref: ProviderRef) -> None:
+        with self._lock:
+            self.cancels += 1
+        job_id = ref.provider_job_id.removeprefix(_REF_PREFIX)
         if self._ledger is None:
-            await self._aer.cancel(ref)
+            if job_id in self._hung:
+                self._hung[job_id] = True
+            else:
+                await self._aer.cancel(ref)
             return
         ledger = self._ledger
-        job_id = ref.provider_job_id.removeprefix(_REF_PREFIX)
         await sdk_thread.run_sync(lambda: ledger.cancel(job_id))
+
+    async def usage(self, ref: ProviderRef) -> Usage:
+        """What the provider bills for the job: its price per run it accepted (a cancelled run too)."""
+        if self._ledger is None:
+            return Usage(cost_micro_usd=0)
+        _, run = await self._run_of(ref)
+        return Usage(cost_micro_usd=0 if run is None else run[2])
 
 
 def _raise_for(kind: str) -> None:
@@ -408,8 +449,9 @@ def _raise_for(kind: str) -> None:
         raise PermanentError("injected permanent fault: the provider rejected the circuit")
 
 
-def _spec_json(job: JobSpec) -> str:
-    return json.dumps({"backend": job.backend, "circuits": list(job.circuits), "shots": job.shots})
+def _spec_json(job: JobSpec, *, hang: bool = False) -> str:
+    spec = {"backend": job.backend, "circuits": list(job.circuits), "shots": job.shots, "hang": hang}
+    return json.dumps(spec)
 
 
 def _spec_of(job_id: str, spec: str) -> JobSpec:

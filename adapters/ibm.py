@@ -13,13 +13,15 @@ job instead of paying for it twice. All Qiskit calls run on `sdk_thread`.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from qpu_gateway.adapters import qasm, sdk_thread
+from qpu_gateway.adapters import qasm, sdk_imports, sdk_thread
 from qpu_gateway.adapters.base import (
+    LIST_RETRY_S,
     AdapterError,
     Backend,
     JobSpec,
@@ -31,10 +33,17 @@ from qpu_gateway.adapters.base import (
     RegisterCounts,
     Result,
     TransientError,
+    Usage,
+    pass_internal,
 )
 
 if TYPE_CHECKING:
     from qiskit import QuantumCircuit
+
+# ibm-cloud-sdk-core turns on http.client's wire trace for the whole process when its logger is at
+# DEBUG as a client is built (its base_service.py): every SDK's request headers, Azure's API key
+# among them, would then reach the log. Its own debug lines are such traces too.
+logging.getLogger("ibm-cloud-sdk-core").setLevel(logging.INFO)
 
 PROVIDER = "ibm"
 FAKE_PREFIX = "fake_"
@@ -126,6 +135,9 @@ EXCEPTION_ERRORS: dict[str, type[AdapterError]] = {
     "BackendOfflineError": TransientError,  # raised by this adapter for a non-operational device
 }
 
+# Transport failures that decide when they are the cause of whatever the SDK raised instead.
+TRANSPORT_CAUSES = frozenset({"ConnectionError", "Timeout", "TimeoutError", "ChunkedEncodingError"})
+
 MESSAGE_ERRORS: dict[str, type[AdapterError]] = {
     "maintenance mode": TransientError,  # the SDK's text for a 503 it re-raises without a status
     "is not operational": TransientError,  # device offline or paused
@@ -157,7 +169,11 @@ def status_code_of(exc: BaseException) -> int | None:
 
 
 def classify(exc: BaseException) -> AdapterError:
-    """The adapter error for any exception the SDK raised, with a message safe to show an agent."""
+    """The adapter error for any exception the SDK raised, with a message safe to show an agent.
+
+    A failure of this process (`INTERNAL_ERRORS`) is raised again as it is: it is not the provider's.
+    """
+    pass_internal(exc)
     if isinstance(exc, AdapterError):
         return type(exc)(scrub(str(exc)))
     message = describe(exc)
@@ -168,6 +184,10 @@ def classify(exc: BaseException) -> AdapterError:
     code = status_code_of(exc)
     if code is not None and code in HTTP_STATUS_ERRORS:
         return HTTP_STATUS_ERRORS[code](message)
+    # The SDK reports an IAM or API it cannot reach as a bad account (InvalidAccountError, "Unable
+    # to retrieve instances") caused by the connection error: the network failed, not the account.
+    if any(cls.__name__ in TRANSPORT_CAUSES for link in _chain(exc)[1:] for cls in type(link).__mro__):
+        return TransientError(message)
     for link in _chain(exc):
         for cls in type(link).__mro__:
             if cls.__name__ in EXCEPTION_ERRORS:
@@ -240,8 +260,12 @@ class IbmAdapter:
         try:
             cloud = await sdk_thread.run_sync(self._cloud_backends)
         except Exception as exc:  # one unreachable account must not hide the offline backends
-            reason = NO_ACCOUNT_REASON if _is_missing_account(exc) else classify(exc).args[0]
-            cloud = [_unavailable(str(reason))]
+            if _is_missing_account(exc):
+                cloud = [_unavailable(NO_ACCOUNT_REASON)]
+            else:
+                error = classify(exc)
+                retry = LIST_RETRY_S if isinstance(error, TransientError) else None
+                cloud = [_unavailable(str(error.args[0]), retry_after_s=retry)]
         return fakes + cloud
 
     def _fake_backends(self) -> list[Backend]:
@@ -324,6 +348,14 @@ class IbmAdapter:
         except Exception as exc:
             raise classify(exc) from None
 
+    async def usage(self, ref: ProviderRef) -> Usage:
+        if ref.provider_job_id.startswith(LOCAL_REF_PREFIX):
+            return Usage(cost_micro_usd=0)  # the fake devices run here, free
+        try:
+            return await sdk_thread.run_sync(lambda: self._usage_cloud(ref))
+        except Exception as exc:
+            raise classify(exc) from None
+
     async def find(self, job_id: str) -> ProviderRef | None:
         """The provider job already created for our `job_id`, if any (by its tag)."""
         try:
@@ -334,6 +366,7 @@ class IbmAdapter:
     # -- local testing mode
 
     def _fake(self, name: str) -> Any:
+        sdk_imports.ensure("ibm")
         from qiskit_ibm_runtime import fake_provider
 
         with self._lock:
@@ -344,6 +377,7 @@ class IbmAdapter:
             return self._fakes[name]
 
     def _submit_local(self, job: JobSpec, name: str) -> ProviderRef:
+        sdk_imports.ensure("ibm")
         from qiskit_ibm_runtime import SamplerV2
 
         ref = ProviderRef(f"{LOCAL_REF_PREFIX}{job.job_id}")
@@ -397,6 +431,7 @@ class IbmAdapter:
     # -- Qiskit Runtime (cloud)
 
     def _connect(self) -> Any:
+        sdk_imports.ensure("ibm")
         from qiskit_ibm_runtime import QiskitRuntimeService
 
         with self._lock:
@@ -409,6 +444,7 @@ class IbmAdapter:
         return ProviderRef(jobs[0].job_id()) if jobs else None
 
     def _submit_cloud(self, job: JobSpec, name: str) -> ProviderRef:
+        sdk_imports.ensure("ibm")
         from qiskit_ibm_runtime import SamplerV2
 
         existing = self._find_cloud(job.job_id)
@@ -442,6 +478,10 @@ class IbmAdapter:
             metadata={"mode": "cloud", "ibm_job_id": ref.provider_job_id},
         )
 
+    def _usage_cloud(self, ref: ProviderRef) -> Usage:
+        # IBM charges the QPU time a job used, also when it was cancelled while running.
+        return Usage(qpu_seconds=_usage_seconds(self._connect().job(ref.provider_job_id).metrics()))
+
     def _cancel_cloud(self, ref: ProviderRef) -> None:
         job = self._connect().job(ref.provider_job_id)
         if str(job.status()) in ("DONE", "ERROR", "CANCELLED"):
@@ -468,6 +508,7 @@ def _device_name(backend_id: str) -> str:
 
 def _isa_circuits(job: JobSpec, device: Any) -> list[QuantumCircuit]:
     """Parse, check against the device and transpile to its basis gates and coupling map."""
+    sdk_imports.ensure("transpiler")
     from qiskit.transpiler import generate_preset_pass_manager
 
     circuits = [qasm.load(source) for source in job.circuits]
@@ -518,7 +559,7 @@ def _is_missing_account(exc: BaseException) -> bool:
     return any(type(link).__name__ == "AccountNotFoundError" for link in _chain(exc))
 
 
-def _unavailable(reason: str) -> Backend:
+def _unavailable(reason: str, *, retry_after_s: float | None = None) -> Backend:
     return Backend(
         id=f"{PROVIDER}/*",
         provider=PROVIDER,
@@ -527,4 +568,5 @@ def _unavailable(reason: str) -> Backend:
         simulator=False,
         status="unavailable",
         reason=reason,
+        retry_after_s=retry_after_s,
     )

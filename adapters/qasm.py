@@ -9,6 +9,9 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
+from qpu_gateway.adapters import sdk_imports
+from qpu_gateway.adapters.base import pass_internal
+
 if TYPE_CHECKING:
     from qiskit import QuantumCircuit
 
@@ -132,6 +135,7 @@ def load(source: str, *, version: int | None = None) -> QuantumCircuit:
 
 
 def _parse(source: str, version: int) -> QuantumCircuit:
+    sdk_imports.ensure("qiskit")
     try:
         if version == 2:
             import qiskit.qasm2
@@ -143,6 +147,7 @@ def _parse(source: str, version: int) -> QuantumCircuit:
     except CircuitSourceError:
         raise
     except Exception as exc:  # the parsers raise several unrelated types for bad programs
+        pass_internal(exc)
         raise CircuitSourceError(f"OpenQASM {version} parse error: {_first_line(exc)}") from None
 
 

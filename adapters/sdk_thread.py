@@ -1,9 +1,11 @@
-"""Long-lived threads for blocking SDK calls (Qiskit parsing, Aer simulation).
+"""Long-lived threads for blocking SDK calls (Qiskit parsing, Aer simulation, provider requests).
 
-Qiskit 2.6's native extension uses its own allocator (mimalloc). Seen here: after the event
-loop's short-lived worker threads came and went, the first allocation on a fresh thread
-crashed the process (SIGSEGV in `mi_thread_init`, called from `qiskit.qasm2`). Running every
-Qiskit call on a fixed pool of threads that live as long as the process avoids that churn.
+Blocking SDK calls never run on the event loop, and not on anyio's worker threads either, which
+exit when idle: Qiskit 2.6 crashes the process (SIGSEGV) once a thread that imported it has
+exited and a new thread uses it (first seen as a crash in `mi_thread_init`, from `qiskit.qasm2`,
+after the event loop's short-lived threads had come and gone). These threads live as long as the
+process. The imports themselves run on `sdk_imports`' own thread, one at a time; these threads
+only use what it imported.
 """
 
 from __future__ import annotations

@@ -7,16 +7,26 @@ or add to the shipped price table. See `policy.example.toml` for every key.
 
 from __future__ import annotations
 
+import fnmatch
 import re
 import tomllib
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import limits
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    ValidationError,
+    field_validator,
+)
 
 from qpu_gateway.policy.pricing import Price, PriceError, parse_price_table, shipped_prices, to_micro_usd
 
@@ -24,6 +34,10 @@ Priority = Literal["low", "normal", "high"]
 PRIORITY_RANK: dict[str, int] = {"low": 0, "normal": 1, "high": 2}
 _DURATION = re.compile(r"^(\d+)\s*([smhd])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+# A job waits at its provider (queue and run) for at most this long where no max_wall_clock
+# pattern matches its backend, so no job is polled for ever. A day: longer than a QPU run, and
+# than the queues we have seen, short enough that a lost job's reservation comes back the next day.
+DEFAULT_WALL_CLOCK_S = 86_400
 
 
 def parse_duration(value: str | int) -> int:
@@ -34,6 +48,9 @@ def parse_duration(value: str | int) -> int:
     if match is None or int(match.group(1)) <= 0:
         raise ValueError("a duration is a positive number with a unit: 90s, 30m, 24h, 7d")
     return int(match.group(1)) * _UNITS[match.group(2)]
+
+
+Duration = Annotated[int, BeforeValidator(lambda value: parse_duration(value))]
 
 
 class _Strict(BaseModel):
@@ -148,6 +165,30 @@ class Rules(_Strict):
     simulate_first: StrictBool = False
     loop_guard: LoopGuard = LoopGuard()
     storm_alert: StormAlert = StormAlert()
+    max_wall_clock: dict[str, Duration] = Field(
+        default={"*": DEFAULT_WALL_CLOCK_S},
+        description="Backend id or pattern -> how long a job may stay at its provider (queued and running) "
+        "before it is cancelled there and fails with `timeout`; the exact id, else the longest matching "
+        f"pattern, wins; unmatched backends get {DEFAULT_WALL_CLOCK_S} s.",
+    )
+
+    @field_validator("max_wall_clock")
+    @classmethod
+    def _patterns(cls, table: dict[str, int]) -> dict[str, int]:
+        for pattern in table:
+            if not pattern.strip() or len(pattern) > 200:
+                raise ValueError(f"{pattern[:40]!r} is not a backend id or pattern (like 'ibm/*')")
+        # Every backend has a cap, and the effective policy an agent reads says which.
+        return table if "*" in table else {"*": DEFAULT_WALL_CLOCK_S, **table}
+
+    def wall_clock_s(self, backend: str) -> int:
+        """Seconds a job on `backend` may stay at its provider: `max_wall_clock`'s exact entry for it,
+        else its longest matching pattern's, else DEFAULT_WALL_CLOCK_S."""
+        table = self.max_wall_clock
+        if backend in table:
+            return table[backend]
+        matching = sorted((p for p in table if fnmatch.fnmatchcase(backend, p)), key=lambda p: (-len(p), p))
+        return table[matching[0]] if matching else DEFAULT_WALL_CLOCK_S
 
     @field_validator("confirm_above_usd", "operator_above_usd", mode="before")
     @classmethod

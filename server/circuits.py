@@ -13,7 +13,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from qpu_gateway.adapters import qasm
+from qpu_gateway.adapters import qasm, sdk_imports
 from qpu_gateway.errors import InvalidCircuit, LimitExceeded
 
 if TYPE_CHECKING:
@@ -162,6 +162,7 @@ class _Walker:
 @functools.cache
 def _standard_names() -> frozenset[str]:
     """Operations taken as they are (not unfolded): Qiskit's standard gates and the non-gates."""
+    sdk_imports.ensure("qiskit")
     from qiskit.circuit.library import get_standard_gate_name_mapping
 
     return frozenset(get_standard_gate_name_mapping()) | {"measure", "barrier", "reset", "delay"}

@@ -52,6 +52,11 @@ class Config:
     # recovered backend is used again within a minute.
     breaker_threshold: int = 5
     breaker_cooldown_s: float = 30.0
+    # A failure of the gateway itself while running a job (not the job's, not the provider's): the
+    # job runs again after 2 s, 4 s, 8 s, ... and fails `internal_error` at the 5th such failure,
+    # so a passing fault costs a few seconds and a lasting one cannot loop a job for ever.
+    internal_retry_max: int = 5
+    internal_retry_base_s: float = 2.0
     extra: dict[str, str] = field(default_factory=dict)
 
     @classmethod

@@ -104,7 +104,8 @@ class ProviderError(GatewayError):
 
 
 class Unavailable(GatewayError):
-    """The gateway's database cannot take writes now (busy, read-only, full); try again later."""
+    """Something the call needs cannot answer now: the gateway's database (busy, read-only, full) or
+    a provider that cannot list its backends just now. Try again after `retry_after_s`."""
 
     code = "unavailable"
 

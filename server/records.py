@@ -109,6 +109,9 @@ class JobRecord:
     approval_expires_at: float | None = None
     approved_by: str | None = None
     cancelled_by: str | None = None  # 'agent', 'operator <user>' or 'provider', once cancelled
+    internal_failures: int = 0  # failures of the gateway itself while running it (each one retried later)
+    not_before: float | None = None  # a queued job is not claimed before this (after an internal failure)
+    submitted_at: float | None = None  # when its provider accepted it: the wall-clock cap counts from here
 
     @classmethod
     def from_row(cls, row: Any) -> JobRecord:

@@ -62,6 +62,7 @@ _SETTABLE = (
     "actual_qpu_seconds",
     "approved_by",
     "cancelled_by",
+    "submitted_at",
 )
 # Each settable column takes a (set it?, value) pair of parameters, in _SETTABLE order.
 _TRANSITION = """
@@ -77,12 +78,14 @@ UPDATE jobs SET state = ?, version = version + 1, updated_at = ?,
     actual_cost_micro_usd = CASE WHEN ? THEN ? ELSE actual_cost_micro_usd END,
     actual_qpu_seconds = CASE WHEN ? THEN ? ELSE actual_qpu_seconds END,
     approved_by = CASE WHEN ? THEN ? ELSE approved_by END,
-    cancelled_by = CASE WHEN ? THEN ? ELSE cancelled_by END
+    cancelled_by = CASE WHEN ? THEN ? ELSE cancelled_by END,
+    submitted_at = CASE WHEN ? THEN ? ELSE submitted_at END
 WHERE id = ? AND state IN (SELECT value FROM json_each(?)) AND (? IS NULL OR lease_owner = ?)
 RETURNING *
 """
-# A job that ends settles its reservation in the same transaction: a success commits the actual
-# figures (the estimate where the provider reported none), anything else releases it.
+# A job that ends settles its reservation in the same transaction: a success (or an end the
+# provider charged for, such as a timed-out job it had started) commits the actual figures (the
+# estimate where the provider reported none), anything else releases it.
 _SETTLE = """
 UPDATE ledger SET
     status = CASE WHEN ? THEN 'committed' ELSE 'released' END,
@@ -114,18 +117,21 @@ _COUNTS_BY = {
     "coalesce(sum(state IN ('submitting', 'running')), 0) FROM jobs WHERE project = ? "
     "AND state IN ('queued', 'pending_approval', 'submitting', 'running')",
 }
-# Both claim queries leave out a paused agent's or backend's jobs that would go to a provider
-# (queued, or reclaimed before the provider took them); one already at a provider is still
-# claimed, to be polled to its end.
 # Waiting (queued or held for approval) and running jobs per agent or backend, for operators' lists.
 _ACTIVE = (
     "SELECT {column}, sum(state IN ('queued', 'pending_approval')), sum(state IN ('submitting', 'running')) "
     "FROM jobs WHERE state IN ('queued', 'pending_approval', 'submitting', 'running') GROUP BY {column}"
 )
 _ACTIVE_BY = {"agent": _ACTIVE.replace("{column}", "agent"), "backend": _ACTIVE.replace("{column}", "backend")}
+# A queued job is claimable once its `not_before` (set after an internal failure) has passed; a
+# leased one once its lease has lapsed (the time is the same parameter, given twice). Both claim
+# queries leave out a paused agent's or backend's jobs that would go to a provider (queued, or
+# reclaimed before the provider took them); one already at a provider is still claimed, to be
+# polled to its end.
 _CLAIM_CANDIDATES = """
 SELECT j.seq, j.state, j.agent, j.project FROM jobs j LEFT JOIN agent_turns t ON t.agent = j.agent
-WHERE (j.state = 'queued' OR (j.state IN ('submitting', 'running') AND j.lease_expires < ?))
+WHERE ((j.state = 'queued' AND coalesce(j.not_before, 0) <= ?)
+       OR (j.state IN ('submitting', 'running') AND j.lease_expires < ?))
   AND substr(j.backend, 1, instr(j.backend, '/') - 1) IN (SELECT value FROM json_each(?))
   AND j.backend NOT IN (SELECT value FROM json_each(?))
   AND (j.state != 'queued' OR j.agent NOT IN (SELECT value FROM json_each(?)))
@@ -139,7 +145,8 @@ LIMIT 64
 # process does, twice a second) takes no write lock.
 _ANY_CLAIMABLE = """
 SELECT 1 FROM jobs j
-WHERE (j.state = 'queued' OR (j.state IN ('submitting', 'running') AND j.lease_expires < ?))
+WHERE ((j.state = 'queued' AND coalesce(j.not_before, 0) <= ?)
+       OR (j.state IN ('submitting', 'running') AND j.lease_expires < ?))
   AND substr(j.backend, 1, instr(j.backend, '/') - 1) IN (SELECT value FROM json_each(?))
   AND j.backend NOT IN (SELECT value FROM json_each(?))
   AND (NOT EXISTS (SELECT 1 FROM pauses) OR j.provider_ref IS NOT NULL
@@ -152,9 +159,11 @@ UPDATE jobs SET
     state = CASE WHEN state = 'queued' THEN 'submitting' ELSE state END,
     lease_owner = ?, lease_expires = ?, version = version + 1, updated_at = ?,
     runs = runs + 1, started_at = coalesce(started_at, ?),
-    attempts = attempts + (provider_ref IS NULL)  -- the submission this claim is for
+    attempts = attempts + (provider_ref IS NULL),  -- the submission this claim is for
+    error_code = NULL, error_message = NULL  -- what an earlier internal failure left: it runs again
 WHERE seq = ?
-  AND (state = 'queued' OR (state IN ('submitting', 'running') AND lease_expires < ?))
+  AND ((state = 'queued' AND coalesce(not_before, 0) <= ?)
+       OR (state IN ('submitting', 'running') AND lease_expires < ?))
 RETURNING *
 """
 _INSERT_JOB = (
@@ -633,7 +642,7 @@ class SqliteStore:
         skipped = sorted(set(busy_backends))
         if names == "[]" or limit < 1:
             return []
-        if await self._read(_first(_ANY_CLAIMABLE, (now, names, json.dumps(skipped)))) is None:
+        if await self._read(_first(_ANY_CLAIMABLE, (now, now, names, json.dumps(skipped)))) is None:
             return []
 
         def work(db: sqlite3.Connection) -> list[JobRecord]:
@@ -684,6 +693,7 @@ class SqliteStore:
         fields: Mapping[str, Any] | None = None,
         audit: AuditEntry | None = None,
         from_state: JobState | None = None,
+        charge: bool | None = None,
     ) -> JobRecord | None:
         values = dict(fields or {})
         unknown = set(values) - set(_SETTABLE)
@@ -702,9 +712,9 @@ class SqliteStore:
                 return None
             job = JobRecord.from_row(row)
             if new in TERMINAL:
-                won = new is JobState.SUCCEEDED
+                paid = new is JobState.SUCCEEDED if charge is None else charge
                 qpu_millis = None if job.actual_qpu_seconds is None else math.ceil(job.actual_qpu_seconds * 1000)
-                db.execute(_SETTLE, (won, won, job.actual_cost_micro_usd, won, qpu_millis, now, job.id))
+                db.execute(_SETTLE, (paid, paid, job.actual_cost_micro_usd, paid, qpu_millis, now, job.id))
             _insert_audit(
                 db,
                 AuditEntry(
@@ -718,6 +728,38 @@ class SqliteStore:
                     job_id=job.id,
                     detail=entry.detail,
                     operator=entry.operator,
+                ),
+                now,
+            )
+            return job
+
+        return await self._write(work)
+
+    async def retry_later(self, job_id: str, owner: str, now: float, *, until: float, message: str) -> JobRecord | None:
+        def work(db: sqlite3.Connection) -> JobRecord | None:
+            # Not at the provider yet: queued, claimable from `until`. At the provider: the lease
+            # is handed to nobody until `until`, after which any worker polls it (never resubmits).
+            row = db.execute(
+                "UPDATE jobs SET state = CASE WHEN provider_ref IS NULL THEN 'queued' ELSE state END, "
+                "lease_owner = NULL, lease_expires = CASE WHEN provider_ref IS NULL THEN NULL ELSE ? END, "
+                "not_before = ?, internal_failures = internal_failures + 1, "
+                "error_code = 'internal_error', error_message = ?, version = version + 1, updated_at = ? "
+                "WHERE id = ? AND lease_owner = ? AND state IN ('submitting', 'running') RETURNING *",
+                (until, until, message, now, job_id, owner),
+            ).fetchone()
+            if row is None:
+                return None
+            job = JobRecord.from_row(row)
+            _insert_audit(
+                db,
+                AuditEntry(
+                    tool="job.requeued",
+                    decision="event",
+                    agent=job.agent,
+                    project=job.project,
+                    error_code="internal_error",
+                    job_id=job.id,
+                    detail=message[:500],
                 ),
                 now,
             )
@@ -893,7 +935,7 @@ class _Claimer:
         refused_agents: set[str] = set()
         while True:
             held = json.dumps(sorted(refused_agents))
-            candidates = self.db.execute(_CLAIM_CANDIDATES, (self.now, providers, busy, held)).fetchall()
+            candidates = self.db.execute(_CLAIM_CANDIDATES, (self.now, self.now, providers, busy, held)).fetchall()
             if not candidates:
                 return None
             held_back = len(refused_agents)
@@ -924,7 +966,7 @@ class _Claimer:
             # A queued job becomes `submitting`; a job whose worker stopped heartbeating keeps
             # its state (submitting or running) and changes hands, so a provider job already
             # accepted is polled again rather than sent twice.
-            row = db.execute(_CLAIM_ONE, (self.owner, now + self.lease_s, now, now, seq, now)).fetchone()
+            row = db.execute(_CLAIM_ONE, (self.owner, now + self.lease_s, now, now, seq, now, now)).fetchone()
             if row is None:
                 continue
             job = JobRecord.from_row(row)

@@ -168,12 +168,25 @@ class Store(Protocol):
         fields: Mapping[str, Any] | None = None,
         audit: AuditEntry | None = None,
         from_state: JobState | None = None,
+        charge: bool | None = None,
     ) -> JobRecord | None:
         """Move a job to `new` if the transition table allows it from its current state.
 
         With `owner`, only while that worker holds the lease; with `from_state`, only from that
         state. Returns the updated job, or None when the job was not in a state (or lease) that
-        allows the move. A move to a terminal state settles the job's reservation in the ledger.
+        allows the move. A move to a terminal state settles the job's reservation in the ledger:
+        committed (at the actual figures, else the estimate) for a success or when `charge` is
+        True, released otherwise or when `charge` is False.
+        """
+        ...
+
+    async def retry_later(self, job_id: str, owner: str, now: float, *, until: float, message: str) -> JobRecord | None:
+        """Give back a job this worker holds after a failure of the gateway itself, to run again from `until`.
+
+        Counts the failure (`internal_failures`), shows `message` as the job's `internal_error`
+        until it is claimed again, and writes a `job.requeued` audit row. A job not yet at its
+        provider is queued again; one at its provider keeps its reference and is polled again.
+        None if this worker no longer holds the job.
         """
         ...
 

@@ -4,11 +4,19 @@ The verbs are the queue's: `claim` (a guarded UPDATE any process may win, never 
 `heartbeat` (extend the lease every lease/3 while the job runs), `settle` (store the result or
 the failure, clear the lease). A worker that stops heartbeating (its process died) loses its
 jobs to any other process once the lease lapses.
+
+Two bounds keep a job from going on for ever. A failure of the gateway itself (anything the
+adapter did not classify: our bug, an SDK that would not import) is not the job's: the job runs
+again after a growing wait, and fails `internal_error` only after `internal_retry_max` such
+failures. And a job at its provider longer than its policy's `max_wall_clock` is cancelled there
+and fails `timeout`, its reservation settled by what the provider says the job used.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import os
 import secrets
 import socket
@@ -23,6 +31,7 @@ import backoff
 from qpu_gateway import cancellation
 from qpu_gateway.adapters.base import (
     Adapter,
+    AdapterError,
     JobSpec,
     PermanentError,
     ProviderRef,
@@ -30,13 +39,14 @@ from qpu_gateway.adapters.base import (
     QuotaError,
     Result,
     TransientError,
+    Usage,
 )
 from qpu_gateway.breaker import Breakers
 from qpu_gateway.config import Config
 from qpu_gateway.events import JobEvents
 from qpu_gateway.jobs import JobState
 from qpu_gateway.policy.file import Policy
-from qpu_gateway.policy.pricing import cost_of_usage, price_for
+from qpu_gateway.policy.pricing import cost_of_usage, format_usd, price_for
 from qpu_gateway.policy.quotas import may_start
 from qpu_gateway.providers import Providers
 from qpu_gateway.records import AuditEntry, JobRecord
@@ -49,6 +59,9 @@ POLL_START_S = 0.05
 POLL_MAX_S = 5.0
 # Jobs claimed in one transaction at most: a queue of many is taken in a few writes, not one each.
 CLAIM_BATCH = 32
+# The longest wait before a job hit by an internal failure runs again (the waits double from
+# Config.internal_retry_base_s up to this).
+INTERNAL_RETRY_MAX_WAIT_S = 300.0
 
 
 class Workers:
@@ -224,13 +237,13 @@ class Workers:
             # saved. It is left to its lease: once that lapses, a worker claims it again and
             # resubmits under the same job id, which the provider recognises.
             log.warning("job %s paused until its lease lapses: %s", job.id, exc)
-        except Exception:
+        except Exception as exc:
             log.exception("worker failed on job %s", job.id)
             with anyio.CancelScope(shield=True):
                 try:
-                    await self._settle_failure(job, "internal_error", "The gateway failed while running this job.")
-                except StoreError as exc:
-                    log.error("could not record the failure of job %s: %s", job.id, exc)
+                    await self._internal_failure(job, exc)
+                except StoreError as store_exc:
+                    log.error("could not record the failure of job %s: %s", job.id, store_exc)
         finally:
             self._in_flight.pop(job.id, None)
             self._cancelled.discard(job.id)
@@ -253,10 +266,13 @@ class Workers:
                     result = await self._with_retries(job, lambda: adapter.result(ref), count_attempts=False)
                     await self._settle_success(job, result, provider_ref=ref.provider_job_id)
                     return
-                moved = await self._move(job, JobState.RUNNING, provider_ref=ref.provider_job_id)
+                moved = await self._move(
+                    job, JobState.RUNNING, provider_ref=ref.provider_job_id, submitted_at=time.time()
+                )
                 if moved is None:  # cancelled while it was being submitted
                     await cancellation.cancel_at_provider(adapter, job.id, ref.provider_job_id)
                     return
+                job = moved
             else:
                 ref = ProviderRef(job.provider_ref)
             outcome = await self._poll(job, adapter, ref)
@@ -285,7 +301,14 @@ class Workers:
 
     async def _poll(self, job: JobRecord, adapter: Adapter, ref: ProviderRef) -> Result | None:
         delay = POLL_START_S
+        # A job stored before submitted_at existed is timed from its first claim.
+        since = job.submitted_at or job.started_at or time.time()
         while True:
+            # Read each round: a policy edit applies to jobs already waiting.
+            cap_s = self.policy().rules_for(agent=job.agent, project=job.project).wall_clock_s(job.backend)
+            left = since + cap_s - time.time()
+            if left <= 0:
+                return await self._time_out(job, adapter, ref, cap_s)
             status = await self._with_retries(job, lambda: adapter.status(ref), count_attempts=False)
             if status.state is ProviderState.DONE:
                 return await self._with_retries(job, lambda: adapter.result(ref), count_attempts=False)
@@ -304,8 +327,109 @@ class Workers:
                         await self.events.announce(requeued)
                     self.wake()
                 return None
-            await anyio.sleep(delay)
+            await anyio.sleep(min(delay, max(left, 0.0)))
             delay = min(delay * 2, POLL_MAX_S)
+
+    async def _time_out(self, job: JobRecord, adapter: Adapter, ref: ProviderRef, cap_s: int) -> Result | None:
+        """Past the wall-clock cap: cancel the job at its provider and end it `timeout`, settled by what
+        the provider says it used. Returns the result instead if the job finished before the cancel."""
+        log.warning("job %s passed its wall-clock cap of %d s on %s; cancelling it there", job.id, cap_s, job.backend)
+        not_cancelled = None
+        try:
+            await self._with_retries(job, lambda: adapter.cancel(ref), count_attempts=False)
+        except AdapterError as exc:
+            not_cancelled = str(exc)[:200]
+            log.warning("job %s: the provider refused the cancel: %s", job.id, exc)
+        with contextlib.suppress(AdapterError):
+            status = await self._with_retries(job, lambda: adapter.status(ref), count_attempts=False)
+            if status.state is ProviderState.DONE:  # it finished just before the cancel reached it
+                return await self._with_retries(job, lambda: adapter.result(ref), count_attempts=False)
+        usage: Usage | None = None
+        try:
+            usage = await self._with_retries(job, lambda: adapter.usage(ref), count_attempts=False)
+        except AdapterError as exc:
+            log.warning("job %s: the provider did not say what the cancelled job used: %s", job.id, exc)
+        cost, qpu_seconds, charged = self._charge_for(job, usage)
+        where = (
+            f"it was cancelled at the provider; {charged}"
+            if not_cancelled is None
+            else f"the provider refused to cancel it ({not_cancelled}), so it may still run; {charged}"
+        )
+        await self._settle_failure(
+            job,
+            "timeout",
+            f"The job was at {job.backend} longer than its wall-clock cap of {_duration(cap_s)} "
+            f"(policy max_wall_clock); {where}.",
+            charge=cost is None or cost > 0 or bool(qpu_seconds),
+            actual_cost_micro_usd=cost,
+            actual_qpu_seconds=qpu_seconds,
+        )
+        return None
+
+    def _charge_for(self, job: JobRecord, usage: Usage | None) -> tuple[int | None, float | None, str]:
+        """(cost to commit, QPU seconds, what the agent is told) for a job cancelled at its provider.
+
+        A cost of None means the provider did not say: the estimate is committed, since the job
+        may have run and the provider bills what ran.
+        """
+        unknown = f"so its estimate ({format_usd(job.estimate_micro_usd)}) is charged"
+        if usage is None:
+            return None, None, f"the provider did not say what it used, {unknown}"
+        if usage.cost_micro_usd is not None:
+            return usage.cost_micro_usd, usage.qpu_seconds, f"the provider reports {format_usd(usage.cost_micro_usd)}"
+        qpu = usage.qpu_seconds
+        if qpu == 0:
+            return 0, 0.0, "it used no QPU time, so nothing is charged"
+        if qpu is not None:
+            cost = cost_of_usage(price_for(self.policy().prices, job.backend), qpu)
+            if cost is None:
+                return None, qpu, f"it used {qpu:g} s of QPU time on a backend not priced by time, {unknown}"
+            return cost, qpu, f"it used {qpu:g} s of QPU time: {format_usd(cost)} at the list price"
+        if usage.circuits_run is not None:
+            cost = math.ceil(job.estimate_micro_usd * usage.circuits_run / max(job.n_circuits, 1))
+            return cost, None, f"{usage.circuits_run} of its {job.n_circuits} circuit(s) ran: {format_usd(cost)}"
+        return None, None, f"the provider did not say what it used, {unknown}"
+
+    async def _internal_failure(self, job: JobRecord, exc: Exception) -> None:
+        """A failure of the gateway itself, not of the job or its provider: run the job again later.
+
+        The waits double from `internal_retry_base_s` (so a job that always trips the same bug
+        does not loop hot), and after `internal_retry_max` failures the job fails `internal_error`.
+        """
+        failures = job.internal_failures + 1
+        limit = self.config.internal_retry_max
+        kind = type(exc).__name__  # the type only: an exception's text may quote anything
+        if failures >= limit:
+            current = await self.store.get_job(job.id)
+            provider_ref = current.provider_ref if current is not None else None
+            adapter = self.providers.adapter_for(job.backend)
+            if provider_ref is not None and adapter is not None:
+                with contextlib.suppress(Exception):  # best effort: the gateway is failing on this job
+                    await adapter.cancel(ProviderRef(provider_ref))
+            at_provider = provider_ref is not None
+            charged = (
+                "it was cancelled at its provider, and its estimate is charged since the provider may have run it"
+                if at_provider
+                else "nothing was charged"
+            )
+            await self._settle_failure(
+                job,
+                "internal_error",
+                f"The gateway failed {failures} times while running this job (last: {kind}) and stopped trying; "
+                f"{charged}. The fault is the gateway's, not the circuit's: tell its operator (the log has details).",
+                charge=at_provider,
+            )
+            return
+        wait = min(INTERNAL_RETRY_MAX_WAIT_S, self.config.internal_retry_base_s * 2 ** (failures - 1))
+        until = time.time() + wait
+        message = (
+            f"The gateway failed while running this job ({kind}); it runs again from "
+            f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(until))} (failure {failures} of at most {limit})."
+        )
+        moved = await self.store.retry_later(job.id, self.owner, time.time(), until=until, message=message)
+        if moved is not None:
+            log.warning("job %s runs again in %.0f s after internal failure %d of %d", job.id, wait, failures, limit)
+            await self.events.announce(moved)
 
     async def _with_retries(self, job: JobRecord, call: Callable[[], Awaitable[T]], *, count_attempts: bool) -> T:
         """Retry `TransientError` with exponential backoff and full jitter, within the caps.
@@ -370,7 +494,11 @@ class Workers:
             **fields,
         )
 
-    async def _settle_failure(self, job: JobRecord, code: str, message: str) -> None:
+    async def _settle_failure(
+        self, job: JobRecord, code: str, message: str, *, charge: bool = False, **fields: Any
+    ) -> None:
+        """End the job `failed`; its reservation is released, or committed with `charge` (at the
+        actual figures in `fields`, else the estimate)."""
         moved = await self.store.transition(
             job.id,
             JobState.FAILED,
@@ -382,8 +510,18 @@ class Workers:
                 "finished_at": time.time(),
                 "lease_owner": None,
                 "lease_expires": None,
+                **fields,
             },
             audit=AuditEntry(tool="job.failed", decision="event", error_code=code, detail=message[:500]),
+            charge=charge,
         )
         if moved is not None:
             await self.events.announce(moved)
+
+
+def _duration(seconds: int) -> str:
+    """`86400` -> "24h", `90` -> "90s": as the policy file writes durations."""
+    for unit, size in (("d", 86_400), ("h", 3_600), ("m", 60)):
+        if seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"

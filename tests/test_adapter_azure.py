@@ -67,6 +67,7 @@ class FakeWorkspace:
         self.progress = ["Executing", "Succeeded"]  # what successive GETs of a new job show
         self.hold = False  # keep jobs running (for cancel)
         self.cost_usd = 0.0
+        self.cancel_cost_usd: float | None = None  # the cost estimate a cancelled job shows, if any
         self.hide_next_get = False  # answer one job GET with 404 although the job exists (a race)
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -171,6 +172,8 @@ class FakeWorkspace:
                 self._send(req, 404, {"error": {"code": "JobNotFound", "message": job_id}})
                 return
             job["status"] = "Cancelled"
+            if self.cancel_cost_usd is not None:
+                job["costEstimate"] = {"currencyCode": "USD", "estimatedTotal": self.cancel_cost_usd, "events": []}
             self._send(req, 204, None)
             return
         if method == "PUT":
@@ -611,3 +614,47 @@ def test_a_broken_connection_string_never_echoes_its_key() -> None:
 
     (entry,) = anyio.run(AzureAdapter(workspace_factory=broken).backends)
     assert entry.status == "unavailable" and API_KEY not in (entry.reason or "")
+
+
+@pytest.mark.parametrize(
+    ("translate", "target"), [(azure.to_ionq, "ionq.simulator"), (azure.to_quil, "rigetti.sim.qvm")]
+)
+def test_a_gate_outside_the_target_set_is_decomposed_and_barriers_pass(translate: Any, target: str) -> None:
+    # Qiskit 2.6 refuses `barrier` among transpile's basis_gates: every such job used to fail.
+    source = BELL2.replace("cx q[0], q[1];", "cz q[0], q[1];\nbarrier q;\nu3(0.1, 0.2, 0.3) q[1];")
+    text = translate(source, target, 10).data.decode()
+    if target.startswith("ionq"):
+        gates = json.loads(text)["circuit"]
+        assert {"gate": "x", "controls": [0], "targets": [1]} in gates  # cz as h, cx, h
+        assert {g["gate"] for g in gates} <= {"x", "y", "z", "h", "s", "si", "t", "ti", "v", "vi", "rx", "ry", "rz"}
+    else:
+        assert "CZ 0 1" in text.splitlines() and "U3" not in text
+
+
+async def test_a_job_past_its_wall_clock_cap_is_cancelled_at_azure_and_charged_its_cost_estimate(
+    config: Config, fake: FakeWorkspace, adapter: AzureAdapter
+) -> None:
+    fake.hold = True  # the job stays waiting at the provider
+    fake.cancel_cost_usd = 0.37  # what Azure's estimate says the cancelled job cost
+    gateway = await azure_gateway(config, adapter)
+    config.policy_path.write_text(
+        AZURE_POLICY.replace(
+            "[prices.",
+            'agent_quota = { cost_usd = { day = "10.00" } }\nmax_wall_clock = { "azure/*" = "1s" }\n[prices.',
+        ),
+        encoding="utf-8",
+    )
+    key = await new_key(config.db_path, "alice")
+    async with gateway.running(), in_memory(gateway, key) as client:
+        submitted = await client.call_tool(
+            "submit_job", {"circuit": BELL2, "shots": 10, "backend": "azure/ionq.simulator"}
+        )
+        job_id = submitted.structured_content["job_id"]
+        done = await client.call_tool("wait_for_job", {"job_id": job_id, "timeout_s": 30})
+        usage = (await client.call_tool("get_usage", {})).structured_content
+    view = done.structured_content
+    assert view["state"] == "failed" and view["error"]["code"] == "timeout", view
+    assert "the provider reports $0.37" in view["error"]["message"]
+    assert fake.hits["POST cancel"] == 1 and fake.jobs[azure_job_id(job_id)]["status"] == "Cancelled"
+    cost = next(q for q in usage["quotas"] if (q["scope"], q["dimension"], q["period"]) == ("agent", "cost", "day"))
+    assert (cost["committed"], cost["reserved"]) == (370_000, 0)  # the price table says free; Azure billed this

@@ -543,3 +543,39 @@ async def test_a_refused_cloud_submission_fails_the_job_with_its_code_and_no_sec
     assert view["state"] == "failed" and view["error"]["code"] == expected and view["attempts"] == 1
     everything = json.dumps(view) + repr(audit)
     assert SECRET not in everything and ACCESS_KEY_ID not in everything and "123456789012" not in everything
+
+
+async def test_usage_of_a_cancelled_job_counts_the_tasks_that_completed(aws: Aws) -> None:
+    # What the wall-clock cap settles by: Braket bills a task that completed, not one cancelled.
+    adapter = aws.adapter()
+    tasks = [TASK_ARN, TASK_ARN + "1"]
+    aws.expect_get_task("COMPLETED", task=tasks[0])
+    aws.expect_get_task("CANCELLED", task=tasks[1])
+    usage = await adapter.usage(ProviderRef(json.dumps({"tasks": tasks, "registers": [{}, {}]})))
+    assert usage.circuits_run == 1 and usage.cost_micro_usd is None and usage.qpu_seconds is None
+
+
+async def test_a_throttled_device_listing_answers_unavailable_and_is_asked_again(
+    braket_config: Config, alice_key: str, aws: Aws, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(braket, "LIST_RETRY_S", 0.3)
+    aws.braket.add_client_error("get_device", service_error_code="ThrottlingException", http_status_code=429)
+    for arn in DEVICES.values():  # the next listing: Braket answers again
+        aws.expect_get_device(arn)
+    aws.expect_create(ANY, shots=10)
+    aws.expect_get_task("COMPLETED")
+    aws.expect_get_task("COMPLETED")
+    aws.expect_results([[1, 1]] * 10, [0, 1])
+    gateway = Gateway(braket_config)
+    gateway.providers.adapters["braket"] = aws.adapter()
+    async with gateway.running(), in_memory(gateway, alice_key) as client:
+        refused = await client.call_tool("submit_job", {"circuit": BELL2, "shots": 10, "backend": "braket/sv1"})
+        await anyio.sleep(braket.LIST_RETRY_S)
+        listed = body(await client.call_tool("list_backends", {}))["backends"]
+        admitted = body(await client.call_tool("submit_job", {"circuit": BELL2, "shots": 10, "backend": "braket/sv1"}))
+        view = body(await client.call_tool("wait_for_job", {"job_id": admitted["job_id"], "timeout_s": 30}))
+    assert refused.is_error and refused.structured_content["code"] == "unavailable"
+    assert 0 < refused.structured_content["retry_after_s"] <= max(1.0, braket.LIST_RETRY_S)
+    assert "ThrottlingException" in refused.structured_content["message"]
+    assert next(b for b in listed if b["id"] == "braket/sv1")["status"] == "online"  # asked again, not cached
+    assert view["state"] == "succeeded"

@@ -41,6 +41,7 @@ from qpu_gateway.adapters.base import (
 )
 from qpu_gateway.adapters.ibm import IbmAdapter, classify
 from qpu_gateway.config import Config
+from qpu_gateway.errors import Unavailable
 from qpu_gateway.providers import Providers
 from qpu_gateway.runtime import Gateway
 
@@ -150,6 +151,10 @@ def _sdk_errors() -> list[tuple[BaseException, type[Exception]]]:
         RuntimeJobFailureError,
     )
 
+    def caused_by(outer: BaseException, cause: BaseException) -> BaseException:
+        outer.__cause__ = cause
+        return outer
+
     def wrapped(status: int, text: str = "error") -> BaseException:
         # How the SDK reports a failed submit: `raise IBMRuntimeError(...) from None` inside an except.
         try:
@@ -178,6 +183,12 @@ def _sdk_errors() -> list[tuple[BaseException, type[Exception]]]:
         (wrapped(400, "400 Bad Request. Invalid circuit"), PermanentError),
         (wrapped(422), PermanentError),
         (InvalidAccountError("Unable to retrieve instances."), PermanentError),
+        (
+            caused_by(
+                InvalidAccountError("Unable to retrieve instances."), requests.exceptions.ConnectionError("no route")
+            ),
+            TransientError,
+        ),  # the SDK's wrapping of an IAM it could not reach
         (AccountNotFoundError("Unable to find account."), PermanentError),
         (IBMInputValueError("bad input"), PermanentError),
         (RuntimeJobFailureError("Unable to retrieve job result."), PermanentError),
@@ -476,3 +487,68 @@ async def test_providers_list_the_fake_backends_when_the_adapter_is_built_withou
     providers = Providers(config)
     assert isinstance(providers.adapters["ibm"], IbmAdapter)
     assert (await providers.backend("ibm/fake_manila")) is not None
+
+
+async def test_building_the_cloud_client_at_debug_level_turns_on_no_wire_trace_for_other_sdks(
+    loopback_ibm: LoopbackIbm, caplog: pytest.LogCaptureFixture
+) -> None:
+    # ibm-cloud-sdk-core sets http.client's debuglevel for the whole process when its logger is at
+    # DEBUG: the next Azure request would print its API key header into the log.
+    import http.client
+
+    caplog.set_level(logging.DEBUG)
+    await IbmAdapter().backends()
+    assert any(host == "iam.cloud.test" for _, host, _ in loopback_ibm.requests)  # the SDK's clients were built
+    assert http.client.HTTPConnection.debuglevel == 0
+
+
+async def test_a_cloud_job_past_its_wall_clock_cap_is_cancelled_at_ibm_and_charged_the_qpu_time_ibm_reports(
+    loopback_ibm: LoopbackIbm, config: Config
+) -> None:
+    loopback_ibm.initial_state = "Running"  # it never finishes on its own
+    loopback_ibm.qpu_seconds = 1.5  # what IBM's metrics say the cancelled job used
+    gateway = await _gateway_with(config, IbmAdapter())
+    config.policy_path.write_text(
+        POLICY + 'agent_quota = { cost_usd = { day = "100.00" } }\nmax_wall_clock = { "ibm/*" = "1s" }\n',
+        encoding="utf-8",
+    )
+    key = await new_key(config.db_path, "alice")
+    async with gateway.running(), in_memory(gateway, key) as client:
+        submitted = await client.call_tool("submit_job", {"circuit": BELL2, "backend": f"ibm/{DEVICE}", "shots": 1000})
+        job_id = submitted.structured_content["job_id"]
+        done = await client.call_tool("wait_for_job", {"job_id": job_id, "timeout_s": 60})
+        usage = (await client.call_tool("get_usage", {})).structured_content
+    view = done.structured_content
+    assert view["state"] == "failed" and view["error"]["code"] == "timeout", view
+    assert "1.5 s of QPU time: $2.40 at the list price" in view["error"]["message"]
+    (ibm_job,) = loopback_ibm.jobs
+    assert ("POST", "quantum.cloud.test", f"/api/v1/jobs/{ibm_job}/cancel") in loopback_ibm.requests
+    assert loopback_ibm.jobs[ibm_job]["state"] == {"status": "Cancelled"}
+    cost = next(q for q in usage["quotas"] if (q["scope"], q["dimension"], q["period"]) == ("agent", "cost", "day"))
+    assert (cost["committed"], cost["reserved"]) == (2_400_000, 0)  # 1.5 s at $1.60 a second, not the estimate
+
+
+async def test_an_unreachable_cloud_keeps_the_fake_devices_and_answers_unavailable_for_the_rest(
+    config: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _clear_ibm_env(monkeypatch)
+    monkeypatch.setenv("QISKIT_IBM_TOKEN", FAKE_TOKEN)
+    monkeypatch.setenv("QISKIT_IBM_INSTANCE", CRN)
+    monkeypatch.setenv("QISKIT_IBM_URL", "http://127.0.0.1:9")  # nothing listens: IBM cannot be reached
+    providers = Providers(config, adapters={"ibm": IbmAdapter()})
+    listed = {b.id: b for b in await providers.backends()}
+    assert listed["ibm/fake_manila"].status == "online"
+    assert listed["ibm/*"].status == "unavailable" and listed["ibm/*"].retry_after_s is not None
+    with pytest.raises(Unavailable) as refused:
+        await providers.backend("ibm/ibm_brisbane")  # it may well exist: IBM could not be asked
+    assert refused.value.retry_after_s is not None and FAKE_TOKEN not in refused.value.message
+    assert await providers.backend("ibm/fake_manila") is not None
+
+
+async def test_without_an_account_a_cloud_device_is_unknown_rather_than_unavailable(
+    config: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _clear_ibm_env(monkeypatch)
+    monkeypatch.setattr("qiskit_ibm_runtime.accounts.management._DEFAULT_ACCOUNT_CONFIG_JSON_FILE", "/nonexistent/x")
+    providers = Providers(config, adapters={"ibm": IbmAdapter()})
+    assert (await providers.backend("ibm/ibm_brisbane")) is None  # asking again cannot help: it is configuration

@@ -341,3 +341,48 @@ def test_a_negative_quota_cap_is_refused(dimension: str) -> None:
     said = reason(f"[defaults]\nagent_quota = {{ {dimension} = {{ day = -5 }} }}\n")
 
     assert f"line 2: defaults.agent_quota.{dimension}.day" in said
+
+
+# -- the wall-clock cap ------------------------------------------------------------------------------
+
+
+def test_the_wall_clock_cap_is_the_exact_id_else_the_longest_pattern_else_a_day() -> None:
+    rules = parse_policy(
+        '[defaults]\nmax_wall_clock = { "ibm/*" = "8h", "ibm/ibm_kyiv" = "30m", "ibm/ibm_*" = "2h" }\n'
+    ).defaults
+    assert rules.wall_clock_s("ibm/ibm_kyiv") == 1_800
+    assert rules.wall_clock_s("ibm/ibm_fez") == 7_200  # "ibm/ibm_*" is longer than "ibm/*"
+    assert rules.wall_clock_s("ibm/fake_manila") == 28_800
+    assert rules.wall_clock_s("braket/sv1") == 86_400  # "*" added when the table leaves it out
+    assert rules.max_wall_clock["*"] == 86_400
+    assert Rules().wall_clock_s("azure/ionq.qpu.aria-1") == 86_400  # no max_wall_clock at all
+
+
+def test_an_agents_wall_clock_entries_merge_over_the_defaults() -> None:
+    policy = parse_policy(
+        '[defaults]\nmax_wall_clock = { "*" = "12h", "ibm/*" = "8h" }\n'
+        '[agents.bob]\nmax_wall_clock = { "ibm/*" = 600 }\n'
+    )
+    bob = policy.rules_for(agent="bob", project="default")
+    assert bob.max_wall_clock == {"*": 43_200, "ibm/*": 600}
+    assert policy.rules_for(agent="alice", project="default").wall_clock_s("ibm/x") == 28_800
+
+
+@pytest.mark.parametrize(
+    ("text", "said"),
+    [
+        (
+            '[defaults]\nmax_shots = 10\nmax_wall_clock = { "ibm/*" = "8 hours" }\n',
+            "line 3: defaults.max_wall_clock.ibm/*: Value error, a duration is a positive number with a unit",
+        ),
+        (
+            '[agents.bob]\nmax_wall_clock = { "*" = "1h", "braket/*" = 0 }\n',
+            "line 2: agents.bob.max_wall_clock.braket/*: Value error, a duration is a positive number",
+        ),
+        ('[defaults]\nmax_wall_clock = "8h"\n', "line 2: defaults.max_wall_clock: Input should be a valid dictionary"),
+        ('[defaults]\nmax_wall_clock = { " " = "1h" }\n', "is not a backend id or pattern"),
+    ],
+    ids=["not-a-duration", "zero", "not-a-table", "blank-pattern"],
+)
+def test_a_bad_wall_clock_entry_names_its_line_and_key(text: str, said: str) -> None:
+    assert said in reason(text)

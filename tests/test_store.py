@@ -25,7 +25,13 @@ T0 = 1_000.0  # the store takes time as an argument, so leases are tested withou
 LEASE_S = 30.0
 LOOP_WINDOW_S = 600.0
 INJECTION = "x'); DROP TABLE jobs;--"
-MIGRATIONS = ["0001_core.sql", "0002_policy.sql", "0003_audit_chain.sql", "0004_operator.sql"]
+MIGRATIONS = [
+    "0001_core.sql",
+    "0002_policy.sql",
+    "0003_audit_chain.sql",
+    "0004_operator.sql",
+    "0005_worker_retries_and_timeouts.sql",
+]
 
 
 def new_job(
