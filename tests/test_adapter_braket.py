@@ -574,8 +574,9 @@ async def test_a_throttled_device_listing_answers_unavailable_and_is_asked_again
         listed = body(await client.call_tool("list_backends", {}))["backends"]
         admitted = body(await client.call_tool("submit_job", {"circuit": BELL2, "shots": 10, "backend": "braket/sv1"}))
         view = body(await client.call_tool("wait_for_job", {"job_id": admitted["job_id"], "timeout_s": 30}))
-    assert refused.is_error and refused.structured_content["code"] == "unavailable"
-    assert 0 < refused.structured_content["retry_after_s"] <= max(1.0, braket.LIST_RETRY_S)
-    assert "ThrottlingException" in refused.structured_content["message"]
+    refusal = body(refused)
+    assert refused.is_error and refusal["code"] == "unavailable"
+    assert 0 < refusal["retry_after_s"] <= max(1.0, braket.LIST_RETRY_S)
+    assert "ThrottlingException" in refusal["message"]
     assert next(b for b in listed if b["id"] == "braket/sv1")["status"] == "online"  # asked again, not cached
     assert view["state"] == "succeeded"

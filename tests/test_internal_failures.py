@@ -19,7 +19,7 @@ from qpu_gateway.config import Config
 from qpu_gateway.errors import Unavailable
 from qpu_gateway.runtime import Gateway
 
-from .support import BELL2, eventually, in_memory
+from .support import BELL2, body, eventually, in_memory
 
 pytestmark = pytest.mark.anyio
 
@@ -183,10 +183,10 @@ async def test_a_provider_that_cannot_list_answers_unavailable_and_is_asked_agai
         done = await client.call_tool("wait_for_job", {"job_id": admitted.structured_content["job_id"]})
         aer = await client.call_tool("submit_job", {"circuit": BELL2})  # the other providers were never affected
     assert refused.is_error
-    body = refused.structured_content
-    assert body["code"] == "unavailable" and 0 < body["retry_after_s"] <= quick_relist + 1, body
-    assert "faulty cannot say which backends it offers right now" in body["message"]
-    assert "ImportError" in body["message"] and "partially initialized" not in body["message"]
+    refusal = body(refused)
+    assert refusal["code"] == "unavailable" and 0 < refusal["retry_after_s"] <= quick_relist + 1, refusal
+    assert "faulty cannot say which backends it offers right now" in refusal["message"]
+    assert "ImportError" in refusal["message"] and "partially initialized" not in refusal["message"]
     entry = next(b for b in listed if b["provider"] == "faulty")
     assert (entry["id"], entry["status"]) == ("faulty/*", "unavailable") and "asked again in" in entry["reason"]
     assert any(b["id"] == "aer/simulator" and b["status"] == "online" for b in listed)

@@ -44,9 +44,11 @@ def hanging(config: Config, tmp_path: Path, price_usd: float) -> Config:
     )
 
 
-def provider_runs(tmp_path: Path) -> list[tuple[str, str | None, int]]:
+def provider_runs(tmp_path: Path) -> list[tuple[str, str | None, float | None, int]]:
+    """(job id, counts or None if it never finished, when it was cancelled, what it billed) per run."""
     with closing(sqlite3.connect(tmp_path / "provider" / "provider.db")) as db:
-        return [(r[0], r[1], int(r[2])) for r in db.execute("SELECT job_id, counts, cost_micro_usd FROM runs")]
+        rows = db.execute("SELECT job_id, counts, cancelled_at, cost_micro_usd FROM runs")
+        return [(r[0], r[1], r[2], int(r[3])) for r in rows]
 
 
 def cost_today(usage: dict[str, Any]) -> tuple[int, int]:
@@ -75,8 +77,8 @@ async def test_a_job_past_its_cap_is_cancelled_at_the_provider_and_charged_what_
     assert f"${price_usd:.2f}" in message
     assert trail[-2:] == [("job.running", None), ("job.failed", "timeout")]
     assert gateway.providers.adapters["faulty"].cancels == 1  # type: ignore[attr-defined]
-    ((run_job, counts, billed),) = provider_runs(tmp_path)
-    assert run_job == job_id and json.loads(counts or "{}") == {"cancelled": True}
+    ((run_job, counts, cancelled_at, billed),) = provider_runs(tmp_path)
+    assert run_job == job_id and counts is None and cancelled_at is not None  # cancelled there, never finished
     assert cost_today(usage) == (billed, 0) == (committed, 0)  # the ledger holds what the provider billed
     assert job is not None and job.submitted_at is not None and job.finished_at is not None
     assert job.finished_at - job.submitted_at >= 1.0
