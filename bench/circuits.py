@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 
-from qpu_gateway.demo import BELL as DEMO_BELL
+from qpu_gateway.ops.demo import BELL as DEMO_BELL
 
 QUBITS = 5
 SHOTS = 100

@@ -1,6 +1,6 @@
 """The gateway's own MCP server plus one no-op tool: the per-call baseline, and the bench's runner of ours.
 
-`qpu_gateway.app.build_server` returns the real server (the gateway middleware authenticates
+`qpu_gateway.mcp.app.build_server` returns the real server (the gateway middleware authenticates
 every call against the database and writes its audit row); a `noop` tool is added to it here,
 so `noop` costs exactly the gateway's per-call overhead and nothing else. The per-call ratios
 (get_job, submit_job, a refused call) divide by it. Product code is not changed: the tool is
@@ -25,8 +25,8 @@ import anyio
 from mcp.server.mcpserver import MCPServer
 
 from bench.phases import PHASES_ENV
-from qpu_gateway import logs
 from qpu_gateway.config import ENV_KEY, Config
+from qpu_gateway.telemetry import logs
 
 
 def stdio_key() -> str | None:
@@ -46,8 +46,8 @@ def with_noop(server: MCPServer) -> MCPServer:
 
 
 async def serve_stdio(config: Config) -> None:
-    from qpu_gateway.app import build_server
-    from qpu_gateway.runtime import Gateway
+    from qpu_gateway.jobs.runtime import Gateway
+    from qpu_gateway.mcp.app import build_server
 
     gateway = Gateway(config)
     server = with_noop(build_server(gateway, stdio_key))
@@ -56,8 +56,8 @@ async def serve_stdio(config: Config) -> None:
 
 
 async def serve_http(config: Config, port: int, *, noop: bool) -> None:
-    from qpu_gateway import transports
-    from qpu_gateway.runtime import Gateway
+    from qpu_gateway.jobs.runtime import Gateway
+    from qpu_gateway.mcp import transports
 
     if noop:
         build = transports.build_server

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.circuits import QUBITS, SHOTS, circuit
-from qpu_gateway.audit import GENESIS, chain_hash
+from qpu_gateway.audit.chain import GENESIS, chain_hash
 
 DAY_S = 86_400.0
 BACKEND = "aer/simulator"

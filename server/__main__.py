@@ -1,3 +1,3 @@
-from qpu_gateway.cli import main
+from qpu_gateway.ops.cli import main
 
 raise SystemExit(main())

@@ -15,10 +15,10 @@ import secrets
 import time
 from dataclasses import dataclass
 
+from qpu_gateway.audit.operators import operator_entry
 from qpu_gateway.errors import Unauthorized
-from qpu_gateway.operators import operator_entry
-from qpu_gateway.records import AuditEntry, KeyRecord, Pause
 from qpu_gateway.store import Store, StoreError
+from qpu_gateway.store.records import AuditEntry, KeyRecord, Pause
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ class Principal:
     project: str
     scopes: frozenset[str]
     key_id: str
-    paused: Pause | None = None  # an operator paused the agent: its every call is refused (server/pauses.py)
+    paused: Pause | None = None  # an operator paused the agent: its every call is refused (server/jobs/pauses.py)
 
 
 def hash_key(key: str) -> str:

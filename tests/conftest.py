@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from qpu_gateway.config import Config
-from qpu_gateway.runtime import Gateway
+from qpu_gateway.jobs.runtime import Gateway
 
 from .support import HttpServer, new_key, start_http_server
 

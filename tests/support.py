@@ -20,10 +20,10 @@ import httpx2
 from mcp import Client, StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
 
-from qpu_gateway.app import build_server
 from qpu_gateway.config import Config
+from qpu_gateway.jobs.runtime import Gateway
 from qpu_gateway.keys import SCOPES, create_key
-from qpu_gateway.runtime import Gateway
+from qpu_gateway.mcp.app import build_server
 from qpu_gateway.store import open_store
 
 BELL2 = """OPENQASM 2.0;

@@ -34,7 +34,7 @@ from qpu_gateway.adapters.base import (
     TransientError,
 )
 from qpu_gateway.config import Config
-from qpu_gateway.runtime import Gateway
+from qpu_gateway.jobs.runtime import Gateway
 
 from .support import BELL2, BELL3, body, gateway_cmd, in_memory, new_key
 

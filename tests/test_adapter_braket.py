@@ -40,7 +40,7 @@ from qpu_gateway.adapters.base import (
 )
 from qpu_gateway.adapters.braket import BraketAdapter
 from qpu_gateway.config import Config
-from qpu_gateway.runtime import Gateway
+from qpu_gateway.jobs.runtime import Gateway
 
 from .support import BELL2, BELL3, body, in_memory
 

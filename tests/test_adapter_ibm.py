@@ -42,8 +42,8 @@ from qpu_gateway.adapters.base import (
 from qpu_gateway.adapters.ibm import IbmAdapter, classify
 from qpu_gateway.config import Config
 from qpu_gateway.errors import Unavailable
-from qpu_gateway.providers import Providers
-from qpu_gateway.runtime import Gateway
+from qpu_gateway.jobs.providers import Providers
+from qpu_gateway.jobs.runtime import Gateway
 
 from .support import BELL2, in_memory, new_key
 

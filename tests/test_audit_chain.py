@@ -23,9 +23,9 @@ import anyio
 import pytest
 
 from qpu_gateway.config import Config
-from qpu_gateway.records import AuditEntry
-from qpu_gateway.runtime import Gateway
+from qpu_gateway.jobs.runtime import Gateway
 from qpu_gateway.store import open_store
+from qpu_gateway.store.records import AuditEntry
 
 from .support import BELL2, gateway_cmd, in_memory
 
@@ -132,8 +132,8 @@ def edit_detail(conn: sqlite3.Connection, rows: list[int]) -> int:
 
 def edit_and_rehash_one_row(conn: sqlite3.Connection, rows: list[int]) -> int:
     """A careful attacker recomputes the edited row's own hash: the next row's link gives it away."""
-    from qpu_gateway.audit import chain_hash, content_of
-    from qpu_gateway.records import AuditRecord
+    from qpu_gateway.audit.chain import chain_hash, content_of
+    from qpu_gateway.store.records import AuditRecord
 
     target = rows[len(rows) // 2]
     conn.row_factory = sqlite3.Row
@@ -259,8 +259,8 @@ async def test_a_truncation_that_also_resets_the_counter_is_caught_only_by_an_an
 
 
 async def test_an_anchor_catches_a_log_rewritten_with_fresh_hashes(session_log: Path) -> None:
-    from qpu_gateway.audit import GENESIS, chain_hash, content_of
-    from qpu_gateway.records import AuditRecord
+    from qpu_gateway.audit.chain import GENESIS, chain_hash, content_of
+    from qpu_gateway.store.records import AuditRecord
 
     head = (await acli(session_log, "audit", "verify")).stdout.splitlines()[1].split()[1]
     with tampering(session_log) as conn:  # rewrite one row and re-chain everything after it
@@ -294,7 +294,7 @@ def test_a_malformed_anchor_is_a_usage_error(tmp_path: Path) -> None:
 
 def test_rows_written_before_the_chain_existed_are_counted_and_the_chain_starts_after_them(tmp_path: Path) -> None:
     db = tmp_path / "gateway.db"
-    migrations = resources.files("qpu_gateway.migrations")
+    migrations = resources.files("qpu_gateway.store.migrations.sqlite")
     with closing(sqlite3.connect(db)) as conn:  # a database as the gateway left it before migration 0003
         conn.execute("CREATE TABLE schema_migrations (name TEXT PRIMARY KEY, applied_at REAL NOT NULL)")
         for name in ("0001_core.sql", "0002_policy.sql"):
@@ -322,7 +322,7 @@ def test_rows_written_before_the_chain_existed_are_counted_and_the_chain_starts_
 WRITER = """
 import sys, time, anyio
 from pathlib import Path
-from qpu_gateway.records import AuditEntry
+from qpu_gateway.store.records import AuditEntry
 from qpu_gateway.store import open_store
 
 db, count, name, ready, go = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3], Path(sys.argv[4]), Path(sys.argv[5])
@@ -373,7 +373,7 @@ def test_two_processes_writing_at_once_build_one_intact_chain(tmp_path: Path) ->
 
 
 async def test_pages_of_rows_stream_in_order_and_a_break_across_pages_is_still_explained(tmp_path: Path) -> None:
-    from qpu_gateway.audit import ChainVerifier
+    from qpu_gateway.audit.chain import ChainVerifier
 
     db = tmp_path / "gateway.db"
     await append(db, 10)

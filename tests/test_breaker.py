@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from qpu_gateway.breaker import Breakers
 from qpu_gateway.config import Config
-from qpu_gateway.runtime import Gateway
+from qpu_gateway.jobs.breaker import Breakers
+from qpu_gateway.jobs.runtime import Gateway
 
 from .support import BELL2, eventually, in_memory
 

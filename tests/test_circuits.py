@@ -10,8 +10,8 @@ import pytest
 import qiskit.qasm2
 
 from qpu_gateway.adapters.qasm import MAX_SOURCE_BYTES
-from qpu_gateway.circuits import CircuitFacts, combined_fingerprint, inspect_sources
 from qpu_gateway.errors import InvalidCircuit, LimitExceeded
+from qpu_gateway.jobs.circuits import CircuitFacts, combined_fingerprint, inspect_sources
 
 from .support import BELL2, BELL3
 

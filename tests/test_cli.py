@@ -22,13 +22,13 @@ import pytest
 from mcp import Client
 
 from qpu_gateway import __version__
-from qpu_gateway.cli import build_parser
 from qpu_gateway.config import Config
 from qpu_gateway.errors import Unauthorized
 from qpu_gateway.keys import SCOPES, authenticate, hash_key
+from qpu_gateway.ops.cli import build_parser
 from qpu_gateway.policy.file import default_policy_text
-from qpu_gateway.records import AuditEntry
 from qpu_gateway.store import open_store
+from qpu_gateway.store.records import AuditEntry
 
 from .support import BELL2, body, gateway_cmd, stdio_params
 

@@ -11,7 +11,7 @@ import anyio
 import pytest
 
 from qpu_gateway.config import Config
-from qpu_gateway.jobs import TERMINAL, JobState
+from qpu_gateway.jobs.states import TERMINAL, JobState
 from qpu_gateway.store import open_store
 
 from .support import BELL2, http_client, start_http_server

@@ -121,7 +121,7 @@ async def test_an_existing_database_readable_by_others_is_narrowed_when_opened(c
 STRAYS = textwrap.dedent(
     """
     import logging, sys, threading, warnings
-    from qpu_gateway import logs
+    from qpu_gateway.telemetry import logs
 
     logs.setup("info")
     logs.structured_streams(stdout=True)

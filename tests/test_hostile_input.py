@@ -28,8 +28,8 @@ from mcp.shared.exceptions import MCPError
 
 from qpu_gateway.config import Config
 from qpu_gateway.errors import BY_CODE
+from qpu_gateway.jobs.runtime import Gateway
 from qpu_gateway.keys import create_key
-from qpu_gateway.runtime import Gateway
 from qpu_gateway.store import open_store
 
 from .support import BELL2, BELL3, ERAS, in_memory, new_key

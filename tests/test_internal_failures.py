@@ -13,11 +13,11 @@ from typing import Any
 import anyio
 import pytest
 
-from qpu_gateway import providers
 from qpu_gateway.adapters import azure, braket, ibm, qasm
 from qpu_gateway.config import Config
 from qpu_gateway.errors import Unavailable
-from qpu_gateway.runtime import Gateway
+from qpu_gateway.jobs import providers
+from qpu_gateway.jobs.runtime import Gateway
 
 from .support import BELL2, body, eventually, in_memory
 

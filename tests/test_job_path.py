@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from qpu_gateway.runtime import Gateway
+from qpu_gateway.jobs.runtime import Gateway
 
 from .support import BELL2, BELL3, ERAS, in_memory
 

@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from qpu_gateway.jobs import TERMINAL, TRANSITIONS, IllegalTransition, JobState, check_transition, sources_of
+from qpu_gateway.jobs.states import TERMINAL, TRANSITIONS, IllegalTransition, JobState, check_transition, sources_of
 
 ALL_STATES = list(JobState)
 

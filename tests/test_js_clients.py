@@ -19,7 +19,7 @@ import anyio
 import pytest
 
 from qpu_gateway.config import Config
-from qpu_gateway.runtime import Gateway
+from qpu_gateway.jobs.runtime import Gateway
 from qpu_gateway.store import open_store
 
 from .js_clients import INSPECTOR, INSPECTOR_015, TS_SDK_SESSION, json_lines, node22, package_version, system_node

@@ -17,8 +17,8 @@ import pytest
 
 from qpu_gateway.errors import Unauthorized
 from qpu_gateway.keys import SCOPES, Principal, authenticate, create_key
-from qpu_gateway.logs import REDACTED, JsonFormatter, redact
 from qpu_gateway.store import Store, open_store
+from qpu_gateway.telemetry.logs import REDACTED, JsonFormatter, redact
 
 pytestmark = pytest.mark.anyio
 

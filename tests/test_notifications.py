@@ -11,9 +11,9 @@ from mcp.client.subscriptions import ResourceUpdated
 from mcp.shared.exceptions import MCPError
 from mcp_types import ResourceUpdatedNotification
 
-from qpu_gateway.app import build_server
 from qpu_gateway.config import Config
-from qpu_gateway.runtime import Gateway
+from qpu_gateway.jobs.runtime import Gateway
+from qpu_gateway.mcp.app import build_server
 
 from .support import BELL2, ERAS, in_memory
 

@@ -24,12 +24,12 @@ from mcp import Client
 from mcp.shared.exceptions import MCPError
 from mcp_types import ElicitRequestParams, ElicitResult
 
-from qpu_gateway.app import build_server
 from qpu_gateway.config import Config
-from qpu_gateway.jobs import JobState
-from qpu_gateway.records import AuditRecord, JobRecord
-from qpu_gateway.runtime import Gateway
+from qpu_gateway.jobs.runtime import Gateway
+from qpu_gateway.jobs.states import JobState
+from qpu_gateway.mcp.app import build_server
 from qpu_gateway.store import open_store
+from qpu_gateway.store.records import AuditRecord, JobRecord
 
 from .conftest import TEST_POLICY
 from .support import BELL2, eventually, gateway_cmd, http_client, in_memory, start_http_server, stdio_params

@@ -87,14 +87,14 @@ def test_wheel_holds_the_three_source_folders_package_data_and_the_console_scrip
         entry_points.read_string(archive.read(entry_points_file).decode())
 
     assert {
-        "qpu_gateway/cli.py",
+        "qpu_gateway/ops/cli.py",
         "qpu_gateway/policy/admission.py",
         "qpu_gateway/adapters/aer.py",
-        "qpu_gateway/migrations/0001_core.sql",
+        "qpu_gateway/store/migrations/sqlite/0001_core.sql",
         "qpu_gateway/policy/default_policy.toml",
         "qpu_gateway/py.typed",
     } <= names
-    assert entry_points["console_scripts"]["qpu-gateway"] == "qpu_gateway.cli:main"
+    assert entry_points["console_scripts"]["qpu-gateway"] == "qpu_gateway.ops.cli:main"
 
     shipped = {
         f"{package}/{path.relative_to(REPO / folder).as_posix()}"

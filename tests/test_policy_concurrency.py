@@ -10,10 +10,10 @@ from typing import Any
 import anyio
 import pytest
 
-from qpu_gateway.approvals import deny
 from qpu_gateway.config import Config
-from qpu_gateway.jobs import TERMINAL
-from qpu_gateway.runtime import Gateway
+from qpu_gateway.jobs.approvals import deny
+from qpu_gateway.jobs.runtime import Gateway
+from qpu_gateway.jobs.states import TERMINAL
 from qpu_gateway.store import open_store
 
 from .support import BELL2, body, eventually, http_client, in_memory, start_http_server

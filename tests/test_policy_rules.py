@@ -11,10 +11,10 @@ import pytest
 from mcp import Client
 from mcp_types import ElicitRequestParams, ElicitResult
 
-from qpu_gateway.app import build_server
-from qpu_gateway.approvals import approve
 from qpu_gateway.config import Config
-from qpu_gateway.runtime import Gateway
+from qpu_gateway.jobs.approvals import approve
+from qpu_gateway.jobs.runtime import Gateway
+from qpu_gateway.mcp.app import build_server
 from qpu_gateway.store import open_store
 
 from .support import BELL2, BELL3, ERAS, body, eventually, in_memory, new_key

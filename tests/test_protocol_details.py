@@ -14,9 +14,9 @@ from mcp.client.stdio import stdio_client
 from mcp.shared.exceptions import MCPError
 from mcp_types import INVALID_PARAMS, LoggingMessageNotificationParams, PromptReference, ResourceTemplateReference
 
-from qpu_gateway.app import build_server
 from qpu_gateway.config import Config
-from qpu_gateway.runtime import Gateway
+from qpu_gateway.jobs.runtime import Gateway
+from qpu_gateway.mcp.app import build_server
 
 from .support import BELL2, ERAS, body, eventually, in_memory, new_key, stdio_params
 

@@ -16,7 +16,7 @@ from limits.aio.strategies import MovingWindowRateLimiter, RateLimiter, SlidingW
 from limits.errors import ConfigurationError
 from limits.storage import storage_from_string
 
-from qpu_gateway.rate_storage import SqliteRateStorage, storage_uri
+from qpu_gateway.store.rate_storage import SqliteRateStorage, storage_uri
 
 pytestmark = pytest.mark.anyio
 
@@ -28,7 +28,7 @@ import sys, time
 import anyio
 from limits import parse
 from limits.aio.strategies import STRATEGIES
-from qpu_gateway.rate_storage import SqliteRateStorage
+from qpu_gateway.store.rate_storage import SqliteRateStorage
 
 async def main(uri: str, strategy: str, start_at: float) -> None:
     storage = SqliteRateStorage(uri)

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from qpu_gateway.config import Config
-from qpu_gateway.runtime import Gateway
+from qpu_gateway.jobs.runtime import Gateway
 
 from .support import BELL2, in_memory
 

@@ -24,7 +24,7 @@ import sys, threading, traceback
 BELL2, BELL3 = {bell2!r}, {bell3!r}
 
 def parser():
-    from qpu_gateway.circuits import inspect_and_load
+    from qpu_gateway.jobs.circuits import inspect_and_load
     facts, _ = inspect_and_load([BELL2, BELL3], max_qubits=20)
     assert facts[0].fingerprint == facts[1].fingerprint
 
@@ -110,7 +110,7 @@ def test_qiskit_first_used_by_a_thread_that_exits_still_works_in_new_threads() -
     script = textwrap.dedent(
         f"""
         import threading
-        from qpu_gateway.circuits import inspect_and_load
+        from qpu_gateway.jobs.circuits import inspect_and_load
         from qpu_gateway.adapters.aer import AerAdapter
         from qpu_gateway.adapters.base import JobSpec
         import anyio
@@ -157,7 +157,7 @@ def test_after_an_sdk_is_loaded_our_paths_import_nothing_more() -> None:
         from qpu_gateway.adapters.base import JobSpec
         from qpu_gateway.adapters.braket import BraketAdapter, translate, _local_properties
         from qpu_gateway.adapters.ibm import IbmAdapter
-        from qpu_gateway.circuits import inspect_and_load
+        from qpu_gateway.jobs.circuits import inspect_and_load
         anyio.run(anyio.sleep, 0)  # anyio's own modules, imported when its first loop starts
         before = set(sys.modules)
         BELL2, BELL3 = {BELL2!r}, {BELL3!r}

@@ -16,8 +16,8 @@ import pytest
 from mcp import Client
 
 from qpu_gateway.config import Config
-from qpu_gateway.jobs import JobState
-from qpu_gateway.runtime import Gateway
+from qpu_gateway.jobs.runtime import Gateway
+from qpu_gateway.jobs.states import JobState
 
 from .support import BELL2, ERAS, in_memory, stdio_params
 

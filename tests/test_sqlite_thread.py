@@ -1,4 +1,4 @@
-"""How the store and the rate-limit storage meet SQLite (server/sqlite_thread.py), on real files.
+"""How the store and the rate-limit storage meet SQLite (server/store/sqlite_thread.py), on real files.
 
 Concurrent writes share transactions; each must still be all or nothing on its own, see the
 writes before it in the same transaction, and be withdrawn cleanly when its caller gives up.
@@ -19,12 +19,12 @@ import aiosqlite
 import anyio
 import pytest
 
-from qpu_gateway.jobs import JobState
+from qpu_gateway.jobs.states import JobState
 from qpu_gateway.policy.decisions import Refusal
-from qpu_gateway.rate_storage import SqliteRateStorage, storage_uri
-from qpu_gateway.records import AdmissionFacts, AuditEntry
-from qpu_gateway.sqlite_thread import Busy, GroupWriter
 from qpu_gateway.store import Store, StoreError, open_store
+from qpu_gateway.store.rate_storage import SqliteRateStorage, storage_uri
+from qpu_gateway.store.records import AdmissionFacts, AuditEntry
+from qpu_gateway.store.sqlite_thread import Busy, GroupWriter
 
 from .test_store import LEASE_S, LOOP_WINDOW_S, T0, admission, new_job, row_counts, submit
 

@@ -11,11 +11,11 @@ from pathlib import Path
 import anyio
 import pytest
 
-from qpu_gateway.jobs import JobState
+from qpu_gateway.jobs.states import JobState
 from qpu_gateway.policy.decisions import Refusal
-from qpu_gateway.records import AdmissionFacts, AuditEntry, JobRecord, KeyRecord, LedgerTotals, NewJob, StateUsage
-from qpu_gateway.sqlite_store import SqliteStore
 from qpu_gateway.store import Store, open_store
+from qpu_gateway.store.records import AdmissionFacts, AuditEntry, JobRecord, KeyRecord, LedgerTotals, NewJob, StateUsage
+from qpu_gateway.store.sqlite import SqliteStore
 
 from .support import BELL2, BELL3
 

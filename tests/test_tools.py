@@ -9,7 +9,7 @@ import pytest
 from mcp.shared.exceptions import MCPError
 
 from qpu_gateway.config import Config
-from qpu_gateway.runtime import Gateway
+from qpu_gateway.jobs.runtime import Gateway
 
 from .support import BELL2, BELL3, ERAS, body, in_memory, new_key
 

@@ -125,9 +125,9 @@ def test_the_server_answers_initialize_without_importing_any_provider_sdk(config
         import sys, anyio
         from pathlib import Path
         from mcp import Client
-        from qpu_gateway.app import build_server
+        from qpu_gateway.mcp.app import build_server
         from qpu_gateway.config import Config
-        from qpu_gateway.runtime import Gateway
+        from qpu_gateway.jobs.runtime import Gateway
 
         async def main():
             db, policy = Path({str(config.db_path)!r}), Path({str(config.policy_path)!r})

@@ -24,7 +24,7 @@ from typing import Any
 import anyio
 from mcp import Client, StdioServerParameters
 
-from qpu_gateway.jobs import TERMINAL
+from qpu_gateway.jobs.states import TERMINAL
 from qpu_gateway.keys import SCOPES, create_key
 from qpu_gateway.store import open_store
 

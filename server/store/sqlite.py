@@ -28,10 +28,11 @@ from typing import Any, Literal, TypeVar
 import aiosqlite
 import anyio
 
-from qpu_gateway.audit import GENESIS, chain_hash
-from qpu_gateway.jobs import TERMINAL, JobState, sources_of
+from qpu_gateway.audit.chain import GENESIS, chain_hash
+from qpu_gateway.jobs.states import TERMINAL, JobState, sources_of
 from qpu_gateway.policy.decisions import Refusal
-from qpu_gateway.records import (
+from qpu_gateway.store import StoreError
+from qpu_gateway.store.records import (
     AdmissionFacts,
     AuditEntry,
     AuditRecord,
@@ -42,8 +43,15 @@ from qpu_gateway.records import (
     Pause,
     StateUsage,
 )
-from qpu_gateway.sqlite_thread import Busy, GroupWriter, Work, quick_connection, read_here_first, would_wait, write_gate
-from qpu_gateway.store import StoreError
+from qpu_gateway.store.sqlite_thread import (
+    Busy,
+    GroupWriter,
+    Work,
+    quick_connection,
+    read_here_first,
+    would_wait,
+    write_gate,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -383,7 +391,7 @@ class SqliteStore:
 
     async def _write(self, work: Work[T]) -> T:
         """Run `work` in a write transaction on the writer's thread (committed with whatever other
-        writes are waiting then; see `server/sqlite_thread.py`): all of it or none."""
+        writes are waiting then; see `server/store/sqlite_thread.py`): all of it or none."""
         with _as_store_errors():
             return await self._writer.run(work)
 
@@ -392,7 +400,7 @@ class SqliteStore:
     async def migrate(self) -> list[str]:
         scripts = sorted(
             (entry.name, entry.read_text(encoding="utf-8"))
-            for entry in resources.files("qpu_gateway.migrations").iterdir()
+            for entry in resources.files("qpu_gateway.store.migrations.sqlite").iterdir()
             if entry.name.endswith(".sql")
         )
 

@@ -16,16 +16,16 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from qpu_gateway.adapters.base import Adapter, ProviderRef
-from qpu_gateway.jobs import JobState
+from qpu_gateway.audit.operators import operator_entry
+from qpu_gateway.jobs.states import JobState
 from qpu_gateway.keys import Principal
-from qpu_gateway.operators import operator_entry
-from qpu_gateway.records import AuditEntry, JobRecord
 from qpu_gateway.store import Store
+from qpu_gateway.store.records import AuditEntry, JobRecord
 
 if TYPE_CHECKING:
-    from qpu_gateway.events import JobEvents
-    from qpu_gateway.providers import Providers
-    from qpu_gateway.worker import Workers
+    from qpu_gateway.jobs.events import JobEvents
+    from qpu_gateway.jobs.providers import Providers
+    from qpu_gateway.jobs.worker import Workers
 
 log = logging.getLogger(__name__)
 

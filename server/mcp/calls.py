@@ -10,7 +10,6 @@ its JSON text.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -27,6 +26,7 @@ from mcp_types import INVALID_PARAMS, INVALID_REQUEST, CallToolResult, LoggingLe
 from pydantic import BaseModel, ValidationError
 
 from qpu_gateway.adapters.aer import BACKEND_ID as DEFAULT_BACKEND
+from qpu_gateway.audit.chain import args_hash
 from qpu_gateway.errors import (
     Forbidden,
     GatewayError,
@@ -36,15 +36,15 @@ from qpu_gateway.errors import (
     Unauthorized,
     Unavailable,
 )
-from qpu_gateway.events import job_id_of
+from qpu_gateway.jobs.events import job_id_of
+from qpu_gateway.jobs.pauses import agent_paused
+from qpu_gateway.jobs.ratelimit import applicable
+from qpu_gateway.jobs.runtime import Gateway
 from qpu_gateway.keys import Principal, authenticate
-from qpu_gateway.logs import redact
-from qpu_gateway.pauses import agent_paused
-from qpu_gateway.ratelimit import applicable
-from qpu_gateway.records import AuditEntry
-from qpu_gateway.runtime import Gateway
-from qpu_gateway.session_logs import Send, SessionLogs
+from qpu_gateway.mcp.session_logs import Send, SessionLogs
 from qpu_gateway.store import StoreError
+from qpu_gateway.store.records import AuditEntry
+from qpu_gateway.telemetry.logs import redact
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class CallState:
     audited: bool = False  # the service wrote the row inside its own transaction
     memo: dict[tuple[object, ...], Any] = field(default_factory=dict)  # work shared by resolvers and the handler
     refusal: dict[str, Any] | None = None  # the coded body the caller was given
-    log_levels: frozenset[str] = frozenset()  # what the caller asked to be told (server/session_logs.py)
+    log_levels: frozenset[str] = frozenset()  # what the caller asked to be told (server/mcp/session_logs.py)
     send_log: Send | None = None
     follows: Callable[[str], bool] = lambda _job_id: False  # jobs whose changes reach the caller anyway
 
@@ -137,12 +137,6 @@ def current_call() -> CallState:
     if state is None:  # only reachable if a handler runs without the middleware installed
         raise RuntimeError("gateway call state missing: the gateway middleware is not installed")
     return state
-
-
-def args_hash(value: Any) -> str:
-    """sha256 of the canonical JSON of a call's arguments: what was asked, without storing it."""
-    canonical = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
-    return hashlib.sha256(canonical.encode("utf-8", errors="replace")).hexdigest()
 
 
 def error_result(error: GatewayError) -> CallToolResult:

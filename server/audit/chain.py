@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from qpu_gateway.records import AuditRecord
+from qpu_gateway.store.records import AuditRecord
 
 GENESIS = "0" * 64  # the prev_hash of the first hashed row
 CONTENT = ("seq", "at", "agent", "project", "key_id", "tool", "decision", "error_code", "args_hash", "job_id", "detail")
@@ -212,3 +212,9 @@ def _explain(suspect: _Suspect) -> ChainBreak:
             "(a row before it was deleted, or rewritten with a new hash)",
         )
     return ChainBreak(seq, "changed", f"content changed: seq {seq} matches neither its hash nor its predecessor")
+
+
+def args_hash(value: Any) -> str:
+    """sha256 of the canonical JSON of a call's arguments: what was asked, without storing it."""
+    canonical = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return hashlib.sha256(canonical.encode("utf-8", errors="replace")).hexdigest()

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass, fields
 from typing import Any
 
-from qpu_gateway.jobs import JobState
+from qpu_gateway.jobs.states import JobState
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,7 +171,7 @@ class AuditRecord:
     job_id: str | None
     detail: str | None
     prev_hash: str | None = None  # the previous row's row_hash (None on rows older than the chain)
-    row_hash: str | None = None  # sha256(prev_hash || canonical content), see server/audit.py
+    row_hash: str | None = None  # sha256(prev_hash || canonical content), see server/audit/chain.py
     operator: str | None = None  # hashed with the content when set
 
 

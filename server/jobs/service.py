@@ -16,22 +16,22 @@ from typing import Literal
 
 import anyio
 
-from qpu_gateway import cancellation, models
 from qpu_gateway.adapters import qasm
 from qpu_gateway.adapters.aer import BACKEND_ID as DEFAULT_BACKEND
-from qpu_gateway.cancellation import Canceller
 from qpu_gateway.errors import Conflict, InvalidArguments, NotFound
-from qpu_gateway.events import job_uri
-from qpu_gateway.jobs import TERMINAL, JobState
+from qpu_gateway.jobs import cancellation, models
+from qpu_gateway.jobs.cancellation import Canceller
+from qpu_gateway.jobs.events import job_uri
+from qpu_gateway.jobs.pauses import backend_paused_message
+from qpu_gateway.jobs.runtime import Gateway
+from qpu_gateway.jobs.states import TERMINAL, JobState
 from qpu_gateway.keys import Principal
-from qpu_gateway.pauses import backend_paused_message
 from qpu_gateway.policy.admission import backend_allowed
 from qpu_gateway.policy.file import Policy, Quota, Rules
 from qpu_gateway.policy.pricing import price_for
 from qpu_gateway.policy.quotas import DIMENSIONS, PERIODS, Amounts, cap_units, caps_of
-from qpu_gateway.records import JobRecord
-from qpu_gateway.runtime import Gateway
 from qpu_gateway.store import Store
+from qpu_gateway.store.records import JobRecord
 
 _JOB_ID = re.compile(r"^job_[0-9a-f]{20}$")
 # Results bigger than this are summarised in get_job; the job resource always has every count.

@@ -23,7 +23,7 @@ from limits.storage import storage_from_string
 from qpu_gateway.errors import RateLimited
 from qpu_gateway.keys import Principal
 from qpu_gateway.policy.file import RateRule, Rules
-from qpu_gateway.rate_storage import storage_uri
+from qpu_gateway.store.rate_storage import storage_uri
 
 log = logging.getLogger(__name__)
 

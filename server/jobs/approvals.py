@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import time
 
-from qpu_gateway.jobs import JobState
-from qpu_gateway.operators import operator_entry
-from qpu_gateway.records import JobRecord
+from qpu_gateway.audit.operators import operator_entry
+from qpu_gateway.jobs.states import JobState
 from qpu_gateway.store import Store
+from qpu_gateway.store.records import JobRecord
 
 
 class ApprovalError(Exception):

@@ -20,12 +20,12 @@ from __future__ import annotations
 import re
 import time
 
+from qpu_gateway.audit.operators import operator_entry
 from qpu_gateway.errors import AgentPaused
 from qpu_gateway.keys import validate_name
-from qpu_gateway.operators import operator_entry
 from qpu_gateway.policy.decisions import Refusal
-from qpu_gateway.records import AdmissionFacts, Pause
 from qpu_gateway.store import Store
+from qpu_gateway.store.records import AdmissionFacts, Pause
 
 KINDS = ("agent", "backend")
 _BACKEND_ID = re.compile(r"^[a-z][a-z0-9_\-]{0,31}/[A-Za-z0-9][A-Za-z0-9_.:+\-]{0,127}$")

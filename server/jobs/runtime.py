@@ -10,19 +10,19 @@ from contextlib import asynccontextmanager
 import anyio
 from mcp.server.subscriptions import InMemorySubscriptionBus
 
-from qpu_gateway.audit_spool import AuditSpool
+from qpu_gateway.audit.operators import operator_entry, operator_name
+from qpu_gateway.audit.spool import AuditSpool
 from qpu_gateway.config import Config
-from qpu_gateway.events import JobEvents
-from qpu_gateway.jobs import JobState
-from qpu_gateway.operators import operator_entry, operator_name
+from qpu_gateway.jobs.events import JobEvents
+from qpu_gateway.jobs.policy_source import CHECK_INTERVAL_S, PolicySource, Reload
+from qpu_gateway.jobs.providers import Providers
+from qpu_gateway.jobs.ratelimit import RateLimiter, default_storage_uri
+from qpu_gateway.jobs.states import JobState
+from qpu_gateway.jobs.worker import Workers
 from qpu_gateway.policy.file import Policy
 from qpu_gateway.policy.storm import StormWatch
-from qpu_gateway.policy_source import CHECK_INTERVAL_S, PolicySource, Reload
-from qpu_gateway.providers import Providers
-from qpu_gateway.ratelimit import RateLimiter, default_storage_uri
-from qpu_gateway.records import AuditEntry
 from qpu_gateway.store import Store, StoreError, open_store
-from qpu_gateway.worker import Workers
+from qpu_gateway.store.records import AuditEntry
 
 log = logging.getLogger(__name__)
 

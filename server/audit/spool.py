@@ -15,8 +15,8 @@ from dataclasses import asdict
 
 import anyio
 
-from qpu_gateway.records import AuditEntry
 from qpu_gateway.store import Store, StoreError
+from qpu_gateway.store.records import AuditEntry
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ count is read, so check-and-insert is one step for every process and the decisio
 under any contention. A hit has no fsync (`synchronous = NORMAL`), so it is made at once on the
 event loop's thread when the write lock is free; otherwise it runs whole on the connection's
 thread, which waits for the lock, committed with the other hits waiting then
-(`server/sqlite_thread.py`).
+(`server/store/sqlite_thread.py`).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from limits.aio.storage import MovingWindowSupport, SlidingWindowCounterSupport,
 from limits.errors import ConfigurationError
 from limits.storage.base import TimestampedSlidingWindow
 
-from qpu_gateway.sqlite_thread import (
+from qpu_gateway.store.sqlite_thread import (
     Busy,
     GroupWriter,
     WouldWait,

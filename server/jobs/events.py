@@ -15,9 +15,9 @@ from typing import Protocol
 import anyio
 from mcp.server.subscriptions import ResourceUpdated, SubscriptionBus
 
-from qpu_gateway.jobs import TERMINAL, JobState
-from qpu_gateway.records import JobRecord
+from qpu_gateway.jobs.states import TERMINAL, JobState
 from qpu_gateway.store import Store, StoreError
+from qpu_gateway.store.records import JobRecord
 
 log = logging.getLogger(__name__)
 

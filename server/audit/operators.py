@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import pwd
 
-from qpu_gateway.records import AuditEntry
+from qpu_gateway.store.records import AuditEntry
 
 
 def operator_name() -> str:

@@ -24,10 +24,10 @@ from mcp.server.context import ServerRequestContext
 from mcp_types import LoggingLevel, LoggingMessageNotification, LoggingMessageNotificationParams
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
-from qpu_gateway.events import JobEvents
-from qpu_gateway.jobs import TERMINAL, JobState
-from qpu_gateway.logs import redact
-from qpu_gateway.records import JobRecord
+from qpu_gateway.jobs.events import JobEvents
+from qpu_gateway.jobs.states import TERMINAL, JobState
+from qpu_gateway.store.records import JobRecord
+from qpu_gateway.telemetry.logs import redact
 
 log = logging.getLogger(__name__)
 

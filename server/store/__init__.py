@@ -10,9 +10,9 @@ from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from qpu_gateway.jobs import JobState
+from qpu_gateway.jobs.states import JobState
 from qpu_gateway.policy.decisions import Refusal
-from qpu_gateway.records import (
+from qpu_gateway.store.records import (
     AdmissionFacts,
     AuditEntry,
     AuditRecord,
@@ -232,7 +232,7 @@ class Store(Protocol):
 
 async def open_store(path: Path, *, migrate: bool = True) -> Store:
     """Open (creating if needed) the SQLite store at `path` and bring its schema up to date."""
-    from qpu_gateway.sqlite_store import SqliteStore
+    from qpu_gateway.store.sqlite import SqliteStore
 
     store = await SqliteStore.open(path)
     if not migrate:
@@ -247,6 +247,6 @@ async def open_store(path: Path, *, migrate: bool = True) -> Store:
 
 def store_initialised(path: Path) -> bool:
     """True if a gateway database has been set up at `path` (`qpu-gateway init` or any open)."""
-    from qpu_gateway.sqlite_store import initialised
+    from qpu_gateway.store.sqlite import initialised
 
     return initialised(path)

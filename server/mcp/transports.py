@@ -25,13 +25,13 @@ from mcp.server.auth.settings import AuthSettings
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from qpu_gateway.app import build_server
 from qpu_gateway.config import ENV_DB, ENV_KEY
 from qpu_gateway.errors import GatewayError
+from qpu_gateway.jobs.runtime import Gateway
 from qpu_gateway.keys import Principal, authenticate
-from qpu_gateway.records import AuditEntry, Pause
-from qpu_gateway.runtime import Gateway
+from qpu_gateway.mcp.app import build_server
 from qpu_gateway.store import StoreError
+from qpu_gateway.store.records import AuditEntry, Pause
 
 log = logging.getLogger(__name__)
 

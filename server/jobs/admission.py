@@ -16,12 +16,11 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any, Literal
 
-from qpu_gateway import models, pauses
 from qpu_gateway.adapters import sdk_thread
 from qpu_gateway.adapters.aer import BACKEND_ID as AER_BACKEND
 from qpu_gateway.adapters.aer import AerAdapter
 from qpu_gateway.adapters.base import Backend
-from qpu_gateway.circuits import CircuitFacts, combined_fingerprint, inspect_and_load
+from qpu_gateway.audit.chain import args_hash
 from qpu_gateway.errors import (
     ApprovalDenied,
     ApprovalRequired,
@@ -32,8 +31,12 @@ from qpu_gateway.errors import (
     UnsupportedBackend,
     from_refusal,
 )
-from qpu_gateway.events import job_uri
-from qpu_gateway.jobs import JobState
+from qpu_gateway.jobs import models, pauses
+from qpu_gateway.jobs.circuits import CircuitFacts, combined_fingerprint, inspect_and_load
+from qpu_gateway.jobs.events import job_uri
+from qpu_gateway.jobs.ratelimit import applicable
+from qpu_gateway.jobs.runtime import Gateway
+from qpu_gateway.jobs.states import JobState
 from qpu_gateway.keys import Principal
 from qpu_gateway.policy.admission import JobFacts, check_job
 from qpu_gateway.policy.approvals import approval_needed
@@ -42,9 +45,7 @@ from qpu_gateway.policy.file import PRIORITY_RANK, Rules
 from qpu_gateway.policy.guards import check_loop, check_priority
 from qpu_gateway.policy.pricing import JobShape, estimate_cost, format_usd, price_for, to_micro_usd
 from qpu_gateway.policy.quotas import DIMENSIONS, PERIODS, Amounts, Usage, cap_units, caps_of, check_quota
-from qpu_gateway.ratelimit import applicable
-from qpu_gateway.records import AdmissionFacts, AuditEntry, JobRecord, LedgerTotals, NewJob
-from qpu_gateway.runtime import Gateway
+from qpu_gateway.store.records import AdmissionFacts, AuditEntry, JobRecord, LedgerTotals, NewJob
 
 log = logging.getLogger(__name__)
 
@@ -453,8 +454,6 @@ def _submitted(job: JobRecord, estimate: models.Estimate, *, replayed: bool) -> 
 
 
 def _payload_hash(request: JobRequest) -> str:
-    from qpu_gateway.calls import args_hash
-
     return args_hash(request.payload())
 
 

@@ -36,13 +36,14 @@ from mcp_types import (
 )
 from pydantic import BaseModel, Field, PrivateAttr
 
-from qpu_gateway import __version__, admission, models, service
+from qpu_gateway import __version__
 from qpu_gateway.adapters.aer import BACKEND_ID as DEFAULT_BACKEND
-from qpu_gateway.calls import STATIC_RESOURCES, Calls, KeySource, Progress, current_call
 from qpu_gateway.errors import GatewayError
-from qpu_gateway.events import job_id_of
-from qpu_gateway.jobs import TERMINAL
-from qpu_gateway.runtime import Gateway
+from qpu_gateway.jobs import admission, models, service
+from qpu_gateway.jobs.events import job_id_of
+from qpu_gateway.jobs.runtime import Gateway
+from qpu_gateway.jobs.states import TERMINAL
+from qpu_gateway.mcp.calls import STATIC_RESOURCES, Calls, KeySource, Progress, current_call
 
 INSTRUCTIONS = """\
 qpu-gateway runs quantum circuits for you on simulators and quantum hardware, within a policy
@@ -448,7 +449,7 @@ def build_server(
         gateway.events.unsubscribe_legacy(params.uri, ctx.session)
         return EmptyResult()
 
-    # -- 2025-era log level (2026-07-28 asks per request, in _meta; see server/session_logs.py) ---
+    # -- 2025-era log level (2026-07-28 asks per request, in _meta; see server/mcp/session_logs.py) ---
 
     async def set_level(ctx: ServerRequestContext[Any, Any], params: SetLevelRequestParams) -> EmptyResult:
         calls.logs.set_level(ctx, params.level)

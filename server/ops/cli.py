@@ -26,14 +26,15 @@ from typing import Any, TypeVar
 
 import anyio
 
-from qpu_gateway import __version__, logs
+from qpu_gateway import __version__
+from qpu_gateway.audit.operators import operator_entry, operator_name
 from qpu_gateway.config import ENV_DB, ENV_KEY, ENV_POLICY, Config
-from qpu_gateway.jobs import JobState
+from qpu_gateway.jobs.states import JobState
 from qpu_gateway.keys import SCOPES, create_key, parse_scopes
-from qpu_gateway.operators import operator_entry, operator_name
 from qpu_gateway.policy.file import PolicyFileError, default_policy_text
-from qpu_gateway.records import AuditRecord
 from qpu_gateway.store import Store, StoreError, open_store, store_initialised
+from qpu_gateway.store.records import AuditRecord
+from qpu_gateway.telemetry import logs
 
 T = TypeVar("T")
 LOCAL_AGENT = "local"
@@ -173,8 +174,8 @@ def _exists(path: Path) -> str:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from qpu_gateway import transports
-    from qpu_gateway.runtime import Gateway
+    from qpu_gateway.jobs.runtime import Gateway
+    from qpu_gateway.mcp import transports
 
     config = _config(args)
     # A server on a database nobody initialised would create it empty and refuse every key,
@@ -318,8 +319,8 @@ def cmd_policy_check(args: argparse.Namespace) -> int:
 
 
 def cmd_policy_show(args: argparse.Namespace) -> int:
+    from qpu_gateway.jobs.service import effective_policy
     from qpu_gateway.policy.file import load_policy
-    from qpu_gateway.service import effective_policy
 
     config = _config(args)
     project = args.project
@@ -333,9 +334,9 @@ def cmd_policy_show(args: argparse.Namespace) -> int:
 
 
 def cmd_usage(args: argparse.Namespace) -> int:
+    from qpu_gateway.jobs.service import quota_usage
     from qpu_gateway.policy.file import load_policy
     from qpu_gateway.policy.quotas import render
-    from qpu_gateway.service import quota_usage
 
     config = _config(args)
     policy = load_policy(config.policy_path)
@@ -379,7 +380,7 @@ def cmd_usage(args: argparse.Namespace) -> int:
 
 
 def cmd_quota_set(args: argparse.Namespace) -> int:
-    from qpu_gateway.policy_overrides import set_quota
+    from qpu_gateway.jobs.policy_overrides import set_quota
 
     config = _config(args)
     level = ["defaults"] if args.defaults else (["projects", args.project] if args.project else ["agents", args.agent])
@@ -427,7 +428,7 @@ def cmd_approvals_list(args: argparse.Namespace) -> int:
 
 
 def cmd_approvals_decide(args: argparse.Namespace) -> int:
-    from qpu_gateway import approvals
+    from qpu_gateway.jobs import approvals
 
     by = operator_name()
 
@@ -476,8 +477,8 @@ def cmd_jobs_list(args: argparse.Namespace) -> int:
 
 
 def cmd_jobs_cancel(args: argparse.Namespace) -> int:
-    from qpu_gateway import cancellation
-    from qpu_gateway.jobs import TERMINAL
+    from qpu_gateway.jobs import cancellation
+    from qpu_gateway.jobs.states import TERMINAL
 
     config = _config(args)
     reason = args.reason.strip()
@@ -509,14 +510,14 @@ def cmd_jobs_cancel(args: argparse.Namespace) -> int:
 
 def _providers(config: Config) -> Any:
     """The provider adapters, to cancel a job at its provider from this command (SDKs load only if used)."""
-    from qpu_gateway.providers import Providers
+    from qpu_gateway.jobs.providers import Providers
 
     return Providers(config)
 
 
 def cmd_pause(args: argparse.Namespace) -> int:
     """`agents pause NAME` and `backends pause ID`."""
-    from qpu_gateway import pauses
+    from qpu_gateway.jobs import pauses
 
     kind = args.pause_kind
     by = operator_name()
@@ -551,7 +552,7 @@ def cmd_pause(args: argparse.Namespace) -> int:
 
 async def _cancel_running(store: Store, config: Config, agent: str, by: str, reason: str | None) -> list[str]:
     """`agents pause --cancel-running`: cancel the agent's jobs already held by workers, at their provider too."""
-    from qpu_gateway import cancellation
+    from qpu_gateway.jobs import cancellation
 
     canceller = cancellation.Canceller.operator(by, f"its agent was paused{': ' + reason if reason else ''}")
     providers = _providers(config)
@@ -566,7 +567,7 @@ async def _cancel_running(store: Store, config: Config, agent: str, by: str, rea
 
 def cmd_resume(args: argparse.Namespace) -> int:
     """`agents resume NAME` and `backends resume ID`."""
-    from qpu_gateway import pauses
+    from qpu_gateway.jobs import pauses
 
     kind = args.pause_kind
 
@@ -656,7 +657,7 @@ def _print_listing(args: argparse.Namespace, listed: list[dict[str, Any]], colum
 
 
 def cmd_jobs_show(args: argparse.Namespace) -> int:
-    from qpu_gateway.service import job_view
+    from qpu_gateway.jobs.service import job_view
 
     async def action(store: Store) -> Any:
         job = await store.get_job(args.id)
@@ -722,7 +723,7 @@ def cmd_audit_tail(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    from qpu_gateway.audit import ChainVerifier
+    from qpu_gateway.audit.chain import ChainVerifier
 
     async def action(store: Store) -> Any:
         # Read the high-water mark first: rows appended while we read are then never taken for a cut-off tail.
@@ -794,7 +795,7 @@ def _anchor(text: str) -> tuple[int, str]:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from qpu_gateway.demo import run_demo
+    from qpu_gateway.ops.demo import run_demo
 
     return run_demo(keep=args.keep)
 

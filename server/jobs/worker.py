@@ -28,7 +28,6 @@ from typing import Any, TypeVar
 import anyio
 import backoff
 
-from qpu_gateway import cancellation
 from qpu_gateway.adapters.base import (
     Adapter,
     AdapterError,
@@ -41,16 +40,17 @@ from qpu_gateway.adapters.base import (
     TransientError,
     Usage,
 )
-from qpu_gateway.breaker import Breakers
 from qpu_gateway.config import Config
-from qpu_gateway.events import JobEvents
-from qpu_gateway.jobs import JobState
+from qpu_gateway.jobs import cancellation
+from qpu_gateway.jobs.breaker import Breakers
+from qpu_gateway.jobs.events import JobEvents
+from qpu_gateway.jobs.providers import Providers
+from qpu_gateway.jobs.states import JobState
 from qpu_gateway.policy.file import Policy
 from qpu_gateway.policy.pricing import cost_of_usage, format_usd, price_for
 from qpu_gateway.policy.quotas import may_start
-from qpu_gateway.providers import Providers
-from qpu_gateway.records import AuditEntry, JobRecord
 from qpu_gateway.store import Store, StoreError
+from qpu_gateway.store.records import AuditEntry, JobRecord
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

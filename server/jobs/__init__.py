@@ -1,0 +1,1 @@
+"""The job engine: admission, the service functions, workers, events, approvals, pauses and cancels."""

@@ -1,0 +1,1 @@
+"""The operator's commands (`qpu-gateway ...`) and the demo."""

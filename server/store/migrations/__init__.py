@@ -1,0 +1,1 @@
+"""SQL migrations, one folder per dialect."""
