@@ -48,8 +48,11 @@ typecheck: $(VENV)/.installed-test
 	@ln -s "$$PWD/policy" .typecheck/qpu_gateway/policy && ln -s "$$PWD/adapters" .typecheck/qpu_gateway/adapters
 	cd .typecheck && ../$(VENV)/bin/mypy --config-file ../pyproject.toml -p qpu_gateway
 
+# Three pytest workers (pytest-xdist), each taking whole files: most tests wait on server
+# processes, sockets and the clock, so three keep two cores busy (PYTEST_WORKERS=0 for one process).
+PYTEST_WORKERS ?= 3
 pytest: $(VENV)/.installed-test $(JS_CLIENTS)/node_modules/.installed
-	$(VENV)/bin/pytest $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # Every chaos scenario at full size against real server processes, and 10,000 fuzzed calls; prints
 # one table (CHAOS_ARGS="--only crash,storm" for some). make test runs the same scenarios smaller.
