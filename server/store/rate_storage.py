@@ -39,12 +39,14 @@ from limits.aio.storage import MovingWindowSupport, SlidingWindowCounterSupport,
 from limits.errors import ConfigurationError
 from limits.storage.base import TimestampedSlidingWindow
 
+from qpu_gateway.store import observer
 from qpu_gateway.store.sqlite_thread import (
     Busy,
     GroupWriter,
     WouldWait,
     quick_connection,
     read_here_first,
+    trace_async,
     write_gate,
     write_now,
 )
@@ -168,6 +170,7 @@ async def _prepare(conn: aiosqlite.Connection) -> None:
         raise
 
 
+@observer.operations("rate_limit.")
 class SqliteRateStorage(Storage, MovingWindowSupport, SlidingWindowCounterSupport, TimestampedSlidingWindow):
     """Rate-limit state in a SQLite file: moving window, sliding window counter and fixed window."""
 
@@ -217,6 +220,7 @@ class SqliteRateStorage(Storage, MovingWindowSupport, SlidingWindowCounterSuppor
             await anyio.Path(self.path.parent).mkdir(parents=True, exist_ok=True)
             conn = await aiosqlite.connect(self.path, isolation_level=None, timeout=_BUSY_TIMEOUT_S)
             try:
+                await trace_async(conn)
                 await conn.execute("PRAGMA busy_timeout = 10000")
                 # NORMAL, not FULL: a power cut may forget the last few hits (a little allowance
                 # handed back; money lives in the store's ledger), where an fsync per hit would

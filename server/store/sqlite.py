@@ -31,7 +31,7 @@ import anyio
 from qpu_gateway.audit.chain import GENESIS, chain_hash
 from qpu_gateway.jobs.states import TERMINAL, JobState, sources_of
 from qpu_gateway.policy.decisions import Refusal
-from qpu_gateway.store import StoreError
+from qpu_gateway.store import StoreError, observer
 from qpu_gateway.store.records import (
     AdmissionFacts,
     AuditEntry,
@@ -49,6 +49,7 @@ from qpu_gateway.store.sqlite_thread import (
     Work,
     quick_connection,
     read_here_first,
+    trace_async,
     would_wait,
     write_gate,
 )
@@ -224,6 +225,7 @@ async def _connect(path: Path, busy_s: float) -> aiosqlite.Connection:
     except sqlite3.Error as exc:
         raise _store_error(exc) from None
     conn.row_factory = aiosqlite.Row
+    await trace_async(conn)
     return conn
 
 
@@ -307,6 +309,7 @@ def _store_error(exc: sqlite3.Error) -> StoreError:
     return StoreError(f"database error: {exc}")
 
 
+@observer.operations()
 class SqliteStore:
     def __init__(
         self,
