@@ -9,8 +9,9 @@ loop turn. Here a store operation is one plain function over the `sqlite3` conne
   `read_here_first` first tries it on the event loop's own thread, through a connection with no
   busy handler: most reads are a few rows by index, far quicker than a hop.
 - `GroupWriter.run` queues it for the writer's thread, which takes every write waiting at that
-  moment into one `BEGIN IMMEDIATE ... COMMIT`, each write in a savepoint of its own (a failing
-  write is rolled back alone; the others commit). Writes that arrive during a commit go in the
+  moment into one `BEGIN IMMEDIATE ... COMMIT`, each write in a savepoint of its own when there
+  are several (a failing write is rolled back alone; the others commit). A write alone needs no
+  savepoint, and one that is a single statement no transaction of its own. Writes that arrive during a commit go in the
   next one, so one fsync serves many calls and nothing waits on a timer. Inside the transaction
   they run one after another, so each decides on what the writes before it left (a quota check
   sees every earlier reservation, the audit chain links row to row).
@@ -115,6 +116,7 @@ class _Write:
     work: Work[Any]
     done: Future[Any]
     execute: Callable[[sqlite3.Connection, str], object]
+    single: bool  # the work is one statement: alone, it needs no BEGIN and COMMIT of its own
 
 
 def _execute(db: sqlite3.Connection, sql: str) -> object:
@@ -131,17 +133,19 @@ class GroupWriter:
         self._waiting: list[_Write] = []
         self._lock = threading.Lock()
 
-    async def run(self, work: Work[T]) -> T:
+    async def run(self, work: Work[T], *, single_statement: bool = False) -> T:
         """Run `work` in a write transaction and return what it returned, or raise what it raised.
 
-        `Busy` if it could not start within the patience (another process held the database
+        With `single_statement` (the work runs exactly one statement, which SQLite makes atomic by
+        itself, taking the write lock before it reads) a write that finds no other waiting is run
+        without BEGIN and COMMIT. `Busy` if it could not start within the patience (another process held the database
         long, or this one's queue was long): it is then withdrawn, and nothing of it is written.
         A caller cancelled before its work starts withdraws it; once started, the caller waits.
         """
         done: Future[T] = Future()
         observer.round_trip("hop")
         with self._lock:
-            self._waiting.append(_Write(observer.carried(work), done, observer.carried(_execute)))
+            self._waiting.append(_Write(observer.carried(work), done, observer.carried(_execute), single_statement))
         try:
             with anyio.fail_after(self._patience_s):
                 # Returns once this call's work has been committed or refused: the thread runs
@@ -177,15 +181,20 @@ class GroupWriter:
 
 
 def _commit_group(db: sqlite3.Connection, gate: threading.Lock, patience_s: float, group: list[_Write]) -> None:
-    """Run each write of `group` in its own savepoint of one transaction and commit them together.
+    """Run the writes of `group` in one transaction and commit them together.
 
-    The transaction's BEGIN and COMMIT are run as the first write's (it opened the transaction;
-    the others joined it).
+    Several writes each get a savepoint, so a failing one is rolled back alone; a write alone
+    needs none (if it fails, the whole transaction is rolled back), and a write alone that is a
+    single statement needs no transaction of its own. BEGIN and COMMIT are run as the first
+    write's (it opened the transaction; the others joined it).
     """
     if not gate.acquire(timeout=patience_s):
         _fail_all(group, sqlite3.OperationalError("database is locked (by another writer of this process)"))
         return
     try:
+        if len(group) == 1:
+            _commit_one(db, group[0])
+            return
         outcomes: list[tuple[Future[Any], bool, Any]] = []
         opener = group[0].execute
         try:
@@ -217,14 +226,37 @@ def _commit_group(db: sqlite3.Connection, gate: threading.Lock, patience_s: floa
             done.set_exception(value)
 
 
-def write_now(db: sqlite3.Connection, gate: threading.Lock, work: Work[T]) -> T:
+def _commit_one(db: sqlite3.Connection, write: _Write) -> None:
+    """A group of one write: its own transaction, or none for a single statement."""
+    try:
+        if not write.single:
+            write.execute(db, "BEGIN IMMEDIATE")
+        value = write.work(db)
+        if not write.single:
+            write.execute(db, "COMMIT")
+    except Exception as exc:
+        rollback(db)
+        write.done.set_exception(exc)
+    else:
+        write.done.set_result(value)
+
+
+def write_now(db: sqlite3.Connection, gate: threading.Lock, work: Work[T], *, single_statement: bool = False) -> T:
     """Run `work` in a write transaction on this thread, unless that would wait: `WouldWait` (and
     nothing done) if this process's other writer or another process holds the write lock. `db`
-    must have no busy handler (timeout 0), so it never waits."""
+    must have no busy handler (timeout 0), so it never waits. With `single_statement` (the work
+    is exactly one statement, atomic by itself) it runs without BEGIN and COMMIT."""
     if not gate.acquire(blocking=False):
         raise WouldWait
     observer.round_trip("direct")
     try:
+        if single_statement:
+            try:
+                return work(db)
+            except sqlite3.OperationalError as exc:
+                if would_wait(exc) and not db.in_transaction:
+                    raise WouldWait from None  # the statement never started: nothing was written
+                raise
         try:
             db.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as exc:
