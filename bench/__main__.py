@@ -20,13 +20,13 @@ from types import ModuleType
 
 import anyio
 
-from bench import calls, env, machine, passage, report, scale, startup, sweep, throughput
+from bench import calls, env, machine, passage, report, scale, startup, statements, sweep, throughput
 from bench.context import Context
 from bench.model import Row
 from bench.phases import PHASES_ENV
 
 # In table order; each module runs the measures of its NAMES that were selected.
-MODULES: tuple[ModuleType, ...] = (startup, calls, throughput, sweep, scale, passage)
+MODULES: tuple[ModuleType, ...] = (startup, calls, throughput, sweep, scale, passage, statements)
 ALL = [name for module in MODULES for name in module.NAMES]
 
 
@@ -112,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(scratch, ignore_errors=True)
     print()
     print(report.table(rows))
+    if breakdowns := report.details(rows):
+        print()
+        print(breakdowns)
     for name, error in errors.items():
         print(f"FAILED {name}: {error}")
     if args.markdown:

@@ -36,6 +36,7 @@ class Row:
     baseline_label: str
     notes: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    details: list[str] = field(default_factory=list)  # lines printed under the table (a breakdown)
 
     @property
     def ratio(self) -> float:
@@ -57,4 +58,5 @@ class Row:
             "met": self.met,
             "notes": self.notes,
             "extra": self.extra,
+            "details": self.details,
         }

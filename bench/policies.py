@@ -43,3 +43,17 @@ def refusing() -> str:
     """The default policy with a submit_job limit that refuses every call after the first."""
     text = _edit(default_policy_text(), _SUBMIT_RULE, _REFUSING_SUBMIT_RULE)
     return _edit(text, _ALL_TOOLS_RULE, _RAISED_ALL_TOOLS_RULE)
+
+
+_LOOP_GUARD = "loop_guard = { max_repeats = 50, window_minutes = 10 }"
+_RAISED_LOOP_GUARD = "loop_guard = { max_repeats = 1000000, window_minutes = 10 }"
+_BACKENDS = 'allowed_backends = ["aer/*", "ibm/*", "braket/*", "azure/*"]'
+_WITH_FAULTY = 'allowed_backends = ["aer/*", "ibm/*", "braket/*", "azure/*", "faulty/*"]'
+
+
+def counting() -> str:
+    """`admitting()` for the statement counter: the same Bell pair again and again (the loop guard
+    raised, its check still made), and the fault-injecting adapter's `faulty/qpu` allowed, free."""
+    text = _edit(admitting(), _LOOP_GUARD, _RAISED_LOOP_GUARD)
+    text = _edit(text, _BACKENDS, _WITH_FAULTY)
+    return text + '\n[prices."faulty/*"]\nmodel = "free"\n'

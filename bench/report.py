@@ -49,6 +49,12 @@ def table(rows: list[Row]) -> str:
     return "\n".join(out)
 
 
+def details(rows: list[Row]) -> str:
+    """Each row's breakdown, if it has one, under its measure's name."""
+    blocks = [f"{row.measure}:\n" + "\n".join(f"  {line}" for line in row.details) for row in rows if row.details]
+    return "\n\n".join(blocks)
+
+
 def markdown(rows: list[Row]) -> str:
     """The same table in Markdown, for the README's Performance section."""
     out = ["| measure | baseline | ours | ratio | target | met? |", "|---|---|---|---|---|---|"]

@@ -78,6 +78,11 @@ class Workers:
         self._in_flight: dict[str, anyio.CancelScope] = {}
         self._cancelled: set[str] = set()  # held here and cancelled (here or elsewhere): being stopped
         self._per_backend: Counter[str] = Counter()
+        # The last claim may have left claimable jobs behind: a backend was at its cap here, an
+        # agent or project at its running cap, or the batch was full. A finished job then frees a
+        # slot one of them may take, so the dispatcher looks at once; otherwise the last claim took
+        # everything there was, and new work wakes it (a submit here) or is found by its poll.
+        self._backlog = False
         self.breakers = Breakers(threshold=config.breaker_threshold, cooldown_s=config.breaker_cooldown_s)
 
     def wake(self) -> None:
@@ -139,6 +144,8 @@ class Workers:
                 self._in_flight[job.id] = scope
                 self._per_backend[job.backend] += 1
                 tg.start_soon(self._run, job, scope)
+            if any(self._per_backend[job.backend] >= self._in_flight_cap(job.backend) for job in jobs):
+                self._backlog = True  # a backend filled up: more of its jobs may be waiting
             if len(jobs) == CLAIM_BATCH:
                 continue  # a full batch: there may be more (fewer means none was left to take)
             with anyio.move_on_after(self.config.poll_interval_s):
@@ -148,6 +155,7 @@ class Workers:
         """Claim, in one transaction, as many jobs as the backends' caps leave room for here."""
         busy = [b for b, n in self._per_backend.items() if n >= self._in_flight_cap(b)]
         busy += self.breakers.blocked()
+        self._backlog = bool(busy)
         try:
             jobs = await self.store.claim_many(
                 self.providers.adapters,
@@ -170,6 +178,7 @@ class Workers:
     def _room(self, backend: str) -> int:
         """How many more of a backend's jobs this process may take now: one probe when half-open."""
         if self.breakers.state(backend) == "half_open":
+            self._backlog = True  # one probe only: the backend's other jobs wait for its outcome
             return 1
         return self._in_flight_cap(backend) - self._per_backend[backend]
 
@@ -182,7 +191,10 @@ class Workers:
     def _may_run(self, job: JobRecord, agent_running: int, project_running: int) -> bool:
         """The running-jobs caps of the job's agent and project (quota `running_jobs`)."""
         rules = self.policy().rules_for(agent=job.agent, project=job.project)
-        return may_start(rules.agent_quota, agent_running) and may_start(rules.project_quota, project_running)
+        if may_start(rules.agent_quota, agent_running) and may_start(rules.project_quota, project_running):
+            return True
+        self._backlog = True  # held back until one of its agent's or project's jobs ends
+        return False
 
     async def _heartbeat_loop(self) -> None:
         while True:
@@ -250,7 +262,8 @@ class Workers:
             self._per_backend[job.backend] -= 1
             if self._per_backend[job.backend] <= 0:
                 del self._per_backend[job.backend]
-            self.wake()
+            if self._backlog:
+                self.wake()
 
     async def _drive(self, job: JobRecord) -> None:
         adapter = self.providers.adapter_for(job.backend)

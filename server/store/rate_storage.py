@@ -14,12 +14,14 @@ does it)::
 then `limits.storage.storage_from_string(uri)` returns a `SqliteRateStorage` (`limits.aio.storage`
 has no `storage_from_string` of its own; the one factory serves sync and async schemes).
 
-Every acquire runs in one `BEGIN IMMEDIATE` transaction: the write lock is taken before the
-count is read, so check-and-insert is one step for every process and the decision is exact
-under any contention. A hit has no fsync (`synchronous = NORMAL`), so it is made at once on the
-event loop's thread when the write lock is free; otherwise it runs whole on the connection's
-thread, which waits for the lock, committed with the other hits waiting then
-(`server/store/sqlite_thread.py`).
+A moving-window hit is one statement: an `INSERT ... SELECT` that reads the window's use and
+adds the hit only if it leaves room. SQLite takes the write lock before such a statement reads,
+so check-and-insert is one step for every process and the decision is exact under any
+contention, with no transaction of its own; a key's hits that left its window are deleted once
+per window length, in the same transaction as a hit. A hit has no fsync (`synchronous = NORMAL`),
+so it is made at once on the event loop's thread when the write lock is free; otherwise it runs
+whole on the connection's thread, which waits for the lock, committed with the other hits
+waiting then (`server/store/sqlite_thread.py`).
 """
 
 from __future__ import annotations
@@ -39,12 +41,14 @@ from limits.aio.storage import MovingWindowSupport, SlidingWindowCounterSupport,
 from limits.errors import ConfigurationError
 from limits.storage.base import TimestampedSlidingWindow
 
+from qpu_gateway.store import observer
 from qpu_gateway.store.sqlite_thread import (
     Busy,
     GroupWriter,
     WouldWait,
     quick_connection,
     read_here_first,
+    trace_async,
     write_gate,
     write_now,
 )
@@ -95,11 +99,29 @@ _FIRST_VERSION = (
 _PRUNE_KEY = "DELETE FROM rate_hits WHERE key = ? AND at <= ?"
 _SWEEP_HITS = "DELETE FROM rate_hits WHERE expires_at <= ?"
 _SWEEP_EVERY_S = 60.0
+# The keys whose left-behind hits were pruned lately, at most this many remembered (then forgotten
+# all at once: a forgotten key is pruned at its next hit).
+_PRUNED_KEYS_MAX = 10_000
 _PRUNE_COUNTERS = "DELETE FROM rate_counters WHERE expires_at <= ?"
 _NEWEST_HIT = "SELECT at, tie, total FROM rate_hits WHERE key = ? ORDER BY at DESC, tie DESC LIMIT 1"
 # The first hit after the given instant, and the key's total before it.
 _FIRST_IN_WINDOW = "SELECT at, total - amount FROM rate_hits WHERE key = ? AND at > ? ORDER BY at, tie LIMIT 1"
-_ADD_HIT = "INSERT INTO rate_hits (key, at, tie, amount, total, expires_at) VALUES (?, ?, ?, ?, ?, ?)"
+# A hit in one statement: the window's use is read (as `_moving_window` does) and the hit added
+# only if it leaves room, all inside the INSERT, which takes the write lock before it reads, so
+# check-and-add is one step for every process without a transaction of its own. A clock that
+# stepped back records the hit at the newest one's instant (the next tie), so a key's totals grow
+# in the order of its hits' times, which the window arithmetic relies on.
+_ACQUIRE = """
+INSERT INTO rate_hits (key, at, tie, amount, total, expires_at)
+SELECT :key, max(:now, coalesce(n.at, :now)),
+       CASE WHEN n.at IS NOT NULL AND :now <= n.at THEN n.tie + 1 ELSE 0 END,
+       :amount, coalesce(n.total, 0) + :amount, max(:now, coalesce(n.at, :now)) + :expiry
+FROM (SELECT 1)
+LEFT JOIN (SELECT at, tie, total FROM rate_hits WHERE key = :key ORDER BY at DESC, tie DESC LIMIT 1) AS n
+LEFT JOIN (SELECT total - amount AS before FROM rate_hits WHERE key = :key AND at > :since
+           ORDER BY at, tie LIMIT 1) AS o
+WHERE coalesce(n.total - o.before, 0) + :amount <= :limit
+"""
 _COUNTER = "SELECT count, expires_at FROM rate_counters WHERE key = ? AND expires_at > ?"
 _TWO_COUNTERS = "SELECT key, count FROM rate_counters WHERE key IN (?, ?) AND expires_at > ?"
 # A counter's expiry is set when it is created and kept while it grows (a fixed window).
@@ -168,6 +190,7 @@ async def _prepare(conn: aiosqlite.Connection) -> None:
         raise
 
 
+@observer.operations("rate_limit.")
 class SqliteRateStorage(Storage, MovingWindowSupport, SlidingWindowCounterSupport, TimestampedSlidingWindow):
     """Rate-limit state in a SQLite file: moving window, sliding window counter and fixed window."""
 
@@ -188,6 +211,10 @@ class SqliteRateStorage(Storage, MovingWindowSupport, SlidingWindowCounterSuppor
         # Held while the connection is opened or closed; its work queues on its thread.
         self._lock = anyio.Lock()
         self._next_sweep = 0.0
+        # key -> when its hits that left the window are next deleted. Left-behind hits cost no
+        # lookup (the window is found by seeking, not scanning), only room, so a key is pruned
+        # once per window length rather than at every hit: most hits are then one statement.
+        self._next_prune: dict[str, float] = {}
 
     @property
     def base_exceptions(self) -> type[Exception] | tuple[type[Exception], ...]:
@@ -217,6 +244,7 @@ class SqliteRateStorage(Storage, MovingWindowSupport, SlidingWindowCounterSuppor
             await anyio.Path(self.path.parent).mkdir(parents=True, exist_ok=True)
             conn = await aiosqlite.connect(self.path, isolation_level=None, timeout=_BUSY_TIMEOUT_S)
             try:
+                await trace_async(conn)
                 await conn.execute("PRAGMA busy_timeout = 10000")
                 # NORMAL, not FULL: a power cut may forget the last few hits (a little allowance
                 # handed back; money lives in the store's ledger), where an fsync per hit would
@@ -253,16 +281,19 @@ class SqliteRateStorage(Storage, MovingWindowSupport, SlidingWindowCounterSuppor
         except Busy:
             raise sqlite3.OperationalError("database is locked") from None
 
-    async def _write(self, work: Callable[[sqlite3.Connection, float], T]) -> T:
+    async def _write(self, work: Callable[[sqlite3.Connection, float], T], *, single_statement: bool = False) -> T:
         """`work(connection, now)` in a write transaction holding SQLite's write lock (committed with
-        the other hits waiting then). `now` is read once the lock is held: a process that waited
-        for the lock must not decide with the instant it started waiting."""
+        the other hits waiting then), or none when it is `single_statement`. `now` is read once the
+        lock is held: a process that waited for the lock must not decide with the instant it
+        started waiting."""
         _, writer = await self._connection()
         if self._quick is not None:
             with contextlib.suppress(WouldWait):
-                return write_now(self._quick, self._gate, lambda db: work(db, time.time()))
+                return write_now(
+                    self._quick, self._gate, lambda db: work(db, time.time()), single_statement=single_statement
+                )
         try:
-            return await writer.run(lambda db: work(db, time.time()))
+            return await writer.run(lambda db: work(db, time.time()), single_statement=single_statement)
         except Busy:
             raise sqlite3.OperationalError("database is locked") from None
 
@@ -321,24 +352,27 @@ class SqliteRateStorage(Storage, MovingWindowSupport, SlidingWindowCounterSuppor
         """Record a hit of cost `amount` if the last `expiry` seconds leave room for it under `limit`."""
         if amount > limit:
             return False
+        if amount <= 0:  # nothing to count: only whether the window is over its limit already
+            _, used, _ = await self._read(lambda db, now: _moving_window(db, key, now - expiry))
+            return used + amount <= limit
+        return await self._acquire(key, limit, expiry, amount)
+
+    async def _acquire(self, key: str, limit: int, expiry: int, amount: int) -> bool:
+        """A hit of `amount` > 0: one statement (`_ACQUIRE`), and now and then a prune before it."""
+        upkeep = time.time() >= min(self._next_sweep, self._next_prune.get(key, 0.0))
 
         def work(db: sqlite3.Connection, now: float) -> bool:
-            self._sweep_now_and_then(db, now)
-            db.execute(_PRUNE_KEY, (key, now - expiry))
-            _, used, newest = _moving_window(db, key, now - expiry)
-            if used + amount > limit:
-                return False
-            if amount <= 0:  # nothing to count
-                return True
-            # A clock that stepped back records the hit at the newest one's instant, so a key's
-            # totals grow in the order of its hits' times (what the window arithmetic relies on).
-            at, tie, total = now, 0, 0
-            if newest is not None:
-                at, tie, total = max(now, newest[0]), (newest[1] + 1 if now <= newest[0] else 0), newest[2]
-            db.execute(_ADD_HIT, (key, at, tie, amount, total + amount, at + expiry))
-            return True
+            if upkeep:
+                self._sweep_now_and_then(db, now)
+                if now >= self._next_prune.get(key, 0.0):
+                    db.execute(_PRUNE_KEY, (key, now - expiry))
+                    if len(self._next_prune) >= _PRUNED_KEYS_MAX:
+                        self._next_prune.clear()
+                    self._next_prune[key] = now + expiry
+            params = {"key": key, "since": now - expiry, "now": now, "amount": amount, "expiry": expiry, "limit": limit}
+            return db.execute(_ACQUIRE, params).rowcount == 1
 
-        return await self._write(work)
+        return await self._write(work, single_statement=not upkeep)
 
     def _sweep_now_and_then(self, db: sqlite3.Connection, now: float) -> None:
         """Drop expired hits of every key, at most once a minute per process (a scan of the table)."""

@@ -31,7 +31,7 @@ import anyio
 from qpu_gateway.audit.chain import GENESIS, chain_hash
 from qpu_gateway.jobs.states import TERMINAL, JobState, sources_of
 from qpu_gateway.policy.decisions import Refusal
-from qpu_gateway.store import StoreError
+from qpu_gateway.store import StoreError, observer
 from qpu_gateway.store.records import (
     AdmissionFacts,
     AuditEntry,
@@ -49,6 +49,7 @@ from qpu_gateway.store.sqlite_thread import (
     Work,
     quick_connection,
     read_here_first,
+    trace_async,
     would_wait,
     write_gate,
 )
@@ -126,6 +127,39 @@ _COUNTS_BY = {
     "AND state IN ('queued', 'pending_approval', 'submitting', 'running')",
 }
 # Waiting (queued or held for approval) and running jobs per agent or backend, for operators' lists.
+# Everything admission decides on, in one statement of tagged rows: the agent's and the project's
+# ledger sums (one row per status, as `_TOTALS`), their waiting and running jobs (as `_COUNTS_BY`),
+# the loop guard's count of recent repeats, and the agent's or backend's pause if any.
+_SUMS = """status,
+    coalesce(sum(CASE WHEN day = :day THEN cost_micro_usd END), 0),
+    coalesce(sum(CASE WHEN day = :day THEN shots END), 0),
+    coalesce(sum(CASE WHEN day = :day THEN qpu_millis END), 0),
+    coalesce(sum(CASE WHEN month = :month THEN cost_micro_usd END), 0),
+    coalesce(sum(CASE WHEN month = :month THEN shots END), 0),
+    coalesce(sum(CASE WHEN month = :month THEN qpu_millis END), 0),
+    coalesce(sum(cost_micro_usd), 0), coalesce(sum(shots), 0), coalesce(sum(qpu_millis), 0)"""
+_WAITING_RUNNING = """coalesce(sum(state IN ('queued', 'pending_approval')), 0),
+    coalesce(sum(state IN ('submitting', 'running')), 0), 0, 0, 0, 0, 0, 0, 0"""
+_ACTIVE_STATES = "state IN ('queued', 'pending_approval', 'submitting', 'running')"
+_ADMISSION_FACTS = (
+    """
+SELECT 'agent', {sums} FROM ledger WHERE agent = :agent AND status IN ('reserved', 'committed') GROUP BY status
+UNION ALL
+SELECT 'project', {sums} FROM ledger WHERE project = :project AND status IN ('reserved', 'committed') GROUP BY status
+UNION ALL
+SELECT 'agent_jobs', NULL, {waiting_running} FROM jobs WHERE agent = :agent AND {active}
+UNION ALL
+SELECT 'project_jobs', NULL, {waiting_running} FROM jobs WHERE project = :project AND {active}
+UNION ALL
+SELECT 'repeats', NULL, count(*), 0, 0, 0, 0, 0, 0, 0, 0 FROM jobs
+WHERE agent = :agent AND backend = :backend AND fingerprint = :fingerprint AND created_at > :since
+UNION ALL
+SELECT 'pause', kind, name, reason, paused_by, paused_at, 0, 0, 0, 0, 0 FROM pauses
+WHERE (kind = 'agent' AND name = :agent) OR (kind = 'backend' AND name = :backend)
+""".replace("{sums}", _SUMS)
+    .replace("{waiting_running}", _WAITING_RUNNING)
+    .replace("{active}", _ACTIVE_STATES)
+)
 _ACTIVE = (
     "SELECT {column}, sum(state IN ('queued', 'pending_approval')), sum(state IN ('submitting', 'running')) "
     "FROM jobs WHERE state IN ('queued', 'pending_approval', 'submitting', 'running') GROUP BY {column}"
@@ -137,7 +171,7 @@ _ACTIVE_BY = {"agent": _ACTIVE.replace("{column}", "agent"), "backend": _ACTIVE.
 # reclaimed before the provider took them); one already at a provider is still claimed, to be
 # polled to its end.
 _CLAIM_CANDIDATES = """
-SELECT j.seq, j.state, j.agent, j.project FROM jobs j LEFT JOIN agent_turns t ON t.agent = j.agent
+SELECT j.seq, j.state, j.agent FROM jobs j LEFT JOIN agent_turns t ON t.agent = j.agent
 WHERE ((j.state = 'queued' AND coalesce(j.not_before, 0) <= ?)
        OR (j.state IN ('submitting', 'running') AND j.lease_expires < ?))
   AND substr(j.backend, 1, instr(j.backend, '/') - 1) IN (SELECT value FROM json_each(?))
@@ -147,7 +181,7 @@ WHERE ((j.state = 'queued' AND coalesce(j.not_before, 0) <= ?)
        OR (j.agent NOT IN (SELECT name FROM pauses WHERE kind = 'agent')
            AND j.backend NOT IN (SELECT name FROM pauses WHERE kind = 'backend')))
 ORDER BY j.state != 'queued' DESC, j.priority DESC, coalesce(t.last_claimed_at, 0), j.seq
-LIMIT 64
+LIMIT ?
 """
 # Whether a claim could take anything: read first, so a worker polling an empty queue (every
 # process does, twice a second) takes no write lock.
@@ -162,6 +196,15 @@ WHERE ((j.state = 'queued' AND coalesce(j.not_before, 0) <= ?)
            AND j.backend NOT IN (SELECT name FROM pauses WHERE kind = 'backend')))
 LIMIT 1
 """
+# A queued candidate that `may_run` must judge, whole, with its agent's and project's running jobs.
+_CANDIDATE = """
+SELECT j.*,
+    (SELECT count(*) FROM jobs r WHERE r.agent = j.agent AND r.state IN ('submitting', 'running')) AS agent_running,
+    (SELECT count(*) FROM jobs r WHERE r.project = j.project AND r.state IN ('submitting', 'running'))
+        AS project_running
+FROM jobs j WHERE j.seq = ?
+"""
+_CANDIDATES_LIMIT = 64
 _CLAIM_ONE = """
 UPDATE jobs SET
     state = CASE WHEN state = 'queued' THEN 'submitting' ELSE state END,
@@ -187,7 +230,6 @@ _KEYS = (
     "LEFT JOIN pauses p ON p.kind = 'agent' AND p.name = k.agent"
 )
 _PAUSE = "SELECT * FROM pauses WHERE kind = ? AND name = ?"
-_PAUSES_OF_JOB = "SELECT * FROM pauses WHERE (kind = 'agent' AND name = ?) OR (kind = 'backend' AND name = ?)"
 _BY_IDEMPOTENCY_KEY = "SELECT * FROM jobs WHERE agent = ? AND idempotency_key = ?"
 _NO_CURSOR = 2**62
 _LIST_JOBS = {
@@ -208,14 +250,43 @@ def _busy_timeout_s() -> float:
 
 
 _BUSY = "The gateway database is busy (another process holds its write lock); nothing was written. Try again shortly."
-# The next audit seq and the hash to chain to. The seq comes from AUTOINCREMENT's counter, not
-# max(seq): a deleted last row then leaves a gap the verifier sees, instead of its seq being
-# reused and the chain continuing as if nothing had been cut off.
-_AUDIT_NEXT = """
-SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'audit'), 0),
-           coalesce((SELECT max(seq) FROM audit), 0)) + 1,
-       (SELECT row_hash FROM audit ORDER BY seq DESC LIMIT 1)
+# One audit row in one statement: the next seq and the hash to chain to are read, and the row's hash
+# computed (`audit_row_hash`, the chain's own `chain_hash` registered as a SQL function on the
+# writing connection), inside the INSERT, so no other writer can come between. The seq comes
+# from AUTOINCREMENT's counter, not max(seq): a deleted last row then leaves a gap the verifier
+# sees, instead of its seq being reused and the chain continuing as if nothing had been cut off.
+_INSERT_AUDIT = """
+INSERT INTO audit (seq, at, agent, project, key_id, tool, decision, error_code, args_hash, job_id, detail,
+                   operator, prev_hash, row_hash)
+SELECT head.seq, :at, :agent, :project, :key_id, :tool, :decision, :error_code, :args_hash, :job_id, :detail,
+       :operator, head.prev,
+       audit_row_hash(head.prev, head.seq, :at, :agent, :project, :key_id, :tool, :decision, :error_code,
+                      :args_hash, :job_id, :detail, :operator)
+FROM (SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'audit'), 0),
+                 coalesce((SELECT max(seq) FROM audit), 0)) + 1 AS seq,
+             -- the first row, or the first after rows older than the chain, links to the genesis
+             coalesce((SELECT row_hash FROM audit ORDER BY seq DESC LIMIT 1), :genesis) AS prev) AS head
 """
+
+
+def _audit_row_hash(prev_hash: str, seq: int, at: float, *values: str | None) -> str:
+    """`chain_hash` of one row, as the SQL function `audit_row_hash` (arguments in `_INSERT_AUDIT`'s order)."""
+    content: dict[str, Any] = {"seq": seq, "at": at, **dict(zip(_AUDIT_TEXT, values, strict=True))}
+    return chain_hash(prev_hash, content)
+
+
+_AUDIT_TEXT = (
+    "agent",
+    "project",
+    "key_id",
+    "tool",
+    "decision",
+    "error_code",
+    "args_hash",
+    "job_id",
+    "detail",
+    "operator",
+)
 
 
 async def _connect(path: Path, busy_s: float) -> aiosqlite.Connection:
@@ -224,6 +295,8 @@ async def _connect(path: Path, busy_s: float) -> aiosqlite.Connection:
     except sqlite3.Error as exc:
         raise _store_error(exc) from None
     conn.row_factory = aiosqlite.Row
+    await trace_async(conn)
+    await conn.create_function("audit_row_hash", 2 + 1 + len(_AUDIT_TEXT), _audit_row_hash, deterministic=True)
     return conn
 
 
@@ -307,6 +380,7 @@ def _store_error(exc: sqlite3.Error) -> StoreError:
     return StoreError(f"database error: {exc}")
 
 
+@observer.operations()
 class SqliteStore:
     def __init__(
         self,
@@ -327,6 +401,10 @@ class SqliteStore:
         # Most reads are a few rows by index, far quicker than a hop to a thread and back; they run
         # on the event loop's thread through a connection that never waits (no busy handler).
         self._quick = quick
+        # A job was queued through this store since the last claim: the claim then goes straight to
+        # its write instead of first reading whether anything is claimable (the read that keeps an
+        # idle worker's poll from taking the write lock).
+        self._queued_here = False
 
     @classmethod
     async def open(cls, path: Path) -> SqliteStore:
@@ -389,11 +467,12 @@ class SqliteStore:
         with _as_store_errors():
             return await read_here_first(self._quick, self._reader, work, self._busy_s)
 
-    async def _write(self, work: Work[T]) -> T:
+    async def _write(self, work: Work[T], *, single_statement: bool = False) -> T:
         """Run `work` in a write transaction on the writer's thread (committed with whatever other
-        writes are waiting then; see `server/store/sqlite_thread.py`): all of it or none."""
+        writes are waiting then; see `server/store/sqlite_thread.py`): all of it or none. A work of
+        `single_statement` needs no transaction of its own when it is the only write waiting."""
         with _as_store_errors():
-            return await self._writer.run(work)
+            return await self._writer.run(work, single_statement=single_statement)
 
     # -- migrations -------------------------------------------------------------------------
 
@@ -470,7 +549,7 @@ class SqliteStore:
         return changed == 1
 
     async def touch_key(self, key_id: str, now: float) -> None:
-        await self._write(_run("UPDATE keys SET last_used_at = ? WHERE id = ?", (now, key_id)))
+        await self._write(_run("UPDATE keys SET last_used_at = ? WHERE id = ?", (now, key_id)), single_statement=True)
 
     async def key_count(self) -> int:
         row = await self._read(_first("SELECT count(*) FROM keys"))
@@ -531,23 +610,14 @@ class SqliteStore:
                 earlier = db.execute(_BY_IDEMPOTENCY_KEY, (job.agent, job.idempotency_key)).fetchone()
                 if earlier is not None:
                     return JobRecord.from_row(earlier), False
-            (repeats,) = db.execute(
-                "SELECT count(*) FROM jobs WHERE agent = ? AND backend = ? AND fingerprint = ? AND created_at > ?",
-                (job.agent, job.backend, job.fingerprint, now - loop_window_s),
-            ).fetchone()
-            # Read here, under the write lock, so no job is admitted once a pause has committed.
-            paused = {row[0]: Pause(*row) for row in db.execute(_PAUSES_OF_JOB, (job.agent, job.backend))}
-            facts = AdmissionFacts(
-                agent=_totals(db, "agent", job.agent, day, month),
-                project=_totals(db, "project", job.project, day, month),
-                repeats=int(repeats),
-                agent_pause=paused.get("agent"),
-                backend_pause=paused.get("backend"),
-            )
+            # Read here, under the write lock, so no job is admitted once a pause has committed, and
+            # each admission sees every reservation made before it.
+            facts = _admission_facts(db, job, now - loop_window_s, day, month)
             refusal = decide(facts)
             if refusal is not None:
                 return refusal
             row = db.execute(_INSERT_JOB, _job_params(job, now)).fetchone()
+            self._queued_here = self._queued_here or job.state is JobState.QUEUED
             db.execute(
                 "INSERT INTO ledger (job_id, agent, project, day, month, status, cost_micro_usd, shots, qpu_millis, "
                 "reserved_at) VALUES (?, ?, ?, ?, ?, 'reserved', ?, ?, ?, ?)",
@@ -650,7 +720,8 @@ class SqliteStore:
         skipped = sorted(set(busy_backends))
         if names == "[]" or limit < 1:
             return []
-        if await self._read(_first(_ANY_CLAIMABLE, (now, now, names, json.dumps(skipped)))) is None:
+        queued_here, self._queued_here = self._queued_here, False
+        if not queued_here and await self._read(_first(_ANY_CLAIMABLE, (now, now, names, json.dumps(skipped)))) is None:
             return []
 
         def work(db: sqlite3.Connection) -> list[JobRecord]:
@@ -662,13 +733,14 @@ class SqliteStore:
                 # Each claim of a batch takes its turn a microsecond after the one before, so agents
                 # still take turns within one batch (turns are ordered by time).
                 turn = now + len(jobs) * 1e-6
-                job = claimer.next(names, json.dumps(sorted(busy)), turn)
-                if job is None:
+                job, more = claimer.next(names, json.dumps(sorted(busy)), turn)
+                if job is not None:
+                    jobs.append(job)
+                    taken[job.backend] += 1
+                    if room is not None and taken[job.backend] >= room(job.backend):
+                        busy.add(job.backend)
+                if not more:
                     break
-                jobs.append(job)
-                taken[job.backend] += 1
-                if room is not None and taken[job.backend] >= room(job.backend):
-                    busy.add(job.backend)
             return jobs
 
         return await self._write(work)
@@ -682,13 +754,15 @@ class SqliteStore:
                 "UPDATE jobs SET lease_expires = ? WHERE lease_owner = ? AND id IN (SELECT value FROM json_each(?)) "
                 "AND state IN ('submitting', 'running') RETURNING id",
                 (until, owner, json.dumps(ids)),
-            )
+            ),
+            single_statement=True,
         )
         return {row[0] for row in rows}
 
     async def record_attempt(self, job_id: str, owner: str) -> None:
         await self._write(
-            _run("UPDATE jobs SET attempts = attempts + 1 WHERE id = ? AND lease_owner = ?", (job_id, owner))
+            _run("UPDATE jobs SET attempts = attempts + 1 WHERE id = ? AND lease_owner = ?", (job_id, owner)),
+            single_statement=True,
         )
 
     async def transition(
@@ -868,7 +942,7 @@ class SqliteStore:
     # -- audit ------------------------------------------------------------------------------
 
     async def append_audit(self, entry: AuditEntry, now: float) -> None:
-        await self._write(lambda db: _insert_audit(db, entry, now))
+        await self._write(lambda db: _insert_audit(db, entry, now), single_statement=True)
 
     async def audit_tail(
         self, *, limit: int, job_id: str | None = None, agent: str | None = None, after_seq: int | None = None
@@ -936,39 +1010,47 @@ class _Claimer:
     now: float
     may_run: Callable[[JobRecord, int, int], bool] | None
 
-    def next(self, providers: str, busy: str, turn: float) -> JobRecord | None:
-        """Claim the next claimable job; `turn` is when its agent's turn is recorded as taken."""
+    def next(self, providers: str, busy: str, turn: float) -> tuple[JobRecord | None, bool]:
+        """Claim the next claimable job; `turn` is when its agent's turn is recorded as taken.
+
+        Also says whether another could be claimable now: not when the job taken was the last of
+        fewer candidates than the query's limit (the candidates only shrink as a round goes on:
+        claimed jobs leave, held-back agents stay held back, busy backends stay busy).
+        """
         # Agents held back by `may_run` are excluded and the candidates read again, so one agent
         # at its running cap with a long queue cannot hide everyone else's jobs.
         refused_agents: set[str] = set()
         while True:
             held = json.dumps(sorted(refused_agents))
-            candidates = self.db.execute(_CLAIM_CANDIDATES, (self.now, self.now, providers, busy, held)).fetchall()
+            params = (self.now, self.now, providers, busy, held, _CANDIDATES_LIMIT)
+            candidates = self.db.execute(_CLAIM_CANDIDATES, params).fetchall()
             if not candidates:
-                return None
+                return None, False
             held_back = len(refused_agents)
-            job = self._take_first(candidates, refused_agents, turn)
+            job, last = self._take_first(candidates, refused_agents, turn)
             if job is not None:
-                return job
+                return job, not (last and len(candidates) < _CANDIDATES_LIMIT)
             if len(refused_agents) == held_back:  # nobody new was held back: nothing else can run
-                return None
+                return None, False
 
-    def _take_first(self, candidates: list[sqlite3.Row], refused_agents: set[str], turn: float) -> JobRecord | None:
-        """Claim the first candidate that may run; agents found at their cap are added to `refused_agents`.
+    def _take_first(
+        self, candidates: list[sqlite3.Row], refused_agents: set[str], turn: float
+    ) -> tuple[JobRecord | None, bool]:
+        """Claim the first candidate that may run, and say whether it was the last candidate; agents
+        found at their cap are added to `refused_agents`.
 
-        Candidates are (seq, state, agent, project): only the job taken, or one `may_run` must see,
+        Candidates are (seq, state, agent): only the job taken, or one `may_run` must see,
         is read and decoded whole.
         """
         db, now = self.db, self.now
-        for seq, state, agent, project in candidates:
+        for index, (seq, state, agent) in enumerate(candidates):
             reclaim = state != JobState.QUEUED.value
             if not reclaim and self.may_run is not None:
                 if agent in refused_agents:
                     continue
-                agent_running = _counts(db, "agent", agent)[1]
-                project_running = _counts(db, "project", project)[1]
-                candidate = JobRecord.from_row(db.execute("SELECT * FROM jobs WHERE seq = ?", (seq,)).fetchone())
-                if not self.may_run(candidate, agent_running, project_running):
+                data = dict(db.execute(_CANDIDATE, (seq,)).fetchone())
+                agent_running, project_running = data.pop("agent_running"), data.pop("project_running")
+                if not self.may_run(JobRecord.from_row(data), int(agent_running), int(project_running)):
                     refused_agents.add(agent)
                     continue
             # A queued job becomes `submitting`; a job whose worker stopped heartbeating keeps
@@ -995,8 +1077,8 @@ class _Claimer:
                 ),
                 now,
             )
-            return job
-        return None
+            return job, index == len(candidates) - 1
+        return None, True
 
 
 def _job_params(job: NewJob, now: float) -> tuple[Any, ...]:
@@ -1055,30 +1137,59 @@ def _totals(
     return LedgerTotals(committed=committed, reserved=reserved, queued_jobs=queued, running_jobs=running)
 
 
+def _admission_facts(db: sqlite3.Connection, job: NewJob, since: float, day: str, month: str) -> AdmissionFacts:
+    """The facts `admit` decides on, read in one statement (`_ADMISSION_FACTS`)."""
+    params = {
+        "agent": job.agent,
+        "project": job.project,
+        "backend": job.backend,
+        "fingerprint": job.fingerprint,
+        "since": since,
+        "day": day,
+        "month": month,
+    }
+    sums: dict[str, tuple[dict[str, tuple[int, int, int]], dict[str, tuple[int, int, int]]]] = {
+        "agent": ({}, {}),
+        "project": ({}, {}),
+    }
+    jobs = {"agent_jobs": (0, 0), "project_jobs": (0, 0)}
+    repeats = 0
+    pauses: dict[str, Pause] = {}
+    for part, status, *values in db.execute(_ADMISSION_FACTS, params):
+        if part in sums:
+            numbers = [int(v) for v in values]
+            committed, reserved = sums[part]
+            target = committed if status == "committed" else reserved
+            target.update(day=tuple(numbers[0:3]), month=tuple(numbers[3:6]), total=tuple(numbers[6:9]))  # type: ignore[arg-type]
+        elif part in jobs:
+            jobs[part] = (int(values[0]), int(values[1]))
+        elif part == "repeats":
+            repeats = int(values[0])
+        else:
+            pauses[status] = Pause(status, *values[:4])
+    totals = {
+        who: LedgerTotals(
+            committed=sums[who][0],
+            reserved=sums[who][1],
+            queued_jobs=jobs[f"{who}_jobs"][0],
+            running_jobs=jobs[f"{who}_jobs"][1],
+        )
+        for who in ("agent", "project")
+    }
+    return AdmissionFacts(
+        agent=totals["agent"],
+        project=totals["project"],
+        repeats=repeats,
+        agent_pause=pauses.get("agent"),
+        backend_pause=pauses.get("backend"),
+    )
+
+
 def _insert_audit(db: sqlite3.Connection, entry: AuditEntry, now: float) -> None:
     """Append one row, chained to the row with the highest seq (exact across processes: the
     caller holds the write lock from BEGIN IMMEDIATE, so no other writer comes between)."""
-    seq, prev_hash = db.execute(_AUDIT_NEXT).fetchone()
-    content = {
-        "seq": int(seq),
-        "at": float(now),
-        "agent": entry.agent,
-        "project": entry.project,
-        "key_id": entry.key_id,
-        "tool": entry.tool,
-        "decision": entry.decision,
-        "error_code": entry.error_code,
-        "args_hash": entry.args_hash,
-        "job_id": entry.job_id,
-        "detail": entry.detail,
-        "operator": entry.operator,
-    }
-    prev_hash = prev_hash or GENESIS  # the first row, or the first after rows older than the chain
-    db.execute(
-        "INSERT INTO audit (seq, at, agent, project, key_id, tool, decision, error_code, args_hash, job_id, detail, "
-        "operator, prev_hash, row_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (*content.values(), prev_hash, chain_hash(prev_hash, content)),
-    )
+    params = {name: getattr(entry, name) for name in _AUDIT_TEXT}
+    db.execute(_INSERT_AUDIT, {**params, "at": float(now), "genesis": GENESIS})
 
 
 def _key(row: Any) -> KeyRecord:

@@ -9,8 +9,9 @@ loop turn. Here a store operation is one plain function over the `sqlite3` conne
   `read_here_first` first tries it on the event loop's own thread, through a connection with no
   busy handler: most reads are a few rows by index, far quicker than a hop.
 - `GroupWriter.run` queues it for the writer's thread, which takes every write waiting at that
-  moment into one `BEGIN IMMEDIATE ... COMMIT`, each write in a savepoint of its own (a failing
-  write is rolled back alone; the others commit). Writes that arrive during a commit go in the
+  moment into one `BEGIN IMMEDIATE ... COMMIT`, each write in a savepoint of its own when there
+  are several (a failing write is rolled back alone; the others commit). A write alone needs no
+  savepoint, and one that is a single statement no transaction of its own. Writes that arrive during a commit go in the
   next one, so one fsync serves many calls and nothing waits on a timer. Inside the transaction
   they run one after another, so each decides on what the writes before it left (a quota check
   sees every earlier reservation, the audit chain links row to row).
@@ -34,10 +35,13 @@ import sqlite3
 import threading
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import aiosqlite
 import anyio
+
+from qpu_gateway.store import observer
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -57,9 +61,11 @@ class Busy(Exception):
 
 async def read(conn: aiosqlite.Connection, work: Work[T], patience_s: float) -> T:
     """Run `work(sqlite3 connection)` on the connection's thread; `Busy` if it has not ended within `patience_s`."""
+    observer.round_trip("hop")
+    carried = observer.carried(work)
     try:
         with anyio.fail_after(patience_s):
-            return await _queue(conn)(lambda: work(conn._conn))
+            return await _queue(conn)(lambda: carried(conn._conn))
     except TimeoutError:
         raise Busy from None
 
@@ -75,6 +81,7 @@ def quick_connection(path: os.PathLike[str] | str, *pragmas: str) -> sqlite3.Con
     waits; a statement that would wait fails at once with "locked" (see `would_wait`)."""
     quick = sqlite3.connect(str(path), isolation_level=None, timeout=0)
     try:
+        trace(quick)
         quick.row_factory = sqlite3.Row
         for pragma in pragmas:
             quick.execute(f"PRAGMA {pragma}")
@@ -91,6 +98,7 @@ async def read_here_first(
     once; otherwise, or when called from another thread, on `conn`'s thread (`read`)."""
     if quick is not None:
         try:
+            observer.round_trip("direct")
             return work(quick)
         except sqlite3.OperationalError as exc:
             if not would_wait(exc):
@@ -100,6 +108,21 @@ async def read_here_first(
     return await read(conn, work, patience_s)
 
 
+@dataclass(frozen=True, slots=True)
+class _Write:
+    """A write waiting for its group: the work, its caller's future, and how its SQL is run (under
+    the caller's store operation, so an observer counts each statement to the call that caused it)."""
+
+    work: Work[Any]
+    done: Future[Any]
+    execute: Callable[[sqlite3.Connection, str], object]
+    single: bool  # the work is one statement: alone, it needs no BEGIN and COMMIT of its own
+
+
+def _execute(db: sqlite3.Connection, sql: str) -> object:
+    return db.execute(sql)
+
+
 class GroupWriter:
     """One connection's write transactions, committed in groups on its thread."""
 
@@ -107,19 +130,22 @@ class GroupWriter:
         self._conn = conn
         self._gate = gate
         self._patience_s = patience_s
-        self._waiting: list[tuple[Work[Any], Future[Any]]] = []
+        self._waiting: list[_Write] = []
         self._lock = threading.Lock()
 
-    async def run(self, work: Work[T]) -> T:
+    async def run(self, work: Work[T], *, single_statement: bool = False) -> T:
         """Run `work` in a write transaction and return what it returned, or raise what it raised.
 
-        `Busy` if it could not start within the patience (another process held the database
+        With `single_statement` (the work runs exactly one statement, which SQLite makes atomic by
+        itself, taking the write lock before it reads) a write that finds no other waiting is run
+        without BEGIN and COMMIT. `Busy` if it could not start within the patience (another process held the database
         long, or this one's queue was long): it is then withdrawn, and nothing of it is written.
         A caller cancelled before its work starts withdraws it; once started, the caller waits.
         """
         done: Future[T] = Future()
+        observer.round_trip("hop")
         with self._lock:
-            self._waiting.append((work, done))
+            self._waiting.append(_Write(observer.carried(work), done, observer.carried(_execute), single_statement))
         try:
             with anyio.fail_after(self._patience_s):
                 # Returns once this call's work has been committed or refused: the thread runs
@@ -141,7 +167,7 @@ class GroupWriter:
             with self._lock:
                 group, self._waiting = self._waiting[:GROUP_MAX], self._waiting[GROUP_MAX:]
             # Withdrawn writes (their caller gave up before this) are left out.
-            group = [(work, done) for work, done in group if done.set_running_or_notify_cancel()]
+            group = [write for write in group if write.done.set_running_or_notify_cancel()]
             if not group:
                 with self._lock:
                     if not self._waiting:
@@ -154,31 +180,39 @@ class GroupWriter:
                 raise
 
 
-def _commit_group(
-    db: sqlite3.Connection, gate: threading.Lock, patience_s: float, group: list[tuple[Work[Any], Future[Any]]]
-) -> None:
-    """Run each write of `group` in its own savepoint of one transaction and commit them together."""
+def _commit_group(db: sqlite3.Connection, gate: threading.Lock, patience_s: float, group: list[_Write]) -> None:
+    """Run the writes of `group` in one transaction and commit them together.
+
+    Several writes each get a savepoint, so a failing one is rolled back alone; a write alone
+    needs none (if it fails, the whole transaction is rolled back), and a write alone that is a
+    single statement needs no transaction of its own. BEGIN and COMMIT are run as the first
+    write's (it opened the transaction; the others joined it).
+    """
     if not gate.acquire(timeout=patience_s):
         _fail_all(group, sqlite3.OperationalError("database is locked (by another writer of this process)"))
         return
     try:
+        if len(group) == 1:
+            _commit_one(db, group[0])
+            return
         outcomes: list[tuple[Future[Any], bool, Any]] = []
+        opener = group[0].execute
         try:
-            db.execute("BEGIN IMMEDIATE")
-            for work, done in group:
-                db.execute("SAVEPOINT one_write")
+            opener(db, "BEGIN IMMEDIATE")
+            for write in group:
+                write.execute(db, "SAVEPOINT one_write")
                 try:
-                    value = work(db)
+                    value = write.work(db)
                 except Exception as exc:
                     if not db.in_transaction:
                         raise  # SQLite ended the whole transaction (disk full, I/O error): all fail
-                    db.execute("ROLLBACK TO one_write")
-                    db.execute("RELEASE one_write")
-                    outcomes.append((done, False, exc))
+                    write.execute(db, "ROLLBACK TO one_write")
+                    write.execute(db, "RELEASE one_write")
+                    outcomes.append((write.done, False, exc))
                 else:
-                    db.execute("RELEASE one_write")
-                    outcomes.append((done, True, value))
-            db.execute("COMMIT")
+                    write.execute(db, "RELEASE one_write")
+                    outcomes.append((write.done, True, value))
+            opener(db, "COMMIT")
         except Exception as exc:
             rollback(db)
             _fail_all(group, exc)
@@ -192,13 +226,37 @@ def _commit_group(
             done.set_exception(value)
 
 
-def write_now(db: sqlite3.Connection, gate: threading.Lock, work: Work[T]) -> T:
+def _commit_one(db: sqlite3.Connection, write: _Write) -> None:
+    """A group of one write: its own transaction, or none for a single statement."""
+    try:
+        if not write.single:
+            write.execute(db, "BEGIN IMMEDIATE")
+        value = write.work(db)
+        if not write.single:
+            write.execute(db, "COMMIT")
+    except Exception as exc:
+        rollback(db)
+        write.done.set_exception(exc)
+    else:
+        write.done.set_result(value)
+
+
+def write_now(db: sqlite3.Connection, gate: threading.Lock, work: Work[T], *, single_statement: bool = False) -> T:
     """Run `work` in a write transaction on this thread, unless that would wait: `WouldWait` (and
     nothing done) if this process's other writer or another process holds the write lock. `db`
-    must have no busy handler (timeout 0), so it never waits."""
+    must have no busy handler (timeout 0), so it never waits. With `single_statement` (the work
+    is exactly one statement, atomic by itself) it runs without BEGIN and COMMIT."""
     if not gate.acquire(blocking=False):
         raise WouldWait
+    observer.round_trip("direct")
     try:
+        if single_statement:
+            try:
+                return work(db)
+            except sqlite3.OperationalError as exc:
+                if would_wait(exc) and not db.in_transaction:
+                    raise WouldWait from None  # the statement never started: nothing was written
+                raise
         try:
             db.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as exc:
@@ -216,10 +274,22 @@ def write_now(db: sqlite3.Connection, gate: threading.Lock, work: Work[T]) -> T:
         gate.release()
 
 
-def _fail_all(group: list[tuple[Work[Any], Future[Any]]], exc: BaseException) -> None:
-    for _, done in group:
-        if not done.done():
-            done.set_exception(exc)
+def trace(db: sqlite3.Connection) -> None:
+    """Report every statement `db` runs to the store's observer, if one is installed."""
+    if observer.current() is not None:
+        db.set_trace_callback(observer.statement)
+
+
+async def trace_async(conn: aiosqlite.Connection) -> None:
+    """`trace` for an aiosqlite connection (set on its own thread)."""
+    if observer.current() is not None:
+        await conn.set_trace_callback(observer.statement)
+
+
+def _fail_all(group: list[_Write], exc: BaseException) -> None:
+    for write in group:
+        if not write.done.done():
+            write.done.set_exception(exc)
 
 
 async def _outcome(done: Future[T]) -> None:
