@@ -44,7 +44,9 @@ def test_moves_the_table_forbids_raise_illegal_transition(old: JobState, new: Jo
         check_transition(old, new)
 
 
-@pytest.mark.parametrize(("old", "new"), [(old, new) for old, targets in TRANSITIONS.items() for new in sorted(targets)])
+@pytest.mark.parametrize(
+    ("old", "new"), [(old, new) for old, targets in TRANSITIONS.items() for new in sorted(targets)]
+)
 def test_every_move_in_the_table_is_allowed(old: JobState, new: JobState) -> None:
     check_transition(old, new)
 
