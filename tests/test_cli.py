@@ -441,6 +441,7 @@ COMMANDS = [
     ("backends", "pause"),
     ("backends", "resume"),
     ("backends", "list"),
+    ("processes",),
     ("audit",),
     ("audit", "tail"),
     ("audit", "verify"),

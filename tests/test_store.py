@@ -14,7 +14,16 @@ import pytest
 from qpu_gateway.jobs.states import JobState
 from qpu_gateway.policy.decisions import Refusal
 from qpu_gateway.store import Store, open_store
-from qpu_gateway.store.records import AdmissionFacts, AuditEntry, JobRecord, KeyRecord, LedgerTotals, NewJob, StateUsage
+from qpu_gateway.store.records import (
+    AdmissionFacts,
+    AuditEntry,
+    JobRecord,
+    KeyRecord,
+    LedgerTotals,
+    NewJob,
+    ProcessReport,
+    StateUsage,
+)
 from qpu_gateway.store.sqlite import SqliteStore
 
 from .support import BELL2, BELL3
@@ -31,6 +40,7 @@ MIGRATIONS = [
     "0003_audit_chain.sql",
     "0004_operator.sql",
     "0005_worker_retries_and_timeouts.sql",
+    "0006_processes.sql",
 ]
 
 
@@ -824,3 +834,36 @@ async def test_the_jobs_table_holds_the_record_fields_in_order_so_rows_decode_by
     assert row.keys() == [field.name for field in fields(JobRecord)]
     # By position (a whole row) and by name (a mapping) decode the same.
     assert JobRecord.from_row(row) == JobRecord.from_row(dict(row))
+
+
+# -- processes sharing the database ------------------------------------------------------------------
+
+
+def report(process_id: str, seen_at: float, policy: str | None = "a" * 64) -> ProcessReport:
+    return ProcessReport(process_id, "host", 1, "http 127.0.0.1:1", T0, seen_at, "/p.toml", policy, None, None)
+
+
+async def test_each_process_report_replaces_its_last_and_silent_processes_drop_out(
+    store: Store, other_store: Store
+) -> None:
+    await store.report_process(report("one", T0))
+    await other_store.report_process(report("two", T0 + 1))
+    await store.report_process(report("one", T0 + 20, policy="b" * 64))
+
+    assert [(r.id, r.policy_sha256) for r in await other_store.processes(T0 - 1)] == [
+        ("one", "b" * 64),
+        ("two", "a" * 64),
+    ]
+    assert [r.id for r in await store.processes(T0 + 5)] == ["one"]  # "two" has not reported since T0 + 1
+    await store.forget_process("one")
+    assert await other_store.processes(T0 - 1) == [report("two", T0 + 1)]
+
+
+async def test_a_shared_secret_is_the_first_processes_and_every_process_gets_it(
+    store: Store, other_store: Store
+) -> None:
+    first = await store.shared_secret("request_state", b"1" * 32)
+    again = await other_store.shared_secret("request_state", b"2" * 32)
+
+    assert first == again == b"1" * 32
+    assert await other_store.shared_secret("another", b"3" * 32) == b"3" * 32

@@ -202,6 +202,17 @@ class Usage(Model):
     running_jobs_limit: int | None
 
 
+class PolicyConsistency(Model):
+    """Whether every gateway process serving this database runs the same policy files as this one."""
+
+    policy_sha256: str | None = Field(description="sha256 of this process's policy file in force (null: none).")
+    overrides_sha256: str | None = Field(description="sha256 of its overrides file in force (null: none).")
+    processes: int = Field(description="Gateway processes on this database seen in the last 15 s, this one included.")
+    policies: int = Field(description="How many different policies they run: 1 when they agree.")
+    agree: bool
+    warning: str | None = None
+
+
 class PolicyView(Model):
     """The caller's effective policy: every rule that applies to them, after the levels merged."""
 
@@ -216,3 +227,6 @@ class PolicyView(Model):
     max_depth: int
     max_shots: int
     max_circuits: int
+    consistency: PolicyConsistency | None = Field(
+        default=None, description="Whether every gateway replica runs this same policy (qpu://policy only)."
+    )

@@ -50,6 +50,9 @@ class PolicySource:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._stamp = self._stat()
+        # The content hashes of the files in force (taken just before parsing, as on a reload): what
+        # every process sharing a database must agree on, and what each reports there.
+        self.sha256, self.overrides_sha256 = _sha256(path), _sha256(overrides_path(path))
         self.current: Policy = load_policy(path)  # at start an invalid file is an error, not a fallback
         self.last_error: str | None = None
 
@@ -81,6 +84,7 @@ class PolicySource:
             log.error("policy file refused, the last good policy stays in force: %s", exc)
             return Reload(False, *hashes, error=str(exc))
         self.current, self.last_error = policy, None
+        self.sha256, self.overrides_sha256 = hashes[1], hashes[3]
         log.info("policy reloaded", extra={"path": str(self.path), "sha256": hashes[1], "overrides_sha256": hashes[3]})
         return Reload(True, *hashes)
 

@@ -18,9 +18,10 @@ from pathlib import Path
 import anyio
 import limits
 from limits.aio.strategies import MovingWindowRateLimiter
+from limits.errors import StorageError
 from limits.storage import storage_from_string
 
-from qpu_gateway.errors import RateLimited
+from qpu_gateway.errors import RateLimited, Unavailable
 from qpu_gateway.keys import Principal
 from qpu_gateway.policy.file import RateRule, Rules
 from qpu_gateway.store.rate_storage import storage_uri
@@ -28,6 +29,17 @@ from qpu_gateway.store.rate_storage import storage_uri
 log = logging.getLogger(__name__)
 
 Progress = Callable[[float, str], Awaitable[None]]
+
+# A Redis that does not answer within this long counts as down: the call is answered `unavailable`
+# rather than held (redis-py waits for ever by default, and a call would hang with it).
+REDIS_TIMEOUT_S = 2.0
+# What an agent is told to wait while the rate-limit storage is down: long enough not to hammer a
+# Redis that is restarting, short enough that work resumes soon after it is back.
+STORAGE_RETRY_S = 5.0
+STORAGE_DOWN = (
+    "The gateway's rate-limit storage did not answer, so this call could not be counted against its "
+    "limits and was not run. Try again after {retry} s; tell the operator if it persists."
+)
 
 
 def default_storage_uri(db_path: Path) -> str:
@@ -41,7 +53,12 @@ def applicable(rules: Rules, tool: str, *, cost: str) -> list[RateRule]:
 
 class RateLimiter:
     def __init__(self, uri: str) -> None:
-        options = {"implementation": "redispy"} if uri.startswith("async+redis") else {}
+        options: dict[str, float | str | bool] = {"wrap_exceptions": True}
+        if uri.startswith("async+redis"):
+            # The client reconnects by itself once Redis is back: no restart needed.
+            options.update(
+                implementation="redispy", socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S
+            )
         self.uri = uri
         self.storage = storage_from_string(uri, **options)
         self.strategy = MovingWindowRateLimiter(self.storage)
@@ -87,10 +104,10 @@ class RateLimiter:
             spent_until, spent_cost = self._spent.get((rule.id, key), (0.0, 0))
             if spent_until > time.time() and cost >= spent_cost:
                 retry_after = spent_until - time.time()
-            elif await self.strategy.hit(item, "qpu", rule.id, key, cost=cost):
+            elif await self._hit(item, rule, key, cost):
                 return
             else:
-                stats = await self.strategy.get_window_stats(item, "qpu", rule.id, key)
+                stats = await self._stats(item, rule, key)
                 retry_after = max(stats.reset_time - time.time(), 0.05)
                 self._spent[(rule.id, key)] = (time.time() + retry_after, cost)
                 self._forget_old()
@@ -105,6 +122,25 @@ class RateLimiter:
             if progress is not None:
                 await progress(waited, f"waiting {retry_after:.1f} s for rate limit {rule.limit} per {rule.per}")
             await anyio.sleep(retry_after)
+
+    async def _hit(self, item: limits.RateLimitItem, rule: RateRule, key: str, cost: int) -> bool:
+        """Count the hit in the storage; a storage that cannot answer refuses the call (never admits it
+        uncounted), since a limit that holds only while Redis is up is no limit."""
+        try:
+            return await self.strategy.hit(item, "qpu", rule.id, key, cost=cost)
+        except StorageError as exc:
+            raise self._down(exc) from None
+
+    async def _stats(self, item: limits.RateLimitItem, rule: RateRule, key: str) -> limits.WindowStats:
+        try:
+            return await self.strategy.get_window_stats(item, "qpu", rule.id, key)
+        except StorageError as exc:
+            raise self._down(exc) from None
+
+    def _down(self, exc: StorageError) -> Unavailable:
+        # The storage's own error, not its URI: a Redis URI may carry a password.
+        log.warning("rate-limit storage unavailable: %s", type(exc.storage_error).__name__)
+        return Unavailable(STORAGE_DOWN.format(retry=math.ceil(STORAGE_RETRY_S)), retry_after_s=STORAGE_RETRY_S)
 
     def _forget_old(self) -> None:
         if len(self._spent) > 10_000:

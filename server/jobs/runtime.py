@@ -15,6 +15,7 @@ from qpu_gateway.audit.spool import AuditSpool
 from qpu_gateway.config import Config
 from qpu_gateway.jobs.events import JobEvents
 from qpu_gateway.jobs.policy_source import CHECK_INTERVAL_S, PolicySource, Reload
+from qpu_gateway.jobs.processes import ProcessReporter
 from qpu_gateway.jobs.providers import Providers
 from qpu_gateway.jobs.ratelimit import RateLimiter, default_storage_uri
 from qpu_gateway.jobs.states import JobState
@@ -30,8 +31,9 @@ log = logging.getLogger(__name__)
 class Gateway:
     """Everything a tool call needs. Built unstarted; `running()` opens the store and starts workers."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, serving: str = "in-process") -> None:
         self.config = config
+        self.serving = serving  # how this process serves (its report to the other processes says so)
         self.bus = InMemorySubscriptionBus()
         self.events = JobEvents(self.bus)
         self.providers = Providers(config)
@@ -41,6 +43,7 @@ class Gateway:
         self._store: Store | None = None
         self._workers: Workers | None = None
         self._rate_limiter: RateLimiter | None = None
+        self._processes: ProcessReporter | None = None
 
     @property
     def policy(self) -> Policy:
@@ -66,6 +69,12 @@ class Gateway:
         return self._workers
 
     @property
+    def processes(self) -> ProcessReporter:
+        if self._processes is None:
+            raise RuntimeError("the gateway is not running")
+        return self._processes
+
+    @property
     def started(self) -> bool:
         return self._store is not None
 
@@ -77,10 +86,12 @@ class Gateway:
         self._store = store
         self._workers = Workers(self.config, store, self.providers, self.events, lambda: self.policy)
         self._rate_limiter = RateLimiter(self.config.rate_storage or default_storage_uri(self.config.db_path))
+        self._processes = ProcessReporter(store, self.policy_source, self._workers.owner, self.serving)
         try:
             async with anyio.create_task_group() as tg:
                 if workers:
                     tg.start_soon(self._workers.run)
+                tg.start_soon(self._processes.run)
                 tg.start_soon(self.events.watch_foreign_changes, store, self.config.poll_interval_s)
                 tg.start_soon(self.policy_source.watch, CHECK_INTERVAL_S, self._audit_reload)
                 tg.start_soon(self._expire_approvals)
@@ -94,11 +105,13 @@ class Gateway:
             with anyio.CancelScope(shield=True):
                 if not await self.audit_spool.flush(store):
                     log.error("%d audit row(s) could not be written before exit", self.audit_spool.waiting)
+                await self._processes.forget()
                 await self._rate_limiter.aclose()
                 await store.close()
             self._store = None
             self._workers = None
             self._rate_limiter = None
+            self._processes = None
 
     async def _say_which_database(self, store: Store) -> None:
         """Log the database this process opened and its live keys: a server on the wrong file
@@ -138,6 +151,7 @@ class Gateway:
             detail=reload.describe(),
         )
         await self.audit_spool.write(self.store, entry, time.time())
+        await self.processes.report_now()  # the others see the new hashes now, not at the next report
 
     async def _flush_audit_spool(self) -> None:
         """Write audit rows set aside while the database refused writes, once it takes them again."""

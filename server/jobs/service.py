@@ -298,8 +298,10 @@ async def get_usage(gw: Gateway, who: Principal) -> models.Usage:
     )
 
 
-def policy_view(gw: Gateway, who: Principal) -> models.PolicyView:
-    return effective_policy(gw.policy, agent=who.agent, project=who.project, scopes=who.scopes)
+async def policy_view(gw: Gateway, who: Principal) -> models.PolicyView:
+    view = effective_policy(gw.policy, agent=who.agent, project=who.project, scopes=who.scopes)
+    view.consistency = await gw.processes.consistency()
+    return view
 
 
 def effective_policy(policy: Policy, *, agent: str, project: str, scopes: frozenset[str]) -> models.PolicyView:

@@ -16,6 +16,7 @@ from mcp.server.mcpserver import (
     Elicit,
     ElicitationResult,
     MCPServer,
+    RequestStateSecurity,
     Resolve,
 )
 from mcp.shared.exceptions import MCPError
@@ -154,9 +155,11 @@ def build_server(
     token_verifier: TokenVerifier | None = None,
     auth: AuthSettings | None = None,
     key_hint: str | None = None,
+    request_state: RequestStateSecurity | None = None,
 ) -> MCPServer[Gateway]:
     """The gateway's MCP server. `key_source` yields the caller's key for each call; `key_hint`
-    says where, for `unauthorized` messages."""
+    says where, for `unauthorized` messages; `request_state` seals 2026-07-28 elicitation rounds
+    (the SDK's default is a key of this process only)."""
     calls = Calls(gateway, key_source, key_hint=key_hint)
 
     @asynccontextmanager
@@ -175,6 +178,7 @@ def build_server(
         token_verifier=token_verifier,
         auth=auth,
         log_level="WARNING",
+        request_state_security=request_state,
     )
 
     # -- tools ------------------------------------------------------------------------------
@@ -362,7 +366,7 @@ def build_server(
         """The policy that applies to you: allowed backends and per-job caps, so you can plan within it."""
 
         async def run(who: Any) -> models.PolicyView:
-            return service.policy_view(gateway, who)
+            return await service.policy_view(gateway, who)
 
         return await calls.resource("read", "qpu://policy", run)
 

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import os
+import secrets
 import signal
 import time
 from collections.abc import Callable
@@ -22,6 +23,7 @@ import anyio
 from mcp.server.auth.middleware.auth_context import get_access_token
 from mcp.server.auth.provider import AccessToken
 from mcp.server.auth.settings import AuthSettings
+from mcp.server.mcpserver import RequestStateSecurity
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -208,21 +210,40 @@ async def serve_http(gateway: Gateway, *, transport: str, host: str, port: int) 
         resource_server_url=None,
     )
     verifier = GatewayTokenVerifier(gateway)
-    mcp = build_server(gateway, bearer_principal, token_verifier=verifier, auth=auth)
-    if transport == "http":
-        app = KeyGate(mcp.streamable_http_app(host=host), verifier, ("/mcp",))
-    else:
-        app = KeyGate(mcp.sse_app(host=host), verifier, ("/sse", "/messages/"))
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", log_config=None, lifespan="on")
-    server = uvicorn.Server(config)
-
-    def stop() -> None:
-        server.should_exit = True
-
     async with gateway.running(), anyio.create_task_group() as tg:
+        mcp = build_server(
+            gateway,
+            bearer_principal,
+            token_verifier=verifier,
+            auth=auth,
+            request_state=await shared_request_state(gateway),
+        )
+        if transport == "http":
+            app = KeyGate(mcp.streamable_http_app(host=host), verifier, ("/mcp",))
+        else:
+            app = KeyGate(mcp.sse_app(host=host), verifier, ("/sse", "/messages/"))
+        config = uvicorn.Config(app, host=host, port=port, log_level="warning", log_config=None, lifespan="on")
+        server = uvicorn.Server(config)
+
+        def stop() -> None:
+            server.should_exit = True
+
         tg.start_soon(_stop_on_signal, stop)
         await server.serve()
         tg.cancel_scope.cancel()
+
+
+async def shared_request_state(gateway: Gateway) -> RequestStateSecurity:
+    """The sealing of 2026-07-28 elicitation rounds under a key every replica on this database shares.
+
+    On 2026-07-28 a question to the person (an approval) ends the call with `input_required` and the
+    client calls again with the answer and the sealed `requestState`; behind a load balancer that
+    second call may reach another replica. The SDK's default key lives in one process only, and
+    another replica answered "Invalid or expired requestState". The key is made by the first
+    process that needs it and kept in the database, which every replica already shares.
+    """
+    key = await gateway.store.shared_secret("request_state", secrets.token_bytes(32))
+    return RequestStateSecurity(keys=[key])
 
 
 def _url_host(host: str) -> str:

@@ -184,7 +184,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not store_initialised(config.db_path):
         raise CliError(not_initialised(config))
     try:
-        gateway = Gateway(config)
+        serving = "stdio" if args.transport == "stdio" else f"{args.transport} {args.host}:{args.port}"
+        gateway = Gateway(config, serving=serving)
     except PolicyFileError as exc:
         raise CliError(str(exc)) from None
     if args.transport != "stdio":
@@ -656,6 +657,56 @@ def _print_listing(args: argparse.Namespace, listed: list[dict[str, Any]], colum
     return 0
 
 
+def cmd_processes(args: argparse.Namespace) -> int:
+    """The gateway processes serving this database and the policy each runs; exit 1 if they differ."""
+    from qpu_gateway.jobs.processes import LIVE_FOR_S, disagreement, short
+
+    async def action(store: Store) -> Any:
+        return await store.processes(time.time() - LIVE_FOR_S)
+
+    live = _with_store(_config(args), action)
+    differs = disagreement(live)
+    majority = max(
+        {r.policy_stamp for r in live}, key=lambda stamp: sum(r.policy_stamp == stamp for r in live), default=None
+    )
+    listed = [
+        {
+            "id": r.id,
+            "host": r.host,
+            "pid": r.pid,
+            "serving": r.serving,
+            "started_at": r.started_at,
+            "seen_at": r.seen_at,
+            "policy_path": r.policy_path,
+            "policy_sha256": r.policy_sha256,
+            "overrides_sha256": r.overrides_sha256,
+            "policy_error": r.policy_error,
+            "same_policy": r.policy_stamp == majority,
+        }
+        for r in live
+    ]
+    if args.json:
+        print(json.dumps({"agree": differs is None, "processes": listed}, indent=1))
+    elif not listed:
+        print(f"No gateway process has reported to this database in the last {LIVE_FOR_S:g} s.")
+    else:
+        rows = [
+            [
+                f"{r['host']}:{r['pid']}",
+                r["serving"],
+                _when(r["started_at"]),
+                short(r["policy_sha256"]),
+                short(r["overrides_sha256"]),
+                "" if r["same_policy"] else "DIFFERS",
+                "file refused: " + r["policy_error"] if r["policy_error"] else "",
+            ]
+            for r in listed
+        ]
+        print(_table(rows, ["process", "serving", "since", "policy", "overrides", "", "note"]))
+        print(differs or f"All {len(listed)} process(es) run the same policy.")
+    return 0 if differs is None else 1
+
+
 def cmd_jobs_show(args: argparse.Namespace) -> int:
     from qpu_gateway.jobs.service import job_view
 
@@ -956,6 +1007,14 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument("--json", action="store_true")
         p.set_defaults(func=cmd_agents_list if kind == "agent" else cmd_backends_list)
+
+    p = sub.add_parser(
+        "processes",
+        parents=[common],
+        help="the gateway processes (replicas) on this database and their policy hashes; exit 1 if they differ",
+    )
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_processes)
 
     audit = sub.add_parser("audit", parents=[common], help="read the audit log")
     asub = audit.add_subparsers(dest="audit_command", required=True, metavar="ACTION")

@@ -21,6 +21,7 @@ from qpu_gateway.store.records import (
     LedgerTotals,
     NewJob,
     Pause,
+    ProcessReport,
     StateUsage,
 )
 
@@ -76,6 +77,22 @@ class Store(Protocol):
 
     async def pauses(self, kind: str | None = None) -> list[Pause]: ...
     async def pause_of(self, kind: str, name: str) -> Pause | None: ...
+
+    # processes sharing the database (replicas), and what they must share
+    async def report_process(self, report: ProcessReport) -> None:
+        """Record (or refresh) a serving process's report."""
+        ...
+
+    async def forget_process(self, process_id: str) -> None: ...
+
+    async def processes(self, seen_after: float) -> list[ProcessReport]:
+        """The processes that reported after `seen_after`, oldest first."""
+        ...
+
+    async def shared_secret(self, name: str, candidate: bytes) -> bytes:
+        """The installation's secret `name`, storing `candidate` as it if there is none yet (the
+        first process to ask wins; every process gets the same value)."""
+        ...
 
     # jobs
     async def admit(

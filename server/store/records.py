@@ -201,3 +201,24 @@ class AdmissionFacts:
     repeats: int  # this agent's jobs with the same circuit on the same backend within the loop window
     agent_pause: Pause | None = None  # the agent is paused (its kill switch)
     backend_pause: Pause | None = None  # the backend the job would run on is paused (drained)
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessReport:
+    """One serving gateway process as it reports itself to the shared database (every few seconds)."""
+
+    id: str  # host:pid:random, the same as its workers' lease owner
+    host: str
+    pid: int
+    serving: str  # "http 127.0.0.1:8765", "stdio", "in-process"
+    started_at: float
+    seen_at: float  # its last report: a process not seen for a while has stopped
+    policy_path: str
+    policy_sha256: str | None  # the policy file in force (None: no file, the shipped default)
+    overrides_sha256: str | None  # the overrides file in force (None: none)
+    policy_error: str | None  # the file on disk was refused; the last good policy stays in force
+
+    @property
+    def policy_stamp(self) -> tuple[str | None, str | None]:
+        """What two processes must share to run the same policy: both files' content hashes."""
+        return self.policy_sha256, self.overrides_sha256

@@ -9,6 +9,7 @@ not one per statement; most reads need none, on a third connection on the loop's
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -41,6 +42,7 @@ from qpu_gateway.store.records import (
     LedgerTotals,
     NewJob,
     Pause,
+    ProcessReport,
     StateUsage,
 )
 from qpu_gateway.store.sqlite_thread import (
@@ -591,6 +593,40 @@ class SqliteStore:
     async def pause_of(self, kind: str, name: str) -> Pause | None:
         row = await self._read(_first(_PAUSE, (kind, name)))
         return Pause(*row) if row is not None else None
+
+    # -- processes --------------------------------------------------------------------------
+
+    async def report_process(self, report: ProcessReport) -> None:
+        await self._write(
+            _run(
+                "INSERT OR REPLACE INTO processes (id, host, pid, serving, started_at, seen_at, policy_path, "
+                "policy_sha256, overrides_sha256, policy_error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                dataclasses.astuple(report),
+            )
+        )
+
+    async def forget_process(self, process_id: str) -> None:
+        await self._write(_run("DELETE FROM processes WHERE id = ?", (process_id,)))
+
+    async def processes(self, seen_after: float) -> list[ProcessReport]:
+        rows = await self._read(
+            _all(
+                "SELECT id, host, pid, serving, started_at, seen_at, policy_path, policy_sha256, overrides_sha256, "
+                "policy_error FROM processes WHERE seen_at > ? ORDER BY started_at, id",
+                (seen_after,),
+            )
+        )
+        return [ProcessReport(*row) for row in rows]
+
+    async def shared_secret(self, name: str, candidate: bytes) -> bytes:
+        def work(db: sqlite3.Connection) -> bytes:
+            db.execute(
+                "INSERT OR IGNORE INTO shared_secrets (name, value, created_at) VALUES (?, ?, ?)",
+                (name, candidate, time.time()),
+            )
+            return bytes(db.execute("SELECT value FROM shared_secrets WHERE name = ?", (name,)).fetchone()[0])
+
+        return await self._write(work)
 
     # -- jobs -------------------------------------------------------------------------------
 
