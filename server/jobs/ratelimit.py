@@ -2,8 +2,14 @@
 
 The strategy is the moving window (exact: every hit in the last period counts). Counts live
 where the storage URI says: by default the gateway's own SQLite file (`async+qpu-sqlite://`, see
-`server.rate_storage`), so every process sharing the database shares the allowance; with
+`server/store/rate_storage.py`), so every process sharing the database shares the allowance; with
 replicas on several machines, `async+redis://host:6379`.
+
+A PostgreSQL store has no file of the gateway's to keep counts in, and its replicas may be on
+several machines: it needs a storage they all reach (`async+redis://`, named by
+QPU_GATEWAY_RATE_STORAGE), and the gateway refuses to start without one rather than give each
+replica an allowance of its own. Keys are prefixed with the database's installation id there, so
+two installations sharing one Redis never share counts.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import limits
 from limits.aio.strategies import MovingWindowRateLimiter
 from limits.storage import storage_from_string
 
+from qpu_gateway.config import ENV_RATE_STORAGE, Config
 from qpu_gateway.errors import RateLimited
 from qpu_gateway.keys import Principal
 from qpu_gateway.policy.file import RateRule, Rules
@@ -30,8 +37,32 @@ log = logging.getLogger(__name__)
 Progress = Callable[[float, str], Awaitable[None]]
 
 
+# Storages that live in one process or on one machine's disk: not shared by replicas elsewhere.
+_LOCAL_SCHEMES = ("memory", "async+memory", "async+qpu-sqlite")
+
+
+class RateStorageRefused(ValueError):
+    """The rate-limit storage cannot be shared by the store's replicas: the gateway must not start."""
+
+
 def default_storage_uri(db_path: Path) -> str:
     return storage_uri(db_path)
+
+
+def storage_uri_for(config: Config) -> str:
+    """The rate-limit storage this configuration uses; refused for a PostgreSQL store unless shared."""
+    uri = config.rate_storage
+    if not config.database.is_postgres:
+        return uri or default_storage_uri(config.db_path)
+    scheme = (uri or "").split("://", 1)[0]
+    if uri is None or scheme in _LOCAL_SCHEMES:
+        raise RateStorageRefused(
+            f"The gateway database {config.database} is PostgreSQL, shared by replicas that may run on several "
+            "machines, so rate limits must be counted where every replica counts them: set "
+            f"{ENV_RATE_STORAGE}=async+redis://HOST:6379 (the same for every replica)"
+            + (f"; {scheme}:// is local to one machine." if uri is not None else ".")
+        )
+    return uri
 
 
 def applicable(rules: Rules, tool: str, *, cost: str) -> list[RateRule]:
@@ -40,9 +71,10 @@ def applicable(rules: Rules, tool: str, *, cost: str) -> list[RateRule]:
 
 
 class RateLimiter:
-    def __init__(self, uri: str) -> None:
+    def __init__(self, uri: str, *, namespace: str = "qpu") -> None:
         options = {"implementation": "redispy"} if uri.startswith("async+redis") else {}
         self.uri = uri
+        self.namespace = namespace  # the first part of every key (the database's, in a shared storage)
         self.storage = storage_from_string(uri, **options)
         self.strategy = MovingWindowRateLimiter(self.storage)
         # (rule id, key) -> (until, cost): a window known to be spent. In a moving window the count
@@ -87,10 +119,10 @@ class RateLimiter:
             spent_until, spent_cost = self._spent.get((rule.id, key), (0.0, 0))
             if spent_until > time.time() and cost >= spent_cost:
                 retry_after = spent_until - time.time()
-            elif await self.strategy.hit(item, "qpu", rule.id, key, cost=cost):
+            elif await self.strategy.hit(item, self.namespace, rule.id, key, cost=cost):
                 return
             else:
-                stats = await self.strategy.get_window_stats(item, "qpu", rule.id, key)
+                stats = await self.strategy.get_window_stats(item, self.namespace, rule.id, key)
                 retry_after = max(stats.reset_time - time.time(), 0.05)
                 self._spent[(rule.id, key)] = (time.time() + retry_after, cost)
                 self._forget_old()
