@@ -1,6 +1,7 @@
 """The chaos scenarios at a small size, in `make test`: nothing lost, run twice, left reserved or
 spent over budget, and every other invariant the scenario checks. `make chaos` runs them at full
-size and prints the table (see tests/chaos/)."""
+size and prints the table (see tests/chaos/). `crash-postgresql` and `budget-postgresql` run those two
+on a PostgreSQL database of their own."""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""Policy under concurrency, across real server processes on one database, and the ledger's bookkeeping."""
+"""Policy under concurrency, across real server processes on one database, and the ledger's bookkeeping.
+
+Every test runs on SQLite and on PostgreSQL (the rate-limit test on PostgreSQL with its Redis storage,
+the only kind a PostgreSQL store accepts).
+"""
 
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from qpu_gateway.jobs.runtime import Gateway
 from qpu_gateway.jobs.states import TERMINAL
 from qpu_gateway.store import open_store
 
+from .databases import BACKENDS
 from .support import BELL2, body, eventually, http_client, in_memory, start_http_server
 
 pytestmark = pytest.mark.anyio
@@ -30,7 +35,7 @@ def write_policy(config: Config, text: str) -> None:
 
 
 async def totals(config: Config, agent: str = "alice") -> tuple[dict[str, Any], dict[str, Any]]:
-    store = await open_store(config.db_path)
+    store = await open_store(config.database)
     try:
         result = await store.ledger_totals("agent", agent, time.time())
     finally:
@@ -54,7 +59,9 @@ async def fire(url: str, key: str, tool: str, args: dict[str, Any], count: int) 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("storage", ["sqlite", "redis"])
+@pytest.mark.parametrize(
+    ("storage", "db_backend"), [("sqlite", "sqlite"), ("redis", "sqlite"), ("redis", "postgresql")]
+)
 async def test_a_rate_limit_admits_exactly_its_count_across_two_processes(
     config: Config, alice_key: str, storage: str
 ) -> None:
@@ -80,6 +87,7 @@ async def test_a_rate_limit_admits_exactly_its_count_across_two_processes(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("db_backend", BACKENDS)
 async def test_200_concurrent_submits_against_a_budget_for_50_admit_exactly_50(config: Config, alice_key: str) -> None:
     write_policy(
         config,
@@ -99,7 +107,7 @@ async def test_200_concurrent_submits_against_a_budget_for_50_admit_exactly_50(c
                 tg.start_soon(run, server.url)
                 tg.start_soon(run, server.url)
         admitted = [r["job_id"] for r in results if not r["error"]]
-        store = await open_store(config.db_path)
+        store = await open_store(config.database)
         try:
 
             async def all_done() -> bool:
@@ -118,6 +126,7 @@ async def test_200_concurrent_submits_against_a_budget_for_50_admit_exactly_50(c
     assert reserved == {}
 
 
+@pytest.mark.parametrize("db_backend", BACKENDS)
 async def test_every_way_a_job_ends_returns_its_reservation(config: Config, alice_key: str) -> None:
     # $0.001 a shot: 100 shots = $0.10 (runs at once), 10,000 shots = $10 (needs a person's yes).
     write_policy(
@@ -175,6 +184,7 @@ async def test_every_way_a_job_ends_returns_its_reservation(config: Config, alic
     assert committed["day"][0] == 100_000  # only the job that succeeded is charged
 
 
+@pytest.mark.parametrize("db_backend", BACKENDS)
 async def test_a_policy_edit_reaches_a_running_server_process(config: Config, alice_key: str) -> None:
     server = start_http_server(config)
     try:

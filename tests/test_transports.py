@@ -95,7 +95,7 @@ async def test_http_rejects_a_foreign_host_header(http_server: HttpServer, alice
 async def test_a_key_revoked_by_the_cli_fails_at_once_in_a_running_server(
     http_server: HttpServer, config: Config
 ) -> None:
-    key = await new_key(config.db_path, "carol")
+    key = await new_key(config.database, "carol")
     async with http_client(http_server.url, key, mode="legacy") as client:
         assert not (await client.call_tool("get_usage", {})).is_error
         revoke = await anyio.run_process(
