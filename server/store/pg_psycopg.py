@@ -66,8 +66,9 @@ class _PsycopgTx:
 class PsycopgConnector:
     name = "psycopg"
 
-    def __init__(self, url: str, *, connect_timeout_s: float) -> None:
+    def __init__(self, url: str, *, connect_timeout_s: float, pipeline: bool = True) -> None:
         self._url = url
+        self._pipeline = pipeline  # off only to measure what it buys (bench/store_drivers.py)
         self._timeout = connect_timeout_s
         size = int(os.environ.get(ENV_POOL_SIZE) or DEFAULT_POOL_SIZE)
         self._pool: AsyncConnectionPool[psycopg.AsyncConnection[Row]] = AsyncConnectionPool(
@@ -94,8 +95,13 @@ class PsycopgConnector:
     async def transaction(self) -> AsyncIterator[_PsycopgTx]:
         with self._errors():
             await self._check_if_suspect()
-            async with self._pool.connection() as conn, conn.pipeline(), conn.transaction():
-                yield _PsycopgTx(conn)
+            async with self._pool.connection() as conn:
+                if not self._pipeline:
+                    async with conn.transaction():
+                        yield _PsycopgTx(conn)
+                    return
+                async with conn.pipeline(), conn.transaction():
+                    yield _PsycopgTx(conn)
 
     @asynccontextmanager
     async def scripting(self) -> AsyncIterator[_PsycopgTx]:
