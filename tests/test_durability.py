@@ -1,7 +1,8 @@
 """Jobs survive server restarts and crashes, and several processes on one database never run a job twice.
 
-On PostgreSQL: the crash (SIGKILL) restart, the queued job kept for the next start, and two
-processes sharing 200 jobs; the graceful restart's hand-back is the same store call either way.
+On PostgreSQL too: the crash (SIGKILL) restart and two processes sharing 200 jobs. The graceful
+restart's hand-back and the queued job kept for the next start are store calls that
+tests/test_store.py runs on both backends; they run here on SQLite only, to keep the suite short.
 """
 
 from __future__ import annotations
@@ -79,7 +80,6 @@ async def test_a_job_in_flight_survives_a_server_restart(config: Config, alice_k
     assert finished.runs == 2  # claimed by the first process, then once by the second
 
 
-@pytest.mark.parametrize("db_backend", BACKENDS)
 async def test_a_queued_job_waits_for_the_next_server_start(config: Config, alice_key: str) -> None:
     busy = start_http_server(config, QPU_GATEWAY_FAULTS="slow:60,slow:60,slow:60")
     try:

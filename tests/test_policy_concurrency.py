@@ -1,7 +1,9 @@
 """Policy under concurrency, across real server processes on one database, and the ledger's bookkeeping.
 
-Every test runs on SQLite and on PostgreSQL (the rate-limit test on PostgreSQL with its Redis storage,
-the only kind a PostgreSQL store accepts).
+On PostgreSQL too: the budget raced by 200 submits over two processes, and the rate limit shared by
+two processes (in Redis, the only kind of storage a PostgreSQL store accepts). Every way a job ends
+settling its reservation is the store's (tests/test_store.py runs it on both backends), and the policy
+file's reload does not touch the store: those two run on SQLite only, to keep the suite short.
 """
 
 from __future__ import annotations
@@ -126,7 +128,6 @@ async def test_200_concurrent_submits_against_a_budget_for_50_admit_exactly_50(c
     assert reserved == {}
 
 
-@pytest.mark.parametrize("db_backend", BACKENDS)
 async def test_every_way_a_job_ends_returns_its_reservation(config: Config, alice_key: str) -> None:
     # $0.001 a shot: 100 shots = $0.10 (runs at once), 10,000 shots = $10 (needs a person's yes).
     write_policy(
@@ -184,7 +185,6 @@ async def test_every_way_a_job_ends_returns_its_reservation(config: Config, alic
     assert committed["day"][0] == 100_000  # only the job that succeeded is charged
 
 
-@pytest.mark.parametrize("db_backend", BACKENDS)
 async def test_a_policy_edit_reaches_a_running_server_process(config: Config, alice_key: str) -> None:
     server = start_http_server(config)
     try:

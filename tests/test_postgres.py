@@ -22,6 +22,7 @@ import psycopg
 import pytest
 
 from qpu_gateway.config import Config, Database
+from qpu_gateway.jobs.ratelimit import RateStorageRefused, storage_uri_for
 from qpu_gateway.jobs.runtime import Gateway
 from qpu_gateway.store import StoreError, open_store, store_initialised
 
@@ -117,19 +118,14 @@ def test_serve_refuses_an_uninitialised_database_and_one_without_shared_rate_lim
     empty = run_cli("serve", "--transport", "stdio", "--db", pg_url, "--data-dir", str(tmp_path))
     assert empty.returncode == 1 and "qpu-gateway init" in empty.stderr
     assert run_cli("init", "--db", pg_url, "--data-dir", str(tmp_path)).returncode == 0
-    local = run_cli(
-        "serve",
-        "--transport",
-        "stdio",
-        "--db",
-        pg_url,
-        "--data-dir",
-        str(tmp_path),
-        env={"QPU_GATEWAY_RATE_STORAGE": "memory://"},
-    )
-    assert local.returncode == 1 and "async+redis://" in local.stderr and "memory://" in local.stderr
     unset = run_cli("serve", "--transport", "stdio", "--db", pg_url, "--data-dir", str(tmp_path))
-    assert unset.returncode == 1 and "QPU_GATEWAY_RATE_STORAGE" in unset.stderr
+    assert unset.returncode == 1 and "QPU_GATEWAY_RATE_STORAGE=async+redis://" in unset.stderr
+    for local in ("memory://", "async+memory://", "async+qpu-sqlite:///var/lib/rates.db"):
+        config = Config.resolve(db=pg_url, data_dir=str(tmp_path), rate_storage=local)
+        with pytest.raises(RateStorageRefused, match="local to one machine"):
+            storage_uri_for(config)
+    shared = Config.resolve(db=pg_url, data_dir=str(tmp_path), rate_storage=REDIS_STORAGE)
+    assert storage_uri_for(shared) == REDIS_STORAGE
 
 
 # -- job changes across processes ---------------------------------------------------------------------
