@@ -61,7 +61,12 @@ chaos: $(VENV)/.installed-test
 
 # The benchmark suite: prints a table of ratios against baselines measured in the same run and
 # writes bench/results/<date>-<host>.json (BENCH_ARGS="--quick" for a smoke run).
-bench: $(VENV)/.installed-test
+# asyncpg: the driver the PostgreSQL store's psycopg is measured against (bench/store_drivers.py).
+$(VENV)/.installed-bench: $(VENV)/.installed-test
+	$(PIP) install -q -c requirements.lock -e '.[test,bench]'
+	touch $@
+
+bench: $(VENV)/.installed-bench
 	$(PY) -m bench $(BENCH_ARGS)
 
 demo: $(VENV)/.installed

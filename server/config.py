@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
 ENV_DB = "QPU_GATEWAY_DB"
+# Where the gateway keeps its files (default policy, local.key) when the database is not a file.
+ENV_DATA_DIR = "QPU_GATEWAY_DATA_DIR"
 ENV_POLICY = "QPU_GATEWAY_POLICY"
 ENV_KEY = "QPU_GATEWAY_KEY"
 ENV_FAULTS = "QPU_GATEWAY_FAULTS"
@@ -22,16 +26,95 @@ ENV_SECONDS = {
 }
 
 
-def default_db_path() -> Path:
-    """`$XDG_DATA_HOME/qpu-gateway/gateway.db`, with XDG's default of `~/.local/share`."""
+def data_home() -> Path:
+    """`$XDG_DATA_HOME/qpu-gateway`, with XDG's default of `~/.local/share`."""
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(base) / "qpu-gateway" / "gateway.db"
+    return Path(base) / "qpu-gateway"
+
+
+def default_db_path() -> Path:
+    """`$XDG_DATA_HOME/qpu-gateway/gateway.db`."""
+    return data_home() / "gateway.db"
+
+
+_POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+_SQLITE_PREFIX = "sqlite:///"
+
+
+@dataclass(frozen=True)
+class Database:
+    """Where the store lives: a SQLite file (the embedded default) or a PostgreSQL database.
+
+    `str()` and `repr()` never show a password: the URL's is replaced by `[redacted]`.
+    """
+
+    path: Path | None = None  # the SQLite file
+    url: str | None = None  # a postgresql:// URL, as given (password included: use `.shown`)
+
+    @classmethod
+    def parse(cls, text: str | Path) -> Database:
+        """A path or `sqlite:///PATH` (SQLite), or a `postgresql://` URL; anything else is refused."""
+        value = str(text).strip()
+        if value.startswith(_POSTGRES_SCHEMES):
+            parts = urllib.parse.urlsplit(value)
+            if not parts.path.strip("/") and "dbname=" not in parts.query:
+                raise ValueError(f"{redact_url(value)}: name the database (postgresql://HOST:PORT/DBNAME)")
+            return cls(url=value)
+        if value.startswith(_SQLITE_PREFIX):
+            value = urllib.parse.unquote(value[len(_SQLITE_PREFIX) - 1 :])  # keep the path's leading '/'
+        elif "://" in value:
+            scheme = value.split("://", 1)[0]
+            raise ValueError(
+                f"unsupported database URL scheme {scheme!r}: give a path, sqlite:///PATH or postgresql://..."
+            )
+        if not value:
+            raise ValueError("empty database path")
+        return cls(path=Path(value).expanduser())
+
+    @property
+    def is_postgres(self) -> bool:
+        return self.url is not None
+
+    @property
+    def shown(self) -> str:
+        """The location as logs and messages show it: the path, or the URL without its password."""
+        return redact_url(self.url) if self.url is not None else str(self.path)
+
+    def __str__(self) -> str:
+        return self.shown
+
+    def __repr__(self) -> str:
+        return f"Database({self.shown!r})"
+
+    def default_data_dir(self) -> Path:
+        """The SQLite file's folder; for PostgreSQL a folder of this machine's named for the server and
+        database (`$XDG_DATA_HOME/qpu-gateway/postgresql/HOST-PORT-DBNAME`), so two databases never
+        share a policy or a local key by accident."""
+        if self.path is not None:
+            return self.path.parent
+        assert self.url is not None
+        parts = urllib.parse.urlsplit(self.url)
+        name = f"{parts.hostname or 'local'}-{parts.port or 5432}-{parts.path.strip('/') or 'default'}"
+        safe = "".join(c if c.isalnum() or c in "-._" else "_" for c in name)
+        if safe != name:  # unusual characters: keep folders apart by a digest of the real name
+            safe += "-" + hashlib.sha256(name.encode()).hexdigest()[:8]
+        return data_home() / "postgresql" / safe
+
+
+def redact_url(text: str) -> str:
+    """A URL with the password of its user part (`user:PASSWORD@`) and any `password=` option replaced."""
+    from qpu_gateway.telemetry.logs import redact_credentials
+
+    return redact_credentials(text)
 
 
 @dataclass(frozen=True)
 class Config:
-    db_path: Path
+    database: Database
     policy_path: Path
+    # The gateway's own files besides the database (the default policy, `local.key`): the SQLite
+    # file's folder, or for PostgreSQL $QPU_GATEWAY_DATA_DIR or `Database.default_data_dir`.
+    data_dir: Path | None = None
     # A claimed job's lease: a worker that stops heartbeating for this long (its process died)
     # loses the job to any other process. 30 s keeps a crashed job's delay short while leaving
     # many missed heartbeats (every lease/3) before a slow-but-alive worker is overtaken.
@@ -59,11 +142,32 @@ class Config:
     internal_retry_base_s: float = 2.0
     extra: dict[str, str] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if self.data_dir is None:
+            object.__setattr__(self, "data_dir", self.database.default_data_dir())
+
+    @property
+    def files(self) -> Path:
+        """The folder of the gateway's own files (`data_dir`, filled in by construction)."""
+        assert self.data_dir is not None
+        return self.data_dir
+
+    @property
+    def db_path(self) -> Path:
+        """The SQLite file; a PostgreSQL store has none (code that needs a file must say so)."""
+        if self.database.path is None:
+            raise ValueError(f"the gateway database {self.database} is PostgreSQL, not a file")
+        return self.database.path
+
     @classmethod
-    def resolve(cls, *, db: str | None = None, policy: str | None = None, **overrides: object) -> Config:
+    def resolve(
+        cls, *, db: str | None = None, policy: str | None = None, data_dir: str | None = None, **overrides: object
+    ) -> Config:
         """Build from explicit flags, falling back to the environment and then the defaults."""
-        db_path = Path(db or os.environ.get(ENV_DB) or default_db_path()).expanduser()
-        policy_path = Path(policy or os.environ.get(ENV_POLICY) or db_path.with_name("policy.toml")).expanduser()
+        database = Database.parse(db or os.environ.get(ENV_DB) or default_db_path())
+        chosen = data_dir or os.environ.get(ENV_DATA_DIR)
+        files = Path(chosen).expanduser() if chosen else database.default_data_dir()
+        policy_path = Path(policy or os.environ.get(ENV_POLICY) or files / "policy.toml").expanduser()
         env: dict[str, object] = {}
         if os.environ.get(ENV_FAULTS):
             env["faults"] = os.environ[ENV_FAULTS]
@@ -75,4 +179,4 @@ class Config:
         if os.environ.get(ENV_RATE_STORAGE):
             env["rate_storage"] = os.environ[ENV_RATE_STORAGE]
         env.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(db_path=db_path, policy_path=policy_path, **env)  # type: ignore[arg-type]
+        return cls(database=database, policy_path=policy_path, data_dir=files, **env)  # type: ignore[arg-type]

@@ -1,4 +1,8 @@
-"""Shared fixtures: a real SQLite file, a running gateway, keys, and a gateway over HTTP."""
+"""Shared fixtures: a real database (SQLite file, or PostgreSQL), a running gateway, keys, and a gateway over HTTP.
+
+`config` is on SQLite unless a test parametrises `db_backend` (`@pytest.mark.parametrize("db_backend",
+BACKENDS)`): then the same test also runs on a fresh PostgreSQL database with Redis rate limits.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import pytest
 from qpu_gateway.config import Config
 from qpu_gateway.jobs.runtime import Gateway
 
+from .databases import REDIS_STORAGE, database_of
 from .support import HttpServer, new_key, start_http_server
 
 
@@ -31,16 +36,25 @@ model = "free"
 
 
 @pytest.fixture
-def config(tmp_path: Path) -> Config:
-    """A gateway configuration on a fresh SQLite file, with short timings so tests run fast."""
+def db_backend() -> str:
+    """The database `config` is on: SQLite, unless a test parametrises this with `BACKENDS`."""
+    return "sqlite"
+
+
+@pytest.fixture
+def config(tmp_path: Path, db_backend: str) -> Iterator[Config]:
+    """A gateway configuration on a fresh database, with short timings so tests run fast."""
     (tmp_path / "policy.toml").write_text(TEST_POLICY, encoding="utf-8")
-    return Config(
-        db_path=tmp_path / "gateway.db",
-        policy_path=tmp_path / "policy.toml",
-        lease_s=3.0,
-        poll_interval_s=0.1,
-        retry_base_s=0.01,
-    )
+    with database_of(db_backend, tmp_path) as database:
+        yield Config(
+            database=database,
+            policy_path=tmp_path / "policy.toml",
+            data_dir=tmp_path,
+            lease_s=3.0,
+            poll_interval_s=0.1,
+            retry_base_s=0.01,
+            rate_storage=REDIS_STORAGE if database.is_postgres else None,
+        )
 
 
 @pytest.fixture
@@ -52,12 +66,12 @@ async def gateway(config: Config) -> AsyncIterator[Gateway]:
 
 @pytest.fixture
 async def alice_key(config: Config) -> str:
-    return await new_key(config.db_path, "alice")
+    return await new_key(config.database, "alice")
 
 
 @pytest.fixture
 async def bob_key(config: Config) -> str:
-    return await new_key(config.db_path, "bob")
+    return await new_key(config.database, "bob")
 
 
 @pytest.fixture

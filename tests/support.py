@@ -20,7 +20,7 @@ import httpx2
 from mcp import Client, StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
 
-from qpu_gateway.config import Config
+from qpu_gateway.config import Config, Database
 from qpu_gateway.jobs.runtime import Gateway
 from qpu_gateway.keys import SCOPES, create_key
 from qpu_gateway.mcp.app import build_server
@@ -60,8 +60,8 @@ def body(result: Any) -> dict[str, Any]:
     return dict(result.structured_content)
 
 
-async def new_key(db_path: Path, agent: str, *, project: str = "default", scopes: str = ",".join(SCOPES)) -> str:
-    store = await open_store(db_path)
+async def new_key(db: Database | Path, agent: str, *, project: str = "default", scopes: str = ",".join(SCOPES)) -> str:
+    store = await open_store(db)
     try:
         _, key = await create_key(store, agent=agent, project=project, scopes=frozenset(scopes.split(",")))
     finally:
@@ -87,22 +87,37 @@ def gateway_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "qpu_gateway", *args]
 
 
-def set_up_database(db_path: Path) -> None:
+def set_up_database(db: Database | Path) -> None:
     """Create and migrate the database as `qpu-gateway init` would (without its key), since `serve`
     refuses a database nobody set up. Runs in a thread of its own: callers may be inside a loop."""
 
     async def migrate() -> None:
-        await (await open_store(db_path)).close()
+        await (await open_store(db)).close()
 
-    if not db_path.exists():
+    if (isinstance(db, Database) and db.is_postgres) or not Path(location_of(db)).exists():
         worker = threading.Thread(target=anyio.run, args=(migrate,))
         worker.start()
         worker.join()
 
 
+def location_of(db: Database | Path) -> str:
+    """What `--db` takes for `db`."""
+    if isinstance(db, Path):
+        return str(db)
+    return db.url if db.url is not None else str(db.path)
+
+
+def server_env(config: Config) -> dict[str, str]:
+    """The environment a gateway subprocess needs for `config` beyond its flags."""
+    environment = {"QPU_GATEWAY_LEASE_S": str(config.lease_s)}
+    if config.rate_storage is not None:
+        environment["QPU_GATEWAY_RATE_STORAGE"] = config.rate_storage
+    return environment
+
+
 def stdio_params(config: Config, key: str | None, **env: str) -> StdioServerParameters:
-    set_up_database(config.db_path)
-    environment = {"QPU_GATEWAY_LEASE_S": str(config.lease_s), **env}
+    set_up_database(config.database)
+    environment = {**server_env(config), **env}
     if key is not None:
         environment["QPU_GATEWAY_KEY"] = key
     return StdioServerParameters(
@@ -114,7 +129,7 @@ def stdio_params(config: Config, key: str | None, **env: str) -> StdioServerPara
             "--transport",
             "stdio",
             "--db",
-            str(config.db_path),
+            location_of(config.database),
             "--policy",
             str(config.policy_path),
             "--log-level",
@@ -162,7 +177,7 @@ def wait_listening(process: subprocess.Popen[bytes], port: int, *, what: str = "
 
 def start_http_server(config: Config, transport: str = "http", **env: str) -> HttpServer:
     """`qpu-gateway serve` as a real subprocess on a free loopback port; waits until it accepts."""
-    set_up_database(config.db_path)
+    set_up_database(config.database)
     port = free_port()
     process = subprocess.Popen(
         gateway_cmd(
@@ -172,13 +187,13 @@ def start_http_server(config: Config, transport: str = "http", **env: str) -> Ht
             "--port",
             str(port),
             "--db",
-            str(config.db_path),
+            location_of(config.database),
             "--policy",
             str(config.policy_path),
             "--log-level",
             "warning",
         ),
-        env={**os.environ, "QPU_GATEWAY_LEASE_S": str(config.lease_s), **env},
+        env={**os.environ, **server_env(config), **env},
         stdout=subprocess.DEVNULL,
     )
     wait_listening(process, port)

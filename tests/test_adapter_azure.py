@@ -306,7 +306,7 @@ async def test_bell_circuit_runs_on_an_azure_simulator_and_returns_the_workspace
     config: Config, fake: FakeWorkspace, adapter: AzureAdapter, target: str, source: str
 ) -> None:
     gateway = await azure_gateway(config, adapter)
-    key = await new_key(config.db_path, "alice")
+    key = await new_key(config.database, "alice")
     async with gateway.running(), in_memory(gateway, key) as client:
         submitted = await client.call_tool("submit_job", {"circuit": source, "shots": 10, "backend": f"azure/{target}"})
         assert not submitted.is_error, submitted.content
@@ -339,7 +339,7 @@ async def test_list_backends_shows_the_workspace_targets(
     config: Config, fake: FakeWorkspace, adapter: AzureAdapter
 ) -> None:
     gateway = await azure_gateway(config, adapter)
-    key = await new_key(config.db_path, "alice")
+    key = await new_key(config.database, "alice")
     async with gateway.running(), in_memory(gateway, key) as client:
         listed = await client.call_tool("list_backends", {})
     backends = {b["id"]: b for b in listed.structured_content["backends"]}
@@ -353,7 +353,7 @@ async def test_list_backends_shows_the_workspace_targets(
 
 async def test_an_unconfigured_adapter_lists_azure_unavailable_and_names_the_variables(config: Config) -> None:
     gateway = await azure_gateway(config, AzureAdapter())  # the default: the environment, which is empty here
-    key = await new_key(config.db_path, "alice")
+    key = await new_key(config.database, "alice")
     async with gateway.running(), in_memory(gateway, key) as client:
         listed = await client.call_tool("list_backends", {})
         refused = await client.call_tool(
@@ -371,7 +371,7 @@ async def test_a_provider_quota_fails_the_job_as_quota_exhausted_without_retryin
 ) -> None:
     fake.faults["PUT job"] = (403, "QuotaExceeded")
     gateway = await azure_gateway(config, adapter)
-    key = await new_key(config.db_path, "alice")
+    key = await new_key(config.database, "alice")
     async with gateway.running(), in_memory(gateway, key) as client:
         submitted = await client.call_tool(
             "submit_job", {"circuit": BELL2, "shots": 10, "backend": "azure/ionq.simulator"}
@@ -386,7 +386,7 @@ async def test_a_provider_quota_fails_the_job_as_quota_exhausted_without_retryin
 async def test_cancel_job_cancels_the_azure_job(config: Config, fake: FakeWorkspace, adapter: AzureAdapter) -> None:
     fake.hold = True
     gateway = await azure_gateway(config, adapter)
-    key = await new_key(config.db_path, "alice")
+    key = await new_key(config.database, "alice")
     async with gateway.running(), in_memory(gateway, key) as client:
         submitted = await client.call_tool(
             "submit_job", {"circuit": BELL2, "shots": 10, "backend": "azure/ionq.simulator"}
@@ -412,7 +412,7 @@ async def test_an_operators_cancel_from_the_cli_is_carried_to_azure_by_the_gatew
 ) -> None:
     fake.hold = True
     gateway = await azure_gateway(config, adapter)
-    key = await new_key(config.db_path, "alice")
+    key = await new_key(config.database, "alice")
     async with gateway.running(), in_memory(gateway, key) as client:
         submitted = await client.call_tool(
             "submit_job", {"circuit": BELL2, "shots": 10, "backend": "azure/ionq.simulator"}
@@ -446,7 +446,7 @@ async def test_no_credential_appears_in_results_errors_logs_or_the_database(
 ) -> None:
     caplog.set_level(logging.DEBUG)
     gateway = await azure_gateway(config, adapter)
-    key = await new_key(config.db_path, "alice")
+    key = await new_key(config.database, "alice")
     outputs: list[str] = []
     async with gateway.running(), in_memory(gateway, key) as client:
         ok = await client.call_tool("submit_job", {"circuit": BELL2, "shots": 10, "backend": "azure/ionq.simulator"})
@@ -644,7 +644,7 @@ async def test_a_job_past_its_wall_clock_cap_is_cancelled_at_azure_and_charged_i
         ),
         encoding="utf-8",
     )
-    key = await new_key(config.db_path, "alice")
+    key = await new_key(config.database, "alice")
     async with gateway.running(), in_memory(gateway, key) as client:
         submitted = await client.call_tool(
             "submit_job", {"circuit": BELL2, "shots": 10, "backend": "azure/ionq.simulator"}

@@ -79,7 +79,7 @@ async def test_bell_on_fake_manila_runs_noisy_through_an_mcp_session(
     caplog.set_level(logging.DEBUG)
     adapter = IbmAdapter()
     gateway = await _gateway_with(config, adapter)
-    key = await new_key(config.db_path, "alice")
+    key = await new_key(config.database, "alice")
     outputs: list[str] = []
     async with gateway.running(), in_memory(gateway, key) as client:
         listed = await client.call_tool("list_backends", {})
@@ -404,7 +404,7 @@ async def test_cloud_submit_status_result_through_the_real_runtime_client(
     assert any(host == "iam.cloud.test" for _, host, _ in loopback_ibm.requests)  # the IAM step ran
 
     gateway = await _gateway_with(config, adapter)
-    key = await new_key(config.db_path, "alice")
+    key = await new_key(config.database, "alice")
     async with gateway.running(), in_memory(gateway, key) as client:
         listed = await client.call_tool("list_backends", {})
         price = next(b for b in listed.structured_content["backends"] if b["id"] == f"ibm/{DEVICE}")["price_model"]
@@ -512,7 +512,7 @@ async def test_a_cloud_job_past_its_wall_clock_cap_is_cancelled_at_ibm_and_charg
         POLICY + 'agent_quota = { cost_usd = { day = "100.00" } }\nmax_wall_clock = { "ibm/*" = "1s" }\n',
         encoding="utf-8",
     )
-    key = await new_key(config.db_path, "alice")
+    key = await new_key(config.database, "alice")
     async with gateway.running(), in_memory(gateway, key) as client:
         submitted = await client.call_tool("submit_job", {"circuit": BELL2, "backend": f"ibm/{DEVICE}", "shots": 1000})
         job_id = submitted.structured_content["job_id"]

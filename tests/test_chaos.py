@@ -1,6 +1,8 @@
 """The chaos scenarios at a small size, in `make test`: nothing lost, run twice, left reserved or
 spent over budget, and every other invariant the scenario checks. `make chaos` runs them at full
-size and prints the table (see tests/chaos/)."""
+size and prints the table (see tests/chaos/). On PostgreSQL `make test` runs `crash-postgresql` (replicas
+SIGKILLed under load: leases, reclaims, nothing run twice); `budget-postgresql` runs in `make chaos` only,
+since tests/test_policy_concurrency.py races a budget across processes on PostgreSQL already."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from .chaos.scenarios import SCENARIOS, SMALL
 pytestmark = pytest.mark.anyio
 
 
-@pytest.mark.parametrize("name", list(SCENARIOS))
+@pytest.mark.parametrize("name", [name for name in SCENARIOS if name != "budget-postgresql"])
 async def test_chaos_scenario_holds_its_invariants(tmp_path: Path, name: str) -> None:
     row = await SCENARIOS[name](tmp_path, SMALL)
     assert row.broken == [], f"{row.scenario}: {row.broken}; figures: {row.other}"

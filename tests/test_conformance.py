@@ -52,7 +52,7 @@ async def test_the_conformance_suites_server_scenarios_pass_except_the_listed_on
     config: Config, tmp_path: Path
 ) -> None:
     assert package_version("@modelcontextprotocol/conformance") == "0.1.16"
-    key = await new_key(config.db_path, "conformance")
+    key = await new_key(config.database, "conformance")
     server = start_http_server(config)
     out = tmp_path / "results"
     try:

@@ -1,4 +1,9 @@
-"""Jobs survive server restarts and crashes, and several processes on one database never run a job twice."""
+"""Jobs survive server restarts and crashes, and several processes on one database never run a job twice.
+
+On PostgreSQL too: the crash (SIGKILL) restart and two processes sharing 200 jobs. The graceful
+restart's hand-back and the queued job kept for the next start are store calls that
+tests/test_store.py runs on both backends; they run here on SQLite only, to keep the suite short.
+"""
 
 from __future__ import annotations
 
@@ -14,13 +19,14 @@ from qpu_gateway.config import Config
 from qpu_gateway.jobs.states import TERMINAL, JobState
 from qpu_gateway.store import open_store
 
+from .databases import BACKENDS
 from .support import BELL2, http_client, start_http_server
 
 pytestmark = pytest.mark.anyio
 
 
 async def job_state(config: Config, job_id: str) -> Any:
-    store = await open_store(config.db_path)
+    store = await open_store(config.database)
     try:
         return await store.get_job(job_id)
     finally:
@@ -36,7 +42,7 @@ async def wait_for_state(config: Config, job_id: str, states: set[JobState]) -> 
             await anyio.sleep(0.1)
 
 
-@pytest.mark.parametrize("stop", ["graceful", "crash"])
+@pytest.mark.parametrize(("stop", "db_backend"), [("graceful", "sqlite"), ("crash", "sqlite"), ("crash", "postgresql")])
 async def test_a_job_in_flight_survives_a_server_restart(config: Config, alice_key: str, stop: str) -> None:
     first = start_http_server(config, QPU_GATEWAY_FAULTS="slow:60")
     try:
@@ -49,7 +55,7 @@ async def test_a_job_in_flight_survives_a_server_restart(config: Config, alice_k
             assert first.process.wait(timeout=20) == 0
             handed_back = await job_state(config, job_id)
             assert handed_back.state is JobState.QUEUED and handed_back.lease_owner is None
-            store = await open_store(config.db_path)
+            store = await open_store(config.database)
             try:
                 trail = [r.tool for r in await store.audit_tail(limit=100, job_id=job_id)]
             finally:
@@ -102,6 +108,7 @@ async def test_a_queued_job_waits_for_the_next_server_start(config: Config, alic
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("db_backend", BACKENDS)
 async def test_two_server_processes_share_200_jobs_and_run_none_twice(config: Config, alice_key: str) -> None:
     servers = [start_http_server(config), start_http_server(config)]
     job_ids: list[str] = []
@@ -119,7 +126,7 @@ async def test_two_server_processes_share_200_jobs_and_run_none_twice(config: Co
                 for _ in range(2):
                     tg.start_soon(submit_many, server.url, 50)
         deadline = time.monotonic() + 180
-        store = await open_store(config.db_path)
+        store = await open_store(config.database)
         try:
             while time.monotonic() < deadline:
                 jobs = [await store.get_job(j) for j in job_ids]

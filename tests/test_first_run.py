@@ -75,7 +75,7 @@ async def test_a_stdio_server_logs_the_database_it_opened_and_names_it_when_a_ke
 ) -> None:
     other = tmp_path / "other.db"
     key_elsewhere = await new_key(other, "alice")  # a real key, made for another database
-    await (await open_store(config.db_path)).close()
+    await (await open_store(config.database)).close()
     params = stdio_params(config, key_elsewhere)
     params.args[params.args.index("warning")] = "info"
     log = tmp_path / "stdio.stderr"
@@ -94,7 +94,7 @@ async def test_a_stdio_server_logs_the_database_it_opened_and_names_it_when_a_ke
 
 
 async def test_the_database_and_its_wal_files_are_readable_by_their_owner_only(config: Config) -> None:
-    key = await new_key(config.db_path, "alice")
+    key = await new_key(config.database, "alice")
     params = stdio_params(config, key)
     async with Client(stdio_client(params)) as client:  # type: ignore[arg-type]
         submitted = await client.call_tool("submit_job", {"circuit": BELL2, "shots": 10})
@@ -105,9 +105,9 @@ async def test_the_database_and_its_wal_files_are_readable_by_their_owner_only(c
 
 
 async def test_an_existing_database_readable_by_others_is_narrowed_when_opened(config: Config) -> None:
-    await new_key(config.db_path, "alice")
+    await new_key(config.database, "alice")
     os.chmod(config.db_path, 0o644)
-    store = await open_store(config.db_path)
+    store = await open_store(config.database)
     try:
         await store.list_keys()
         assert mode_of(config.db_path) == 0o600
@@ -164,7 +164,7 @@ def test_every_line_a_serving_process_writes_to_stderr_is_one_json_object() -> N
 async def test_a_stdio_server_running_an_ibm_job_writes_only_json_to_stderr(
     config: Config, tmp_path: Path, mode: str
 ) -> None:
-    key = await new_key(config.db_path, "alice")
+    key = await new_key(config.database, "alice")
     config.policy_path.write_text('[defaults]\nallowed_backends = ["aer/*", "ibm/*"]\n', encoding="utf-8")
     params = stdio_params(config, key, QISKIT_IBM_RUNTIME_LOG_LEVEL="DEBUG", PYTHONWARNINGS="always")
     params.args[params.args.index("warning")] = "debug"

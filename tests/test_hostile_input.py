@@ -398,7 +398,7 @@ def assert_schema_intact(db: Path) -> None:
 
 @pytest.mark.parametrize("payload", [*SQL_PAYLOADS, "x" * 65, "", "ok name"])
 async def test_names_outside_the_name_rule_are_refused_when_creating_a_key(config: Config, payload: str) -> None:
-    store = await open_store(config.db_path)
+    store = await open_store(config.database)
     try:
         for field in ("agent", "project"):
             names = {"agent": "fine", "project": "fine", field: payload}
@@ -420,8 +420,8 @@ async def test_sql_payloads_in_every_string_field_are_stored_verbatim_and_harm_n
         f"[projects.{json.dumps(SQL_PAYLOADS[7])}]\nmax_shots = 1\n",
         encoding="utf-8",
     )
-    key = await new_key(config.db_path, agent, project=project)
-    other = await new_key(config.db_path, NAME_RULE_PAYLOADS[2], project=NAME_RULE_PAYLOADS[3])
+    key = await new_key(config.database, agent, project=project)
+    other = await new_key(config.database, NAME_RULE_PAYLOADS[2], project=NAME_RULE_PAYLOADS[3])
     gateway = Gateway(config)
     submitted: dict[str, str] = {}
     async with gateway.running(), in_memory(gateway, key) as client:

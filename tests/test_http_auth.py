@@ -41,7 +41,7 @@ def base_of(server: HttpServer) -> str:
 
 
 async def http_auth_rows(config: Config) -> list[Any]:
-    store = await open_store(config.db_path)
+    store = await open_store(config.database)
     try:
         return [row for row in await store.audit_tail(limit=1000) if row.tool == "http.auth"]
     finally:
@@ -80,7 +80,7 @@ async def test_a_request_without_a_key_is_told_how_to_get_and_send_one_and_leave
 async def test_a_wrong_key_and_a_revoked_key_are_refused_alike_and_each_audited(
     http_server: HttpServer, config: Config
 ) -> None:
-    revoked = await new_key(config.db_path, "carol")
+    revoked = await new_key(config.database, "carol")
     async with http_client(http_server.url, revoked, mode="legacy") as client:
         assert not (await client.call_tool("get_usage", {})).is_error
     revoke = await anyio.run_process(
@@ -110,7 +110,7 @@ async def test_a_wrong_key_and_a_revoked_key_are_refused_alike_and_each_audited(
 
 
 async def test_the_gateway_claims_no_authorization_server_anywhere(http_server: HttpServer, config: Config) -> None:
-    key = await new_key(config.db_path, "alice")
+    key = await new_key(config.database, "alice")
     base = base_of(http_server)
     async with httpx2.AsyncClient() as http:
         for auth in ({}, {"Authorization": f"Bearer {key}"}):

@@ -1,4 +1,8 @@
-"""The whole path of one job through a real MCP client session, on both protocol eras."""
+"""The whole path of one job through a real MCP client session, on both protocol eras and both databases.
+
+On PostgreSQL the representative subset: OpenQASM 2 on both eras (the circuit's dialect does not
+reach the store).
+"""
 
 from __future__ import annotations
 
@@ -12,7 +16,11 @@ pytestmark = pytest.mark.anyio
 
 
 @pytest.mark.parametrize("mode", ERAS)
-@pytest.mark.parametrize("source", [BELL2, BELL3], ids=["qasm2", "qasm3"])
+@pytest.mark.parametrize(
+    ("source", "db_backend"),
+    [(BELL2, "sqlite"), (BELL3, "sqlite"), (BELL2, "postgresql")],
+    ids=["qasm2", "qasm3", "qasm2-postgresql"],
+)
 async def test_bell_circuit_is_estimated_submitted_run_and_counted(
     gateway: Gateway, alice_key: str, mode: str, source: str
 ) -> None:

@@ -121,10 +121,10 @@ class Site:
 @pytest.fixture
 async def site(config: Config, tmp_path: Path) -> Site:
     config.policy_path.write_text(POLICY, encoding="utf-8")
-    key = await new_key(config.db_path, "alice")
-    read_only = await new_key(config.db_path, "reader", scopes="read")
-    revoked = await new_key(config.db_path, "gone")
-    store = await open_store(config.db_path)
+    key = await new_key(config.database, "alice")
+    read_only = await new_key(config.database, "reader", scopes="read")
+    revoked = await new_key(config.database, "gone")
+    store = await open_store(config.database)
     try:
         assert await store.revoke_key(revoked.split("_")[1], time.time())
     finally:

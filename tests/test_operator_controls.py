@@ -68,7 +68,7 @@ def body(result: Any) -> dict[str, Any]:
 
 
 async def stored_job(config: Config, job_id: str) -> JobRecord:
-    store = await open_store(config.db_path)
+    store = await open_store(config.database)
     try:
         job = await store.get_job(job_id)
     finally:
@@ -78,7 +78,7 @@ async def stored_job(config: Config, job_id: str) -> JobRecord:
 
 
 async def audit_rows(config: Config, **filters: Any) -> list[AuditRecord]:
-    store = await open_store(config.db_path)
+    store = await open_store(config.database)
     try:
         return await store.audit_tail(limit=10_000, **filters)
     finally:

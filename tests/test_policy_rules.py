@@ -48,7 +48,7 @@ def hardware(config: Config, **overrides: Any) -> Gateway:
 
 async def ledger(config: Config, agent: str = "alice") -> tuple[dict[str, Any], dict[str, Any]]:
     """(committed, reserved) per period for the agent, read straight from the database file."""
-    store = await open_store(config.db_path)
+    store = await open_store(config.database)
     try:
         totals = await store.ledger_totals("agent", agent, time.time())
     finally:
@@ -57,7 +57,7 @@ async def ledger(config: Config, agent: str = "alice") -> tuple[dict[str, Any], 
 
 
 async def rows(config: Config, **filters: Any) -> list[Any]:
-    store = await open_store(config.db_path)
+    store = await open_store(config.database)
     try:
         return await store.audit_tail(limit=10_000, **filters)
     finally:
@@ -107,7 +107,7 @@ async def test_a_rate_limit_in_wait_mode_holds_the_call_with_progress_then_admit
 async def test_a_shots_rate_limit_counts_shots_per_project(config: Config, alice_key: str) -> None:
     policy(config, 'rate_limits = [{ limit = "1000/hour", per = "project", cost = "shots" }]')
     gateway = Gateway(config)
-    bob = await new_key(config.db_path, "bob")  # same project "default"
+    bob = await new_key(config.database, "bob")  # same project "default"
     async with gateway.running():
         async with in_memory(gateway, alice_key) as alice:
             assert not (await alice.call_tool("submit_job", {"circuit": BELL2, "shots": 600})).is_error
@@ -389,8 +389,8 @@ async def test_the_policy_resource_shows_the_callers_merged_levels(config: Confi
         "[agents.carol]\nmax_shots = 3000\n",
         encoding="utf-8",
     )
-    carol = await new_key(config.db_path, "carol", project="lab")
-    dave = await new_key(config.db_path, "dave", project="lab")
+    carol = await new_key(config.database, "carol", project="lab")
+    dave = await new_key(config.database, "dave", project="lab")
     gateway = Gateway(config)
     async with gateway.running():
         views = {}
@@ -404,7 +404,7 @@ async def test_the_policy_resource_shows_the_callers_merged_levels(config: Confi
 async def test_a_rotated_key_stops_at_once_and_the_new_one_works(gateway: Gateway, config: Config) -> None:
     from qpu_gateway.keys import rotate_key
 
-    old = await new_key(config.db_path, "erin")
+    old = await new_key(config.database, "erin")
     new = await rotate_key(gateway.store, old.split("_")[1])
     async with in_memory(gateway, old) as client:
         refused = await client.call_tool("get_usage", {})

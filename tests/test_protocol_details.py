@@ -98,7 +98,7 @@ async def test_the_prompts_backend_completes_to_backends_the_callers_policy_allo
         '[defaults]\nallowed_backends = ["aer/*", "ibm/fake_l*"]\n[agents.alice]\nallowed_backends = ["aer/*"]\n',
         encoding="utf-8",
     )
-    bob_key = await new_key(config.db_path, "bob")
+    bob_key = await new_key(config.database, "bob")
     gateway = Gateway(config)
     async with gateway.running(), in_memory(gateway, alice_key) as alice, in_memory(gateway, bob_key) as bob:
         prompts = (await alice.list_prompts()).prompts
@@ -114,7 +114,7 @@ async def test_the_prompts_backend_completes_to_backends_the_callers_policy_allo
 
 
 async def test_completion_needs_a_key_with_the_scope(config: Config, gateway: Gateway) -> None:
-    estimator = await new_key(config.db_path, "eve", scopes="estimate")
+    estimator = await new_key(config.database, "eve", scopes="estimate")
     async with in_memory(gateway, None) as nobody, in_memory(gateway, estimator) as eve:
         with pytest.raises(MCPError) as unauthorized:
             await nobody.complete(JOBS, {"name": "job_id", "value": "job_"})

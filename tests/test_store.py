@@ -1,16 +1,19 @@
-"""The SQLite store on a real file: migrations, the durable queue's leases, the audit log, and listings."""
+"""The store on both backends (a real SQLite file, a fresh PostgreSQL database): migrations, the durable
+queue's leases, the audit log, and listings. Every test runs on each backend through `database`."""
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import closing
 from datetime import UTC, datetime
 from pathlib import Path
 
 import anyio
+import psycopg
 import pytest
 
+from qpu_gateway.config import Database
 from qpu_gateway.jobs.states import JobState
 from qpu_gateway.policy.decisions import Refusal
 from qpu_gateway.store import Store, open_store
@@ -24,8 +27,8 @@ from qpu_gateway.store.records import (
     ProcessReport,
     StateUsage,
 )
-from qpu_gateway.store.sqlite import SqliteStore
 
+from .databases import BACKENDS, database_of, execute, query
 from .support import BELL2, BELL3
 
 pytestmark = pytest.mark.anyio
@@ -102,40 +105,37 @@ async def submit(store: Store, job: NewJob, now: float = T0, audit: AuditEntry |
     return stored
 
 
-def row_counts(db_path: Path) -> dict[str, int]:
-    """Rows in the tables admission writes, read with sqlite3 directly (not through the store)."""
-    with closing(sqlite3.connect(db_path)) as db:
-        return {
-            table: db.execute(f"SELECT count(*) FROM {table}").fetchone()[0] for table in ("jobs", "ledger", "audit")
-        }
+def row_counts(db: Database) -> dict[str, int]:
+    """Rows in the tables admission writes, read from the database directly (not through the store)."""
+    return {table: query(db, f"SELECT count(*) FROM {table}")[0][0] for table in ("jobs", "ledger", "audit")}
 
 
-def ledger_row(db_path: Path, job_id: str) -> tuple[str, int, int, int]:
+def ledger_row(db: Database, job_id: str) -> tuple[str, int, int, int]:
     """(status, micro-dollars, shots, QPU milliseconds) of one job's ledger row."""
-    with closing(sqlite3.connect(db_path)) as db:
-        row = db.execute(
-            "SELECT status, cost_micro_usd, shots, qpu_millis FROM ledger WHERE job_id = ?", (job_id,)
-        ).fetchone()
-    assert row is not None, f"no ledger row for {job_id}"
+    rows = query(db, "SELECT status, cost_micro_usd, shots, qpu_millis FROM ledger WHERE job_id = ?", (job_id,))
+    assert rows, f"no ledger row for {job_id}"
+    row = rows[0]
     return row[0], row[1], row[2], row[3]
 
 
-@pytest.fixture
-def db_path(tmp_path: Path) -> Path:
-    return tmp_path / "g.db"
+@pytest.fixture(params=BACKENDS)
+def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
+    """A fresh database of each backend: a SQLite file, and a PostgreSQL database of this test's own."""
+    with database_of(request.param, tmp_path, "g.db") as db:
+        yield db
 
 
 @pytest.fixture
-async def store(db_path: Path) -> AsyncIterator[Store]:
-    opened = await open_store(db_path)
+async def store(database: Database) -> AsyncIterator[Store]:
+    opened = await open_store(database)
     yield opened
     await opened.close()
 
 
 @pytest.fixture
-async def other_store(db_path: Path, store: Store) -> AsyncIterator[Store]:
-    """A second connection to the same file, as a second gateway process would hold."""
-    opened = await open_store(db_path)
+async def other_store(database: Database, store: Store) -> AsyncIterator[Store]:
+    """A second store on the same database, as a second gateway process would hold."""
+    opened = await open_store(database)
     yield opened
     await opened.close()
 
@@ -143,26 +143,23 @@ async def other_store(db_path: Path, store: Store) -> AsyncIterator[Store]:
 # -- migrations ---------------------------------------------------------------------------------------
 
 
-async def test_migrating_twice_applies_nothing_the_second_time(db_path: Path) -> None:
-    store = await SqliteStore.open(db_path)
+async def test_migrating_twice_applies_nothing_the_second_time(database: Database) -> None:
+    store = await open_store(database, migrate=False)
     try:
         assert await store.migrate() == MIGRATIONS
         assert await store.migrate() == []
     finally:
         await store.close()
 
-    with closing(sqlite3.connect(db_path)) as db:
-        assert db.execute("SELECT name FROM schema_migrations ORDER BY name").fetchall() == [
-            (name,) for name in MIGRATIONS
-        ]
+    assert query(database, "SELECT name FROM schema_migrations ORDER BY name") == [(name,) for name in MIGRATIONS]
 
 
-async def test_reopening_a_migrated_file_keeps_its_rows(db_path: Path) -> None:
-    first = await open_store(db_path)
+async def test_reopening_a_migrated_file_keeps_its_rows(database: Database) -> None:
+    first = await open_store(database)
     await submit(first, new_job("job_kept"))
     await first.close()
 
-    second = await open_store(db_path)
+    second = await open_store(database)
     try:
         assert await second.migrate() == []
         kept = await second.get_job("job_kept")
@@ -171,11 +168,11 @@ async def test_reopening_a_migrated_file_keeps_its_rows(db_path: Path) -> None:
     assert kept is not None and kept.state is JobState.QUEUED
 
 
-async def test_two_stores_migrating_one_new_file_at_once_both_succeed_and_apply_it_once(db_path: Path) -> None:
-    stores = [await SqliteStore.open(db_path), await SqliteStore.open(db_path)]
+async def test_two_stores_migrating_one_new_file_at_once_both_succeed_and_apply_it_once(database: Database) -> None:
+    stores = [await open_store(database, migrate=False), await open_store(database, migrate=False)]
     applied: list[list[str]] = []
 
-    async def migrate(store: SqliteStore) -> None:
+    async def migrate(store: Store) -> None:
         applied.append(await store.migrate())
 
     try:
@@ -189,11 +186,11 @@ async def test_two_stores_migrating_one_new_file_at_once_both_succeed_and_apply_
     assert sorted(applied) == [[], MIGRATIONS]
 
 
-async def test_several_processes_opening_a_new_file_at_once_all_get_a_working_store(db_path: Path) -> None:
+async def test_several_processes_opening_a_new_file_at_once_all_get_a_working_store(database: Database) -> None:
     opened: list[Store] = []
 
     async def open_one() -> None:
-        opened.append(await open_store(db_path))
+        opened.append(await open_store(database))
 
     async with anyio.create_task_group() as tg:
         for _ in range(4):
@@ -379,15 +376,17 @@ async def test_a_transition_cannot_set_columns_outside_its_list(store: Store) ->
     assert job is not None and (job.agent, job.state) == ("alice", JobState.QUEUED)
 
 
-async def test_the_audit_log_refuses_updates_and_deletes(store: Store, db_path: Path) -> None:
+async def test_the_audit_log_refuses_updates_and_deletes(store: Store, database: Database) -> None:
     await store.append_audit(AuditEntry(tool="list_jobs", decision="ok", agent="alice", detail="first"), T0)
 
-    with closing(sqlite3.connect(db_path)) as db:
-        with pytest.raises(sqlite3.DatabaseError, match="append-only"):
-            db.execute("UPDATE audit SET detail = 'rewritten'")
-        with pytest.raises(sqlite3.DatabaseError, match="append-only"):
-            db.execute("DELETE FROM audit")
-        db.rollback()
+    refused = (sqlite3.DatabaseError, psycopg.Error)
+    with pytest.raises(refused, match="append-only"):
+        execute(database, "UPDATE audit SET detail = 'rewritten'")
+    with pytest.raises(refused, match="append-only"):
+        execute(database, "DELETE FROM audit")
+    if database.is_postgres:
+        with pytest.raises(refused, match="append-only"):
+            execute(database, "TRUNCATE audit")
 
     [row] = await store.audit_tail(limit=10)
     assert (row.tool, row.detail, row.at) == ("list_jobs", "first", T0)
@@ -511,7 +510,7 @@ def utc(year: int, month: int, day: int, hour: int = 12) -> float:
 
 
 async def test_admit_writes_the_job_a_reserved_ledger_row_and_the_audit_row_together(
-    store: Store, db_path: Path
+    store: Store, database: Database
 ) -> None:
     now = utc(2026, 3, 31, 23)
     job = new_job("job_1", shots=250, circuits=2, estimate_micro_usd=1_750_000, qpu_seconds_estimate=2.5005)
@@ -527,13 +526,12 @@ async def test_admit_writes_the_job_a_reserved_ledger_row_and_the_audit_row_toge
         1_750_000,
         now,
     )
-    assert row_counts(db_path) == {"jobs": 1, "ledger": 1, "audit": 1}
+    assert row_counts(database) == {"jobs": 1, "ledger": 1, "audit": 1}
     # Shots are counted over all circuits; QPU time is whole milliseconds, rounded up.
-    assert ledger_row(db_path, "job_1") == ("reserved", 1_750_000, 500, 2_501)
-    with closing(sqlite3.connect(db_path)) as db:
-        assert db.execute("SELECT agent, project, day, month FROM ledger").fetchall() == [
-            ("alice", "default", "2026-03-31", "2026-03")
-        ]
+    assert ledger_row(database, "job_1") == ("reserved", 1_750_000, 500, 2_501)
+    assert query(database, "SELECT agent, project, day, month FROM ledger") == [
+        ("alice", "default", "2026-03-31", "2026-03")
+    ]
     [audit] = await store.audit_tail(limit=10)
     assert (audit.tool, audit.decision, audit.job_id, audit.at) == ("submit_job", "ok", "job_1", now)
 
@@ -569,7 +567,7 @@ async def test_decide_sees_the_ledger_of_the_agent_and_its_project_and_the_repea
     assert (facts.project.queued_jobs, facts.project.running_jobs) == (5, 0)
 
 
-async def test_a_refusal_from_decide_is_returned_and_nothing_is_written(store: Store, db_path: Path) -> None:
+async def test_a_refusal_from_decide_is_returned_and_nothing_is_written(store: Store, database: Database) -> None:
     await submit(store, new_job("job_first"))
     no = Refusal("quota_exhausted", "Your USD quota today (UTC) has $0.00 left.", rule="agent_quota.cost_usd.day")
     job = new_job("job_refused", estimate_micro_usd=5_000_000)
@@ -577,13 +575,13 @@ async def test_a_refusal_from_decide_is_returned_and_nothing_is_written(store: S
     outcome = await store.admit(job, admission(job), T0 + 1, loop_window_s=LOOP_WINDOW_S, decide=lambda facts: no)
 
     assert outcome == no
-    assert row_counts(db_path) == {"jobs": 1, "ledger": 1, "audit": 1}
+    assert row_counts(database) == {"jobs": 1, "ledger": 1, "audit": 1}
     assert await store.get_job("job_refused") is None
     assert (await store.ledger_totals("agent", "alice", T0 + 1)).reserved["total"] == (0, 100, 0)
 
 
 async def test_an_idempotency_key_already_used_returns_the_earlier_job_and_writes_nothing(
-    store: Store, db_path: Path
+    store: Store, database: Database
 ) -> None:
     first = await submit(store, new_job("job_first", idempotency_key="retry-7", estimate_micro_usd=1_000))
     asked: list[AdmissionFacts] = []
@@ -597,8 +595,8 @@ async def test_an_idempotency_key_already_used_returns_the_earlier_job_and_write
 
     assert outcome == (first, False)
     assert asked == [], "a replay is answered before any policy decision"
-    assert row_counts(db_path) == {"jobs": 1, "ledger": 1, "audit": 1}
-    assert ledger_row(db_path, "job_first") == ("reserved", 1_000, 100, 0)
+    assert row_counts(database) == {"jobs": 1, "ledger": 1, "audit": 1}
+    assert ledger_row(database, "job_first") == ("reserved", 1_000, 100, 0)
     # Keys are per agent: bob's same key is a new job.
     bobs = await submit(store, new_job("job_bobs", agent="bob", idempotency_key="retry-7"))
     assert bobs.id == "job_bobs"
@@ -617,7 +615,7 @@ async def run_to(store: Store, job_id: str, end: JobState, now: float, **fields:
 
 
 async def test_a_succeeded_job_commits_its_actual_cost_where_reported_else_its_estimate(
-    store: Store, db_path: Path
+    store: Store, database: Database
 ) -> None:
     await submit(store, new_job("job_reported", estimate_micro_usd=900_000, qpu_seconds_estimate=3.0))
     await submit(store, new_job("job_unreported", estimate_micro_usd=900_000, qpu_seconds_estimate=3.0))
@@ -627,14 +625,16 @@ async def test_a_succeeded_job_commits_its_actual_cost_where_reported_else_its_e
     )
     await run_to(store, "job_unreported", JobState.SUCCEEDED, T0 + 9)
 
-    assert ledger_row(db_path, "job_reported") == ("committed", 700_001, 100, 1_235)
-    assert ledger_row(db_path, "job_unreported") == ("committed", 900_000, 100, 3_000)
+    assert ledger_row(database, "job_reported") == ("committed", 700_001, 100, 1_235)
+    assert ledger_row(database, "job_unreported") == ("committed", 900_000, 100, 3_000)
     totals = await store.ledger_totals("agent", "alice", T0 + 9)
     assert totals.committed["total"] == (1_600_001, 200, 4_235)
     assert "total" not in totals.reserved
 
 
-async def test_every_other_way_a_job_ends_releases_its_reservation_and_none_leaks(store: Store, db_path: Path) -> None:
+async def test_every_other_way_a_job_ends_releases_its_reservation_and_none_leaks(
+    store: Store, database: Database
+) -> None:
     held = JobState.PENDING_APPROVAL
     await submit(store, new_job("job_failed_in_queue", estimate_micro_usd=1_000))
     await submit(store, new_job("job_failed_running", estimate_micro_usd=2_000))
@@ -660,8 +660,8 @@ async def test_every_other_way_a_job_ends_releases_its_reservation_and_none_leak
         ("job_rejected", 4_000),
         ("job_expired", 5_000),
     ]:
-        assert ledger_row(db_path, job_id) == ("released", cost, 100, 0)
-    assert ledger_row(db_path, "job_handed_back") == ("reserved", 6_000, 100, 0)
+        assert ledger_row(database, job_id) == ("released", cost, 100, 0)
+    assert ledger_row(database, "job_handed_back") == ("reserved", 6_000, 100, 0)
     totals = await store.ledger_totals("agent", "alice", T0 + 61)
     assert totals.reserved["total"] == (6_000, 100, 0)
     assert totals.committed == {}
@@ -719,7 +719,7 @@ async def test_has_simulation_needs_a_succeeded_simulator_run_of_that_circuit_in
 
 
 async def test_expired_approvals_lists_pending_jobs_past_their_expiry_and_expiring_one_releases_it(
-    store: Store, db_path: Path
+    store: Store, database: Database
 ) -> None:
     await submit(store, new_job("job_soon", state=JobState.PENDING_APPROVAL, approval_expires_at=T0 + 100))
     await submit(store, new_job("job_later", state=JobState.PENDING_APPROVAL, approval_expires_at=T0 + 500))
@@ -734,8 +734,8 @@ async def test_expired_approvals_lists_pending_jobs_past_their_expiry_and_expiri
     await store.transition("job_soon", JobState.EXPIRED, T0 + 101)
 
     assert await store.expired_approvals(T0 + 1_000) == ["job_later"]
-    assert ledger_row(db_path, "job_soon")[0] == "released"
-    assert ledger_row(db_path, "job_approved")[0] == "reserved"
+    assert ledger_row(database, "job_soon")[0] == "released"
+    assert ledger_row(database, "job_approved")[0] == "reserved"
 
 
 # -- claim order: priority first, then round-robin between agents --------------------------------------
@@ -823,12 +823,18 @@ async def test_an_agent_at_its_running_cap_with_a_long_queue_does_not_block_othe
 
 
 async def test_the_jobs_table_holds_the_record_fields_in_order_so_rows_decode_by_position(
-    store: Store, db_path: Path
+    store: Store, database: Database
 ) -> None:
     from dataclasses import fields
 
     await submit(store, new_job("job_1", name="n"))
-    with closing(sqlite3.connect(db_path)) as db:
+    if database.is_postgres:  # the same columns in the same order, so `db copy` and readers see one schema
+        with psycopg.connect(database.url or "") as conn:
+            cursor = conn.execute("SELECT * FROM jobs")
+            assert [c.name for c in cursor.description or ()] == [field.name for field in fields(JobRecord)]
+        return
+    assert database.path is not None
+    with closing(sqlite3.connect(database.path)) as db:
         db.row_factory = sqlite3.Row
         row = db.execute("SELECT * FROM jobs").fetchone()
     assert row.keys() == [field.name for field in fields(JobRecord)]

@@ -177,8 +177,8 @@ async def test_revoking_a_key_refuses_its_next_call(gateway: Gateway, alice_key:
 
 
 async def test_scopes_gate_each_tool(gateway: Gateway, config: Config) -> None:
-    reader = await new_key(config.db_path, "reader", scopes="read")
-    estimator = await new_key(config.db_path, "estimator", scopes="estimate")
+    reader = await new_key(config.database, "reader", scopes="read")
+    estimator = await new_key(config.database, "estimator", scopes="estimate")
     async with in_memory(gateway, reader) as client:
         submit = await client.call_tool("submit_job", {"circuit": BELL2})
         estimate = await client.call_tool("estimate_job", {"circuit": BELL2})
@@ -291,7 +291,7 @@ async def test_cancel_stops_a_queued_job_and_conflicts_on_a_finished_one(config:
 async def gateway_rows(config: Config) -> list[Any]:
     from qpu_gateway.store import open_store
 
-    store = await open_store(config.db_path)
+    store = await open_store(config.database)
     try:
         return await store.audit_tail(limit=1000)
     finally:

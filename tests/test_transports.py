@@ -95,7 +95,7 @@ async def test_http_rejects_a_foreign_host_header(http_server: HttpServer, alice
 async def test_a_key_revoked_by_the_cli_fails_at_once_in_a_running_server(
     http_server: HttpServer, config: Config
 ) -> None:
-    key = await new_key(config.db_path, "carol")
+    key = await new_key(config.database, "carol")
     async with http_client(http_server.url, key, mode="legacy") as client:
         assert not (await client.call_tool("get_usage", {})).is_error
         revoke = await anyio.run_process(
@@ -126,12 +126,12 @@ def test_the_server_answers_initialize_without_importing_any_provider_sdk(config
         from pathlib import Path
         from mcp import Client
         from qpu_gateway.mcp.app import build_server
-        from qpu_gateway.config import Config
+        from qpu_gateway.config import Config, Database
         from qpu_gateway.jobs.runtime import Gateway
 
         async def main():
             db, policy = Path({str(config.db_path)!r}), Path({str(config.policy_path)!r})
-            gateway = Gateway(Config(db_path=db, policy_path=policy))
+            gateway = Gateway(Config(database=Database(path=db), policy_path=policy))
             async with Client(build_server(gateway, lambda: None), mode="legacy") as client:
                 assert client.protocol_version == "2025-11-25"
                 await client.list_tools()

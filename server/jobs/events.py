@@ -1,8 +1,11 @@
 """Job change fan-out: wake waiters, and tell subscribed clients of both protocol eras.
 
 A change made in this process is announced at once. A change made by another process on the
-same database (a job run by another Claude Code session's server) is found by `watch`, which
-polls the versions of the jobs someone here is waiting on or subscribed to.
+same database (a job run by another Claude Code session's server, or another replica) is found by
+`watch_foreign_changes`: pushed by the store where the database can push (PostgreSQL's
+LISTEN/NOTIFY, with one read of the watched jobs' versions after every (re)connection for what
+was missed meanwhile), else by polling the versions of the jobs someone here is waiting on or
+subscribed to (SQLite).
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import logging
 import weakref
 from collections import Counter
+from collections.abc import Callable
 from typing import Protocol
 
 import anyio
@@ -17,7 +21,7 @@ from mcp.server.subscriptions import ResourceUpdated, SubscriptionBus
 
 from qpu_gateway.jobs.states import TERMINAL, JobState
 from qpu_gateway.store import Store, StoreError
-from qpu_gateway.store.records import JobRecord
+from qpu_gateway.store.records import JobChange, JobRecord
 
 log = logging.getLogger(__name__)
 
@@ -145,18 +149,34 @@ class JobEvents:
             except Exception:  # a listener's trouble must not fail the worker that announced
                 log.exception("a job listener failed")
 
-    async def watch_foreign_changes(self, store: Store, interval_s: float) -> None:
-        """Poll the versions of watched jobs, announcing changes other processes made."""
+    async def watch_foreign_changes(
+        self, store: Store, interval_s: float, wake_workers: Callable[[], None] | None = None
+    ) -> None:
+        """Announce changes other processes made to watched jobs, as the store pushes them or by
+        polling every `interval_s`; a job another process queued wakes this process's workers."""
+
+        async def pushed(change: JobChange) -> None:
+            if change.state is JobState.QUEUED and wake_workers is not None:
+                wake_workers()
+            if change.job_id in self._watchers and change.version > self._versions.get(change.job_id, 0):
+                await self.job_changed(change.job_id, change.version, change.state)
+
+        if await store.watch_changes(pushed, lambda: self._poll_once(store)):
+            return
         while True:
             await anyio.sleep(interval_s)
-            ids = list(self._watchers)
-            if not ids:
-                continue
-            try:
-                versions = await store.job_versions(ids)
-            except StoreError as exc:
-                log.warning("cannot poll job versions: %s", exc)
-                continue
-            for job_id, (version, state) in versions.items():
-                if version > self._versions.get(job_id, 0):
-                    await self.job_changed(job_id, version, state)
+            await self._poll_once(store)
+
+    async def _poll_once(self, store: Store) -> None:
+        """Read the watched jobs' versions once, announcing those another process changed."""
+        ids = list(self._watchers)
+        if not ids:
+            return
+        try:
+            versions = await store.job_versions(ids)
+        except StoreError as exc:
+            log.warning("cannot poll job versions: %s", exc)
+            return
+        for job_id, (version, state) in versions.items():
+            if version > self._versions.get(job_id, 0):
+                await self.job_changed(job_id, version, state)

@@ -2,8 +2,14 @@
 
 The strategy is the moving window (exact: every hit in the last period counts). Counts live
 where the storage URI says: by default the gateway's own SQLite file (`async+qpu-sqlite://`, see
-`server.rate_storage`), so every process sharing the database shares the allowance; with
+`server/store/rate_storage.py`), so every process sharing the database shares the allowance; with
 replicas on several machines, `async+redis://host:6379`.
+
+A PostgreSQL store has no file of the gateway's to keep counts in, and its replicas may be on
+several machines: it needs a storage they all reach (`async+redis://`, named by
+QPU_GATEWAY_RATE_STORAGE), and the gateway refuses to start without one rather than give each
+replica an allowance of its own. Keys are prefixed with the database's installation id there, so
+two installations sharing one Redis never share counts.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from limits.aio.strategies import MovingWindowRateLimiter
 from limits.errors import StorageError
 from limits.storage import storage_from_string
 
+from qpu_gateway.config import ENV_RATE_STORAGE, Config
 from qpu_gateway.errors import RateLimited, Unavailable
 from qpu_gateway.keys import Principal
 from qpu_gateway.policy.file import RateRule, Rules
@@ -42,8 +49,32 @@ STORAGE_DOWN = (
 )
 
 
+# Storages that live in one process or on one machine's disk: not shared by replicas elsewhere.
+_LOCAL_SCHEMES = ("memory", "async+memory", "async+qpu-sqlite")
+
+
+class RateStorageRefused(ValueError):
+    """The rate-limit storage cannot be shared by the store's replicas: the gateway must not start."""
+
+
 def default_storage_uri(db_path: Path) -> str:
     return storage_uri(db_path)
+
+
+def storage_uri_for(config: Config) -> str:
+    """The rate-limit storage this configuration uses; refused for a PostgreSQL store unless shared."""
+    uri = config.rate_storage
+    if not config.database.is_postgres:
+        return uri or default_storage_uri(config.db_path)
+    scheme = (uri or "").split("://", 1)[0]
+    if uri is None or scheme in _LOCAL_SCHEMES:
+        raise RateStorageRefused(
+            f"The gateway database {config.database} is PostgreSQL, shared by replicas that may run on several "
+            "machines, so rate limits must be counted where every replica counts them: set "
+            f"{ENV_RATE_STORAGE}=async+redis://HOST:6379 (the same for every replica)"
+            + (f"; {scheme}:// is local to one machine." if uri is not None else ".")
+        )
+    return uri
 
 
 def applicable(rules: Rules, tool: str, *, cost: str) -> list[RateRule]:
@@ -52,7 +83,7 @@ def applicable(rules: Rules, tool: str, *, cost: str) -> list[RateRule]:
 
 
 class RateLimiter:
-    def __init__(self, uri: str) -> None:
+    def __init__(self, uri: str, *, namespace: str = "qpu") -> None:
         options: dict[str, float | str | bool] = {"wrap_exceptions": True}
         if uri.startswith("async+redis"):
             # The client reconnects by itself once Redis is back: no restart needed.
@@ -60,6 +91,7 @@ class RateLimiter:
                 implementation="redispy", socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S
             )
         self.uri = uri
+        self.namespace = namespace  # the first part of every key (the database's, in a shared storage)
         self.storage = storage_from_string(uri, **options)
         self.strategy = MovingWindowRateLimiter(self.storage)
         # (rule id, key) -> (until, cost): a window known to be spent. In a moving window the count
@@ -127,13 +159,13 @@ class RateLimiter:
         """Count the hit in the storage; a storage that cannot answer refuses the call (never admits it
         uncounted), since a limit that holds only while Redis is up is no limit."""
         try:
-            return await self.strategy.hit(item, "qpu", rule.id, key, cost=cost)
+            return await self.strategy.hit(item, self.namespace, rule.id, key, cost=cost)
         except StorageError as exc:
             raise self._down(exc) from None
 
     async def _stats(self, item: limits.RateLimitItem, rule: RateRule, key: str) -> limits.WindowStats:
         try:
-            return await self.strategy.get_window_stats(item, "qpu", rule.id, key)
+            return await self.strategy.get_window_stats(item, self.namespace, rule.id, key)
         except StorageError as exc:
             raise self._down(exc) from None
 

@@ -17,7 +17,7 @@ from qpu_gateway.jobs.events import JobEvents
 from qpu_gateway.jobs.policy_source import CHECK_INTERVAL_S, PolicySource, Reload
 from qpu_gateway.jobs.processes import ProcessReporter
 from qpu_gateway.jobs.providers import Providers
-from qpu_gateway.jobs.ratelimit import RateLimiter, default_storage_uri
+from qpu_gateway.jobs.ratelimit import RateLimiter, storage_uri_for
 from qpu_gateway.jobs.states import JobState
 from qpu_gateway.jobs.worker import Workers
 from qpu_gateway.policy.file import Policy
@@ -81,22 +81,23 @@ class Gateway:
     @asynccontextmanager
     async def running(self, *, workers: bool = True) -> AsyncIterator[Gateway]:
         """Open the store, apply migrations, and run workers and the change watcher until exit."""
-        store = await open_store(self.config.db_path)
+        rate_storage = storage_uri_for(self.config)  # refused before anything opens, if not shared
+        store = await open_store(self.config.database)
         await self._say_which_database(store)
         self._store = store
         self._workers = Workers(self.config, store, self.providers, self.events, lambda: self.policy)
-        self._rate_limiter = RateLimiter(self.config.rate_storage or default_storage_uri(self.config.db_path))
+        self._rate_limiter = RateLimiter(rate_storage, namespace=store.rate_namespace())
         self._processes = ProcessReporter(store, self.policy_source, self._workers.owner, self.serving)
         try:
             async with anyio.create_task_group() as tg:
                 if workers:
                     tg.start_soon(self._workers.run)
                 tg.start_soon(self._processes.run)
-                tg.start_soon(self.events.watch_foreign_changes, store, self.config.poll_interval_s)
+                tg.start_soon(self.events.watch_foreign_changes, store, self.config.poll_interval_s, self._workers.wake)
                 tg.start_soon(self.policy_source.watch, CHECK_INTERVAL_S, self._audit_reload)
                 tg.start_soon(self._expire_approvals)
                 tg.start_soon(self._flush_audit_spool)
-                log.info("gateway running", extra={"db": str(self.config.db_path), "worker": self._workers.owner})
+                log.info("gateway running", extra={"db": str(self.config.database), "worker": self._workers.owner})
                 try:
                     yield self
                 finally:
@@ -117,7 +118,7 @@ class Gateway:
         """Log the database this process opened and its live keys: a server on the wrong file
         (a client that passed no environment lands on the default path) otherwise only shows as
         every key being refused."""
-        path, now = self.config.db_path, time.time()
+        path, now = self.config.database, time.time()
         try:
             keys = await store.list_keys()
         except StoreError as exc:

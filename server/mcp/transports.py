@@ -185,7 +185,7 @@ async def _stop_on_signal(stop: Callable[[], None]) -> None:
 def stdio_key_hint(gateway: Gateway) -> str:
     return (
         f"This stdio server takes its key from {ENV_KEY} in its own environment and checks it against the "
-        f"gateway database {gateway.config.db_path}; a key made for another database is unknown here "
+        f"gateway database {gateway.config.database}; a key made for another database is unknown here "
         f"(set {ENV_DB} in the server's environment, or --db, to use another)."
     )
 

@@ -47,20 +47,23 @@ class CliError(Exception):
 
 
 def local_key_path(config: Config) -> Path:
-    """Where `init` keeps the `local` agent's key for `make run` (mode 0600, beside the database)."""
-    return config.db_path.with_name("local.key")
+    """Where `init` keeps the `local` agent's key for `make run` (mode 0600, in the data directory:
+    beside a SQLite database)."""
+    return config.files / "local.key"
 
 
 # -- helpers -----------------------------------------------------------------------------------
 
 
 def _config(args: argparse.Namespace) -> Config:
-    return Config.resolve(db=getattr(args, "db", None), policy=getattr(args, "policy", None))
+    return Config.resolve(
+        db=getattr(args, "db", None), policy=getattr(args, "policy", None), data_dir=getattr(args, "data_dir", None)
+    )
 
 
 def _with_store(config: Config, action: Callable[[Store], Awaitable[T]], *, migrate: bool = True) -> T:
     async def main() -> T:
-        store = await open_store(config.db_path, migrate=migrate)
+        store = await open_store(config.database, migrate=migrate)
         try:
             return await action(store)
         finally:
@@ -96,6 +99,13 @@ def cmd_init(args: argparse.Namespace) -> int:
         config.policy_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)  # beside local.key
         config.policy_path.write_text(default_policy_text(), encoding="utf-8")
         created_policy = True
+    if config.database.url is not None:
+        from qpu_gateway.store.postgres import create_database
+
+        store_existed = not create_database(config.database.url)
+    else:
+        store_existed = config.db_path.exists()
+    config.files.mkdir(parents=True, exist_ok=True, mode=0o700)  # where local.key goes
 
     async def action(store: Store) -> tuple[list[str], str | None]:
         applied = await store.migrate()  # opened without migrating, so this reports what it applied
@@ -106,12 +116,11 @@ def cmd_init(args: argparse.Namespace) -> int:
         )
         return applied, key
 
-    store_existed = config.db_path.exists()
     applied, key = _with_store(config, action, migrate=False)
     if key is None and not created_policy and (store_existed and not applied):
-        print(f"Already initialised: {config.db_path} and {config.policy_path}; nothing changed.")
+        print(f"Already initialised: {config.database} and {config.policy_path}; nothing changed.")
         return 0
-    print(f"Database: {config.db_path}" + (" (created)" if not store_existed else ""))
+    print(f"Database: {config.database}" + (" (created)" if not store_existed else ""))
     print(f"Policy:   {config.policy_path}" + (" (default written)" if created_policy else " (kept)"))
     if key is not None:
         path = local_key_path(config)
@@ -127,10 +136,10 @@ def cmd_init(args: argparse.Namespace) -> int:
 def not_initialised(config: Config) -> str:
     """Why `serve` refuses a database nobody set up, and what to do instead."""
     return (
-        f"No gateway database at {config.db_path}: a server started on it would know no keys and refuse "
+        f"No gateway database at {config.database}: a server started on it would know no keys and refuse "
         "every call. Run `qpu-gateway init` to create it (the database, the default policy and a key for "
-        "the agent 'local'), or point this server at the existing database with --db PATH or "
-        f"{ENV_DB}=PATH. A client that starts the server itself passes it no environment of its own: "
+        "the agent 'local'), or point this server at the existing database with --db PATH|URL or "
+        f"{ENV_DB}=PATH|URL. A client that starts the server itself passes it no environment of its own: "
         f"give it one (the MCP Inspector: `-e {ENV_DB}=PATH -e {ENV_KEY}=KEY`; mcp.json: `env`)."
     )
 
@@ -141,9 +150,15 @@ def cmd_paths(args: argparse.Namespace) -> int:
 
     config = _config(args)
     db_from = _source(args, "db", ENV_DB) or ("$XDG_DATA_HOME" if os.environ.get("XDG_DATA_HOME") else "~/.local/share")
-    policy_from = _source(args, "policy", ENV_POLICY) or "beside the database"
-    files = {
-        "database": (config.db_path, "initialised" if store_initialised(config.db_path) else "missing", db_from),
+    policy_from = _source(args, "policy", ENV_POLICY) or (
+        "beside the database" if not config.database.is_postgres else "in the data directory"
+    )
+    try:
+        db_state = "initialised" if store_initialised(config.database) else "missing"
+    except StoreError:
+        db_state = "unreachable"
+    files: dict[str, tuple[object, str, str]] = {
+        "database": (config.database, db_state, db_from),
         "policy": (
             config.policy_path,
             _exists(config.policy_path),
@@ -154,7 +169,7 @@ def cmd_paths(args: argparse.Namespace) -> int:
             _exists(overrides_path(config.policy_path)),
             "beside the policy",
         ),
-        "local key": (local_key_path(config), _exists(local_key_path(config)), "beside the database (init)"),
+        "local key": (local_key_path(config), _exists(local_key_path(config)), "in the data directory (init)"),
     }
     if args.json:
         print(json.dumps({name: {"path": str(p), "state": st, "from": src} for name, (p, st, src) in files.items()}))
@@ -174,6 +189,7 @@ def _exists(path: Path) -> str:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from qpu_gateway.jobs.ratelimit import RateStorageRefused, storage_uri_for
     from qpu_gateway.jobs.runtime import Gateway
     from qpu_gateway.mcp import transports
 
@@ -181,8 +197,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # A server on a database nobody initialised would create it empty and refuse every key,
     # which looks to the agent like a wrong key (a stdio client that passes no environment lands
     # on the default path).
-    if not store_initialised(config.db_path):
+    if not store_initialised(config.database):
         raise CliError(not_initialised(config))
+    try:
+        storage_uri_for(config)
+    except RateStorageRefused as exc:
+        raise CliError(str(exc)) from None
     try:
         serving = "stdio" if args.transport == "stdio" else f"{args.transport} {args.host}:{args.port}"
         gateway = Gateway(config, serving=serving)
@@ -859,12 +879,19 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--db",
         default=argparse.SUPPRESS,
-        help="SQLite database (default: $QPU_GATEWAY_DB or $XDG_DATA_HOME/qpu-gateway/gateway.db)",
+        help="the database: a SQLite path or sqlite:///PATH, or a postgresql:// URL "
+        "(default: $QPU_GATEWAY_DB or $XDG_DATA_HOME/qpu-gateway/gateway.db)",
+    )
+    common.add_argument(
+        "--data-dir",
+        default=argparse.SUPPRESS,
+        help="folder of the default policy and local.key (default: $QPU_GATEWAY_DATA_DIR, else the SQLite "
+        "file's folder, or $XDG_DATA_HOME/qpu-gateway/postgresql/HOST-PORT-DBNAME for PostgreSQL)",
     )
     common.add_argument(
         "--policy",
         default=argparse.SUPPRESS,
-        help="policy TOML (default: $QPU_GATEWAY_POLICY or policy.toml beside the database)",
+        help="policy TOML (default: $QPU_GATEWAY_POLICY or policy.toml in the data directory)",
     )
     common.add_argument(
         "--log-level",

@@ -1,21 +1,27 @@
 """The storage seam: one interface the service, worker and CLI use, whatever database is behind it.
 
-SQLite (`server.sqlite_store`) is the embedded default; PostgreSQL can serve the same schema
-later behind this same interface (claiming with `FOR UPDATE SKIP LOCKED`).
+SQLite (`server/store/sqlite.py`) is the embedded default: one file shared by the processes of one
+machine. PostgreSQL (`server/store/postgres.py`, through the driver seam in `pg_connector.py`) serves
+the same schema to replicas on several machines. `open_store` picks one from the `Database` given.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from qpu_gateway.jobs.states import JobState
 from qpu_gateway.policy.decisions import Refusal
+
+if TYPE_CHECKING:
+    from qpu_gateway.config import Database
+
 from qpu_gateway.store.records import (
     AdmissionFacts,
     AuditEntry,
     AuditRecord,
+    JobChange,
     JobRecord,
     KeyRecord,
     LedgerTotals,
@@ -43,6 +49,18 @@ class Store(Protocol):
 
     async def migrate(self) -> list[str]:
         """Apply pending migrations; return the names applied."""
+        ...
+
+    def rate_namespace(self) -> str:
+        """The prefix of this database's rate-limit keys in a storage other installations may share."""
+        ...
+
+    async def watch_changes(
+        self, on_change: Callable[[JobChange], Awaitable[None]], on_connected: Callable[[], Awaitable[None]]
+    ) -> bool:
+        """Push every job change any process commits to `on_change`, until cancelled; `on_connected`
+        after each (re)connection, to catch up on what was missed. False at once where the database
+        has no such feed (SQLite: watchers poll `job_versions`)."""
         ...
 
     # keys (an operator's change passes `audit`, written in the same transaction)
@@ -247,23 +265,44 @@ class Store(Protocol):
         ...
 
 
-async def open_store(path: Path, *, migrate: bool = True) -> Store:
-    """Open (creating if needed) the SQLite store at `path` and bring its schema up to date."""
-    from qpu_gateway.store.sqlite import SqliteStore
+async def open_store(location: Database | Path, *, migrate: bool = True) -> Store:
+    """Open the store at `location` (a SQLite file, created if needed, or a PostgreSQL database) and
+    bring its schema up to date."""
+    from qpu_gateway.config import Database
 
-    store = await SqliteStore.open(path)
-    if not migrate:
-        return store
+    database = location if isinstance(location, Database) else Database(path=location)
+    store: Store
+    if database.url is not None:
+        from qpu_gateway.store.postgres import PostgresStore
+
+        store = await PostgresStore.open(database.url)
+    else:
+        from qpu_gateway.store.sqlite import SqliteStore
+
+        assert database.path is not None
+        store = await SqliteStore.open(database.path)
     try:
-        await store.migrate()
+        if migrate:
+            await store.migrate()
     except BaseException:
         await store.close()
         raise
     return store
 
 
-def store_initialised(path: Path) -> bool:
-    """True if a gateway database has been set up at `path` (`qpu-gateway init` or any open)."""
+def store_initialised(location: Database | Path) -> bool:
+    """True if a gateway database has been set up at `location` (`qpu-gateway init` or any open).
+
+    For PostgreSQL, raises StoreError (unavailable) when the server cannot be reached.
+    """
+    from qpu_gateway.config import Database
+
+    database = location if isinstance(location, Database) else Database(path=location)
+    if database.url is not None:
+        from qpu_gateway.store.postgres import initialised as pg_initialised
+
+        return pg_initialised(database.url)
     from qpu_gateway.store.sqlite import initialised
 
-    return initialised(path)
+    assert database.path is not None
+    return initialised(database.path)

@@ -176,6 +176,15 @@ class AuditRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class JobChange:
+    """A committed change of a job, as another process announces it (its version and new state)."""
+
+    job_id: str
+    version: int
+    state: JobState
+
+
+@dataclass(frozen=True, slots=True)
 class StateUsage:
     state: JobState
     jobs: int

@@ -18,7 +18,7 @@ import sqlite3
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncGenerator, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Iterator, Mapping
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -37,6 +37,7 @@ from qpu_gateway.store.records import (
     AdmissionFacts,
     AuditEntry,
     AuditRecord,
+    JobChange,
     JobRecord,
     KeyRecord,
     LedgerTotals,
@@ -499,6 +500,15 @@ class SqliteStore:
             return applied
 
         return await self._write(work)
+
+    def rate_namespace(self) -> str:
+        # The prefix rate-limit keys always had: counts kept in Redis before this existed still count.
+        return "qpu"
+
+    async def watch_changes(
+        self, on_change: Callable[[JobChange], Awaitable[None]], on_connected: Callable[[], Awaitable[None]]
+    ) -> bool:
+        return False  # SQLite has no notifications between processes: watchers poll job_versions
 
     # -- keys -------------------------------------------------------------------------------
 

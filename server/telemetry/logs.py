@@ -23,6 +23,10 @@ from typing import Any, BinaryIO, TextIO, cast
 # Gateway keys look like "qpg_<key id>_<secret>"; see server/keys.py.
 _KEY_PATTERN = re.compile(r"qpg_[A-Za-z0-9]+_[A-Za-z0-9_\-]{16,}")
 _BEARER = re.compile(r"(?i)(bearer\s+)[^\s\"']+")
+# A URL's password (`postgresql://user:PASSWORD@host/db`, `redis://:PASSWORD@host`) and a libpq
+# connection string's `password=...` option, wherever a database location is shown.
+_URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*://[^\s:/@\"']*:)[^\s/\"']+@")
+_OPTION_PASSWORD = re.compile(r"(?i)(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s&'\"]+)")
 # Provider credentials, by the variable names their SDKs read.
 SECRET_ENV_VARS = (
     "QPU_GATEWAY_KEY",
@@ -32,13 +36,21 @@ SECRET_ENV_VARS = (
     "AWS_SESSION_TOKEN",
     "AZURE_CLIENT_SECRET",
     "AZURE_QUANTUM_CONNECTION_STRING",
+    "PGPASSWORD",
 )
 REDACTED = "[redacted]"
 
 
+def redact_credentials(text: str) -> str:
+    """`text` with passwords in URLs (`scheme://user:PASSWORD@`) and `password=` options replaced."""
+    text = _URL_PASSWORD.sub(r"\1" + REDACTED + "@", text)
+    return _OPTION_PASSWORD.sub(r"\1" + REDACTED, text)
+
+
 def redact(text: str) -> str:
-    """`text` with gateway keys, bearer tokens and known provider secrets replaced."""
+    """`text` with gateway keys, bearer tokens, database passwords and known provider secrets replaced."""
     text = _KEY_PATTERN.sub(REDACTED, text)
+    text = redact_credentials(text)
     text = _BEARER.sub(r"\1" + REDACTED, text)
     for name in SECRET_ENV_VARS:
         value = os.environ.get(name)

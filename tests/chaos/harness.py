@@ -2,7 +2,8 @@
 and the books (the gateway's database and the fake provider's) read back to count what went wrong.
 
 Nothing here imitates the gateway: servers are `qpu-gateway serve` subprocesses, agents are MCP
-clients over Streamable HTTP or stdio, and the figures come from the SQLite files themselves.
+clients over Streamable HTTP or stdio, and the figures come from the databases themselves (the
+SQLite file, or a PostgreSQL database of the scenario's own, dropped when it ends).
 """
 
 from __future__ import annotations
@@ -24,10 +25,13 @@ from typing import Any
 import anyio
 from mcp import Client, StdioServerParameters
 
+from qpu_gateway.config import Database
 from qpu_gateway.jobs.states import TERMINAL
 from qpu_gateway.keys import SCOPES, create_key
 from qpu_gateway.store import open_store
 
+from ..databases import REDIS_STORAGE, create_postgres, drop_postgres, location
+from ..databases import query as database_query
 from ..support import free_port, http_client, set_up_database, stop_process, wait_listening
 
 # The fake provider's hardware, priced per task so that a job's cost is known exactly: ten cents
@@ -122,15 +126,30 @@ class Site:
     root: Path
     lease_s: float = 3.0
     provider_root: Path | None = None  # elsewhere when the gateway's disk is the thing under test
+    backend: str = "sqlite"  # or "postgresql": a fresh database of its own, dropped by `close`
+    url: str | None = None
 
     def __post_init__(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)  # a scenario always starts from nothing
         self.root.mkdir(parents=True, exist_ok=True)
         self.provider_dir.mkdir(parents=True, exist_ok=True)
+        if self.backend == "postgresql":
+            self.url = create_postgres("qpg_chaos")
+
+    def close(self) -> None:
+        """Drop the scenario's PostgreSQL database (a SQLite site's files stay for reading)."""
+        if self.url is not None:
+            drop_postgres(self.url)
+            self.url = None
 
     @property
     def db(self) -> Path:
+        """The SQLite file (scenarios about the file itself run on SQLite only)."""
         return self.root / "gateway.db"
+
+    @property
+    def database(self) -> Database:
+        return Database(url=self.url) if self.url is not None else Database(path=self.db)
 
     @property
     def policy(self) -> Path:
@@ -152,6 +171,7 @@ class Site:
             "QPU_GATEWAY_BREAKER_COOLDOWN_S": "2",
             "QPU_GATEWAY_FAULTS_DIR": str(self.provider_dir),
             "QPU_GATEWAY_BUSY_TIMEOUT_S": "2",  # a locked database is refused after 2 s, not 10
+            **({"QPU_GATEWAY_RATE_STORAGE": REDIS_STORAGE} if self.url is not None else {}),
             **more,
         }
         if faults:
@@ -159,7 +179,7 @@ class Site:
         return env
 
     async def key(self, agent: str, project: str = "default") -> str:
-        store = await open_store(self.db)
+        store = await open_store(self.database)
         try:
             _, key = await create_key(store, agent=agent, project=project, scopes=frozenset(SCOPES))
         finally:
@@ -167,8 +187,8 @@ class Site:
         return key
 
     def serve_args(self, transport: str, port: int | None = None, *, log_level: str = "info") -> list[str]:
-        set_up_database(self.db)  # `serve` refuses a database nobody set up
-        args = ["-m", "qpu_gateway", "serve", "--transport", transport, "--db", str(self.db)]
+        set_up_database(self.database)  # `serve` refuses a database nobody set up
+        args = ["-m", "qpu_gateway", "serve", "--transport", transport, "--db", location(self.database)]
         args += ["--policy", str(self.policy), "--log-level", log_level]
         return args + (["--port", str(port)] if port is not None else [])
 
@@ -183,6 +203,8 @@ class Site:
     # -- reading the books back (read-only SQL on the files themselves) --
 
     def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        if self.url is not None:
+            return database_query(self.database, sql, params)
         db = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=30)
         try:
             return db.execute(sql, params).fetchall()
@@ -233,6 +255,10 @@ class Site:
         return self.query("SELECT seq, agent, decision, error_code, detail FROM audit WHERE tool = ?", (tool,))
 
     def integrity(self) -> str:
+        """SQLite's integrity check of the file; PostgreSQL has none to run (its pages are checksummed
+        by the server), so there the check is that the books could be read at all."""
+        if self.url is not None:
+            return "ok" if self.query("SELECT 1") == [(1,)] else "unreadable"
         [(answer,)] = self.query("PRAGMA integrity_check")
         return str(answer)
 
@@ -246,7 +272,7 @@ class Site:
                 "audit",
                 "verify",
                 "--db",
-                str(self.db),
+                location(self.database),
                 "--policy",
                 str(self.policy),
             ],

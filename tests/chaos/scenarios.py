@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -63,10 +64,18 @@ SMALL = Size(60, 4, 2, 60, 6, 400, 3, 25, 0)
 # -- crash -----------------------------------------------------------------------------------------
 
 
-async def crash(root: Path, size: Size) -> Row:
+async def crash(root: Path, size: Size, backend: str = "sqlite") -> Row:
     """Agents submit through two HTTP processes that are SIGKILLed and restarted under them."""
-    row = Row(f"crash: SIGKILL x{size.crash_kills} (2 HTTP processes, {size.crash_agents} sessions)")
-    site = Site(root / "crash")
+    site = Site(root / f"crash-{backend}", backend=backend)
+    try:
+        return await _crash(site, size)
+    finally:
+        site.close()
+
+
+async def _crash(site: Site, size: Size) -> Row:
+    on = "" if site.backend == "sqlite" else f", {site.backend}"
+    row = Row(f"crash: SIGKILL x{size.crash_kills} (2 HTTP processes, {size.crash_agents} sessions{on})")
     site.write_policy()
     faults = "mix:price_usd=0.10,seed=1"  # a provider that never fails, and records what it ran
     servers = [Server(site, faults, f"server{i}") for i in range(2)]
@@ -409,10 +418,18 @@ project_quota = { cost_usd = { day = "5.00" } }
 BUDGET_MICRO = 5_000_000
 
 
-async def budget(root: Path, size: Size) -> Row:
+async def budget(root: Path, size: Size, backend: str = "sqlite") -> Row:
     """Agents of one project, each its own stdio server process, race to spend one budget."""
-    row = Row(f"budget: $5.00 a day shared by {size.budget_sessions} stdio processes")
-    site = Site(root / "budget")
+    site = Site(root / f"budget-{backend}", backend=backend)
+    try:
+        return await _budget(site, size)
+    finally:
+        site.close()
+
+
+async def _budget(site: Site, size: Size) -> Row:
+    on = "" if site.backend == "sqlite" else f" on {site.backend}"
+    row = Row(f"budget: $5.00 a day shared by {size.budget_sessions} stdio processes{on}")
     site.write_policy(BUDGET_POLICY)
     faults = "mix:price_usd=0.10,seed=2"
     admitted: dict[str, str] = {}
@@ -680,6 +697,11 @@ SCENARIOS: dict[str, Callable[[Path, Size], Awaitable[Row]]] = {
     "storm": storm,
     "budget": budget,
     "database": database,
+    # The scenarios that test the store across processes, again on PostgreSQL: SIGKILLed replicas
+    # (leases, reclaims, no job run twice) and one budget raced by several processes (exact).
+    # The others are about providers, the policy or the SQLite file itself.
+    "crash-postgresql": functools.partial(crash, backend="postgresql"),
+    "budget-postgresql": functools.partial(budget, backend="postgresql"),
 }
 
 

@@ -1,0 +1,1121 @@
+"""The PostgreSQL store: the Store protocol on a database every replica shares, through a driver seam.
+
+The same semantics as `server/store/sqlite.py`, where SQLite's single writer is replaced by locks
+that serialise only what must be serialised:
+
+- Admission takes transaction-scoped advisory locks on the job's project and then its agent
+  (always in that order, so two admissions cannot deadlock) before it reads the ledger totals,
+  job counts, idempotency key and loop guard, and holds them to its commit. Two admissions that
+  could change each other's decision (same agent, or same project) run one after the other, so a
+  budget is exact across replicas; admissions of unrelated agents and projects run side by side.
+  Row locks could not do this: the totals are sums over rows, and the row that would break a
+  budget is one not yet inserted. SERIALIZABLE could, at the price of failing and retrying most
+  of 200 concurrent submits.
+- Claims take candidate jobs `FOR UPDATE SKIP LOCKED`, so replicas claiming at once take
+  different jobs without waiting for each other's rows. Before claiming a job the claimer also
+  holds a claim lock (advisory) on its agent, and for a queued job whose running caps must be
+  checked on its project too: running caps then hold across replicas (the running jobs are
+  counted under the lock, after the other claimer committed), and an agent's round-robin turn row
+  is written by one claimer at a time. The first locks of a transaction are waited for, later
+  ones only tried (a job whose lock is taken waits for the next round), which rules out deadlocks
+  (see `_Claimer._claim_locks`).
+- The audit chain has one head row (`audit_head`), locked `FOR UPDATE` by each append, as the last
+  statement of its transaction: appends from every replica queue there, each chained to the one
+  before, and the lock is held only for the hash and the insert.
+
+Job changes reach other processes by LISTEN/NOTIFY (a trigger on `jobs`, delivered at commit).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import resources
+from typing import Any, Literal, TypeVar
+
+import anyio
+
+from qpu_gateway.audit.chain import GENESIS, chain_hash
+from qpu_gateway.jobs.states import TERMINAL, JobState, sources_of
+from qpu_gateway.policy.decisions import Refusal
+from qpu_gateway.store import StoreError
+from qpu_gateway.store.pg_connector import Connector, Retry, Row, Statement, Tx
+from qpu_gateway.store.records import (
+    AdmissionFacts,
+    AuditEntry,
+    AuditRecord,
+    JobChange,
+    JobRecord,
+    KeyRecord,
+    LedgerTotals,
+    NewJob,
+    Pause,
+    ProcessReport,
+    StateUsage,
+)
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+CHANNEL = "qpu_jobs"  # what the jobs trigger notifies (migration 0001)
+# Advisory lock classes (the first key of pg_advisory_xact_lock(int, int)); the second key is
+# hashtext(name): a collision of two names only makes them wait for each other, never wrong.
+_LOCK_PROJECT = 0x51500001
+_LOCK_AGENT = 0x51500002
+_LOCK_MIGRATIONS = 0x51500003
+_CLAIM_PROJECT = 0x51500004  # claims' own: a claim never waits for an admission, nor one for it
+_CLAIM_AGENT = 0x51500005
+# How often a transaction the server aborted as a deadlock or serialization failure is run again.
+_RETRIES = 5
+
+_SETTABLE = (
+    "started_at",
+    "finished_at",
+    "provider_ref",
+    "result",
+    "error_code",
+    "error_message",
+    "lease_owner",
+    "lease_expires",
+    "actual_cost_micro_usd",
+    "actual_qpu_seconds",
+    "approved_by",
+    "cancelled_by",
+    "submitted_at",
+)
+_SETTABLE_TYPES = {
+    "started_at": "float8",
+    "finished_at": "float8",
+    "provider_ref": "text",
+    "result": "text",
+    "error_code": "text",
+    "error_message": "text",
+    "lease_owner": "text",
+    "lease_expires": "float8",
+    "actual_cost_micro_usd": "int8",
+    "actual_qpu_seconds": "float8",
+    "approved_by": "text",
+    "cancelled_by": "text",
+    "submitted_at": "float8",
+}
+# Each settable column takes a (set it?, value) pair of parameters, in _SETTABLE order.
+_TRANSITION = (  # composed of this module's constants only
+    "UPDATE jobs SET state = %s, version = version + 1, updated_at = %s::float8, "  # noqa: S608
+    + ", ".join(f"{c} = CASE WHEN %s::bool THEN %s::{_SETTABLE_TYPES[c]} ELSE {c} END" for c in _SETTABLE)
+    + " WHERE id = %s AND state = ANY(%s::text[]) AND (%s::text IS NULL OR lease_owner = %s::text) RETURNING *"
+)
+_SETTLE = """
+UPDATE ledger SET
+    status = CASE WHEN %s::bool THEN 'committed' ELSE 'released' END,
+    cost_micro_usd = CASE WHEN %s::bool THEN coalesce(%s::int8, cost_micro_usd) ELSE cost_micro_usd END,
+    qpu_millis = CASE WHEN %s::bool THEN coalesce(%s::int8, qpu_millis) ELSE qpu_millis END,
+    settled_at = %s::float8
+WHERE job_id = %s AND status = 'reserved'
+"""
+# Parameters: day x3, month x3, who.
+_TOTALS = """
+SELECT status,
+    coalesce(sum(CASE WHEN day = %s THEN cost_micro_usd END), 0)::int8 AS d_cost,
+    coalesce(sum(CASE WHEN day = %s THEN shots END), 0)::int8 AS d_shots,
+    coalesce(sum(CASE WHEN day = %s THEN qpu_millis END), 0)::int8 AS d_qpu,
+    coalesce(sum(CASE WHEN month = %s THEN cost_micro_usd END), 0)::int8 AS m_cost,
+    coalesce(sum(CASE WHEN month = %s THEN shots END), 0)::int8 AS m_shots,
+    coalesce(sum(CASE WHEN month = %s THEN qpu_millis END), 0)::int8 AS m_qpu,
+    coalesce(sum(cost_micro_usd), 0)::int8 AS t_cost, coalesce(sum(shots), 0)::int8 AS t_shots,
+    coalesce(sum(qpu_millis), 0)::int8 AS t_qpu
+FROM ledger WHERE {column} = %s AND status IN ('reserved', 'committed') GROUP BY status
+"""
+_TOTALS_BY = {"agent": _TOTALS.replace("{column}", "agent"), "project": _TOTALS.replace("{column}", "project")}
+_COUNTS = (
+    "SELECT count(*) FILTER (WHERE state IN ('queued', 'pending_approval')) AS waiting, "
+    "count(*) FILTER (WHERE state IN ('submitting', 'running')) AS running FROM jobs WHERE {column} = %s "
+    "AND state IN ('queued', 'pending_approval', 'submitting', 'running')"
+)
+_COUNTS_BY = {"agent": _COUNTS.replace("{column}", "agent"), "project": _COUNTS.replace("{column}", "project")}
+_ACTIVE = (
+    "SELECT {column} AS name, count(*) FILTER (WHERE state IN ('queued', 'pending_approval')) AS waiting, "
+    "count(*) FILTER (WHERE state IN ('submitting', 'running')) AS running "
+    "FROM jobs WHERE state IN ('queued', 'pending_approval', 'submitting', 'running') GROUP BY {column}"
+)
+_ACTIVE_BY = {"agent": _ACTIVE.replace("{column}", "agent"), "backend": _ACTIVE.replace("{column}", "backend")}
+# As SQLite's claim: a queued job once its not_before has passed, a leased one once its lease has
+# lapsed; a paused agent's or backend's job only once it is at its provider. Parameters: now, now,
+# providers, busy backends, agents held back. Rows another claimer holds are skipped, not waited for.
+_CLAIMABLE = """
+((j.state = 'queued' AND coalesce(j.not_before, 0) <= %s::float8)
+  OR (j.state IN ('submitting', 'running') AND j.lease_expires < %s::float8))
+AND split_part(j.backend, '/', 1) = ANY(%s::text[])
+AND NOT (j.backend = ANY(%s::text[]))
+AND (j.provider_ref IS NOT NULL OR NOT EXISTS (
+    SELECT 1 FROM pauses p
+    WHERE (p.kind = 'agent' AND p.name = j.agent) OR (p.kind = 'backend' AND p.name = j.backend)))
+"""
+_CLAIM_CANDIDATES = (
+    "SELECT j.seq, j.state, j.agent, j.project FROM jobs j LEFT JOIN agent_turns t ON t.agent = j.agent WHERE "  # noqa: S608
+    + _CLAIMABLE
+    + " AND (j.state != 'queued' OR NOT (j.agent = ANY(%s::text[]))) "
+    "ORDER BY j.state != 'queued' DESC, j.priority DESC, coalesce(t.last_claimed_at, 0), j.seq "
+    "LIMIT %s FOR UPDATE OF j SKIP LOCKED"
+)
+_ANY_CLAIMABLE = "SELECT 1 FROM jobs j WHERE " + _CLAIMABLE + " LIMIT 1"  # noqa: S608
+_CLAIM_ONE = """
+UPDATE jobs SET
+    state = CASE WHEN state = 'queued' THEN 'submitting' ELSE state END,
+    lease_owner = %s, lease_expires = %s::float8, version = version + 1, updated_at = %s::float8,
+    runs = runs + 1, started_at = coalesce(started_at, %s::float8),
+    attempts = attempts + (provider_ref IS NULL)::int,
+    error_code = NULL, error_message = NULL
+WHERE seq = %s
+  AND ((state = 'queued' AND coalesce(not_before, 0) <= %s::float8)
+       OR (state IN ('submitting', 'running') AND lease_expires < %s::float8))
+RETURNING *
+"""
+# The job a running cap must judge, with its agent's and project's running jobs, in one read.
+_CANDIDATE_WITH_COUNTS = (
+    "SELECT j.*, "
+    "(SELECT count(*) FROM jobs a WHERE a.agent = j.agent AND a.state IN ('submitting', 'running')) AS _agent_running, "
+    "(SELECT count(*) FROM jobs p WHERE p.project = j.project AND p.state IN ('submitting', 'running')) "
+    "AS _project_running FROM jobs j WHERE j.seq = %s"
+)
+_TRY_LOCK = "SELECT pg_try_advisory_xact_lock(%s::int4, hashtext(%s)) AS ok"
+_LOCK = "SELECT pg_advisory_xact_lock(%s::int4, hashtext(%s))"
+_INSERT_JOB = (
+    "INSERT INTO jobs (id, agent, project, key_id, name, backend, shots, circuits, n_circuits, "
+    "qubits, depth, two_qubit_gates, fingerprint, estimate_micro_usd, state, created_at, updated_at, "
+    "priority, idempotency_key, payload_hash, dry_run_of, simulator, pricing_known, "
+    "qpu_seconds_estimate, approval_level, approval_expires_at, approved_by) "
+    "VALUES (%s, %s, %s, %s, %s::text, %s, %s::int8, %s, %s::int8, %s::int8, %s::int8, %s::int8, %s, %s::int8, "
+    "%s, %s::float8, %s::float8, %s::int8, %s::text, %s::text, %s::text, %s::bool, %s::bool, %s::float8, "
+    "%s::text, %s::float8, %s::text) RETURNING *"
+)
+_INSERT_LEDGER = (
+    "INSERT INTO ledger (job_id, agent, project, day, month, status, cost_micro_usd, shots, qpu_millis, "
+    "reserved_at) VALUES (%s, %s, %s, %s, %s, 'reserved', %s::int8, %s::int8, %s::int8, %s::float8)"
+)
+_KEYS = (
+    "SELECT k.*, p.reason AS pause_reason, p.paused_by, p.paused_at FROM keys k "
+    "LEFT JOIN pauses p ON p.kind = 'agent' AND p.name = k.agent"
+)
+_PAUSE = "SELECT kind, name, reason, paused_by, paused_at FROM pauses WHERE kind = %s AND name = %s"
+_PAUSES_OF_JOB = (
+    "SELECT kind, name, reason, paused_by, paused_at FROM pauses "
+    "WHERE (kind = 'agent' AND name = %s) OR (kind = 'backend' AND name = %s)"
+)
+_BY_IDEMPOTENCY_KEY = "SELECT * FROM jobs WHERE agent = %s AND idempotency_key = %s"
+_REPEATS = (
+    "SELECT count(*) AS n FROM jobs WHERE agent = %s AND backend = %s AND fingerprint = %s AND created_at > %s::float8"
+)
+_NO_CURSOR = 2**62
+_LIST_JOBS = {
+    (True, True): "SELECT * FROM jobs WHERE agent = %s AND state = %s AND seq < %s ORDER BY seq DESC LIMIT %s",
+    (True, False): "SELECT * FROM jobs WHERE agent = %s AND seq < %s ORDER BY seq DESC LIMIT %s",
+    (False, True): "SELECT * FROM jobs WHERE state = %s AND seq < %s ORDER BY seq DESC LIMIT %s",
+    (False, False): "SELECT * FROM jobs WHERE seq < %s ORDER BY seq DESC LIMIT %s",
+}
+_AUDIT_HEAD = "SELECT seq, row_hash FROM audit_head FOR UPDATE"
+_INSERT_AUDIT = (
+    "INSERT INTO audit (seq, at, agent, project, key_id, tool, decision, error_code, args_hash, job_id, detail, "
+    "operator, prev_hash, row_hash) VALUES (%s, %s::float8, %s::text, %s::text, %s::text, %s, %s, %s::text, "
+    "%s::text, %s::text, %s::text, %s::text, %s, %s)"
+)
+_MOVE_HEAD = "UPDATE audit_head SET seq = %s, row_hash = %s"
+_AUDIT_COLUMNS = (
+    "seq, at, agent, project, key_id, tool, decision, error_code, args_hash, job_id, detail, prev_hash, row_hash, "
+    "operator"
+)
+ENV_CONNECT_TIMEOUT = "QPU_GATEWAY_BUSY_TIMEOUT_S"  # the same knob as SQLite's busy timeout
+DEFAULT_CONNECT_TIMEOUT_S = 5.0
+
+
+def connect_timeout_s() -> float:
+    """How long a call waits for a database connection before it is answered `unavailable`."""
+    return min(float(os.environ.get(ENV_CONNECT_TIMEOUT) or DEFAULT_CONNECT_TIMEOUT_S), DEFAULT_CONNECT_TIMEOUT_S)
+
+
+class PostgresStore:
+    def __init__(self, connector: Connector, installation: str) -> None:
+        self._db = connector
+        self._installation = installation
+
+    @classmethod
+    async def open(cls, url: str, connector: Connector | None = None) -> PostgresStore:
+        """Connect (psycopg unless a connector is given); the schema is not touched until `migrate`."""
+        if connector is None:
+            from qpu_gateway.store import pg_psycopg
+
+            psycopg_connector = pg_psycopg.connect(url, connect_timeout_s=connect_timeout_s())
+            await psycopg_connector.open()
+            connector = psycopg_connector
+        return cls(connector, "")
+
+    async def close(self) -> None:
+        await self._db.close()
+
+    # -- running transactions ---------------------------------------------------------------
+
+    async def _read(self, work: Callable[[Tx], Awaitable[T]]) -> T:
+        async with self._db.reading() as tx:
+            return await work(tx)
+
+    async def _alone(self, work: Callable[[Tx], Awaitable[T]]) -> T:
+        """One write statement on its own (committed by itself): a lease extended, a key's last use."""
+        async with self._db.reading() as tx:
+            return await work(tx)
+
+    async def _write(self, work: Callable[[Tx], Awaitable[T]]) -> T:
+        """Run `work` in one transaction: all of it or none, again if the server aborted it as a deadlock."""
+        for attempt in range(_RETRIES):
+            try:
+                async with self._db.transaction() as tx:
+                    return await work(tx)
+            except Retry as exc:
+                if attempt == _RETRIES - 1:
+                    raise StoreError(f"the database kept aborting the transaction: {exc}", retry_after_s=1.0) from None
+                await anyio.sleep(0.01 * 2**attempt)
+        raise AssertionError("unreachable")
+
+    # -- migrations -------------------------------------------------------------------------
+
+    async def migrate(self) -> list[str]:
+        scripts = sorted(
+            (entry.name, entry.read_text(encoding="utf-8"))
+            for entry in resources.files("qpu_gateway.store.migrations.postgres").iterdir()
+            if entry.name.endswith(".sql")
+        )
+
+        async def work(tx: Tx) -> list[str]:
+            # Processes starting together on a new database: one applies, the others wait and see it done.
+            await tx.one(_LOCK, (_LOCK_MIGRATIONS, "migrations"))
+            await tx.run(
+                "CREATE TABLE IF NOT EXISTS schema_migrations (name TEXT PRIMARY KEY, applied_at DOUBLE PRECISION "
+                "NOT NULL)"
+            )
+            done = {row["name"] for row in await tx.all("SELECT name FROM schema_migrations")}
+            applied: list[str] = []
+            for name, script in scripts:
+                if name in done:
+                    continue
+                await tx.script(script)
+                await tx.run(
+                    "INSERT INTO schema_migrations (name, applied_at) VALUES (%s, %s::float8)", (name, time.time())
+                )
+                applied.append(name)
+            return applied
+
+        # DDL is transactional in PostgreSQL: a migration that fails leaves nothing half-applied.
+        async with self._db.scripting() as tx:
+            applied = await work(tx)
+        await self._load_installation()
+        return applied
+
+    async def _load_installation(self) -> None:
+        row = await self._read(lambda tx: tx.one("SELECT id FROM installation LIMIT 1"))
+        self._installation = str(row["id"]) if row is not None else ""
+
+    def rate_namespace(self) -> str:
+        return f"qpu:{self._installation}" if self._installation else "qpu"
+
+    # -- job changes ------------------------------------------------------------------------
+
+    async def watch_changes(
+        self, on_change: Callable[[JobChange], Awaitable[None]], on_connected: Callable[[], Awaitable[None]]
+    ) -> bool:
+        async def notified(payload: str) -> None:
+            job_id, version, state = payload.split(" ")
+            await on_change(JobChange(job_id, int(version), JobState(state)))
+
+        await self._db.listen(CHANNEL, notified, on_connected)
+        return True
+
+    # -- keys -------------------------------------------------------------------------------
+
+    async def insert_key(self, key: KeyRecord, audit: AuditEntry | None = None) -> None:
+        params = (
+            key.id,
+            key.secret_hash,
+            key.agent,
+            key.project,
+            ",".join(sorted(key.scopes)),
+            key.created_at,
+            key.expires_at,
+        )
+
+        async def work(tx: Tx) -> None:
+            await tx.run(
+                "INSERT INTO keys (id, secret_hash, agent, project, scopes, created_at, expires_at) "
+                "VALUES (%s, %s, %s, %s, %s, %s::float8, %s::float8)",
+                params,
+            )
+            if audit is not None:
+                await _append(tx, audit, key.created_at)
+
+        await self._write(work)
+
+    async def key_by_id(self, key_id: str) -> KeyRecord | None:
+        row = await self._read(lambda tx: tx.one(_KEYS + " WHERE k.id = %s", (key_id,)))
+        return _key(row) if row is not None else None
+
+    async def list_keys(self) -> list[KeyRecord]:
+        rows = await self._read(lambda tx: tx.all(_KEYS + " ORDER BY k.created_at, k.id"))
+        return [_key(row) for row in rows]
+
+    async def _change_key(self, sql: str, params: Sequence[Any], audit: AuditEntry | None, now: float) -> bool:
+        async def work(tx: Tx) -> bool:
+            changed = await tx.all(sql + " RETURNING id", params)
+            if changed and audit is not None:
+                await _append(tx, audit, now)
+            return bool(changed)
+
+        return await self._write(work)
+
+    async def revoke_key(self, key_id: str, now: float, audit: AuditEntry | None = None) -> bool:
+        return await self._change_key(
+            "UPDATE keys SET revoked_at = %s::float8 WHERE id = %s AND revoked_at IS NULL", (now, key_id), audit, now
+        )
+
+    async def rotate_key(self, key_id: str, secret_hash: str, audit: AuditEntry | None = None) -> bool:
+        return await self._change_key(
+            "UPDATE keys SET secret_hash = %s WHERE id = %s AND revoked_at IS NULL",
+            (secret_hash, key_id),
+            audit,
+            time.time(),
+        )
+
+    async def touch_key(self, key_id: str, now: float) -> None:
+        await self._alone(lambda tx: tx.run("UPDATE keys SET last_used_at = %s::float8 WHERE id = %s", (now, key_id)))
+
+    async def key_count(self) -> int:
+        row = await self._read(lambda tx: tx.one("SELECT count(*) AS n FROM keys"))
+        assert row is not None
+        return int(row["n"])
+
+    # -- pauses -----------------------------------------------------------------------------
+
+    async def pause(self, pause: Pause, audit: AuditEntry) -> Pause | None:
+        async def work(tx: Tx) -> Pause | None:
+            inserted = await tx.all(
+                "INSERT INTO pauses (kind, name, reason, paused_by, paused_at) "
+                "VALUES (%s, %s, %s::text, %s, %s::float8) ON CONFLICT (kind, name) DO NOTHING RETURNING kind",
+                (pause.kind, pause.name, pause.reason, pause.paused_by, pause.paused_at),
+            )
+            if not inserted:
+                earlier = await tx.one(_PAUSE, (pause.kind, pause.name))
+                return _pause(earlier) if earlier is not None else pause
+            await _append(tx, audit, pause.paused_at)
+            return None
+
+        return await self._write(work)
+
+    async def resume(self, kind: str, name: str, now: float, audit: AuditEntry) -> Pause | None:
+        async def work(tx: Tx) -> Pause | None:
+            row = await tx.one(
+                "DELETE FROM pauses WHERE kind = %s AND name = %s RETURNING kind, name, reason, paused_by, paused_at",
+                (kind, name),
+            )
+            if row is None:
+                return None
+            await _append(tx, audit, now)
+            return _pause(row)
+
+        return await self._write(work)
+
+    async def pauses(self, kind: str | None = None) -> list[Pause]:
+        rows = await self._read(
+            lambda tx: tx.all(
+                "SELECT kind, name, reason, paused_by, paused_at FROM pauses WHERE %s::text IS NULL OR kind = %s::text "
+                "ORDER BY kind, paused_at",
+                (kind, kind),
+            )
+        )
+        return [_pause(row) for row in rows]
+
+    async def pause_of(self, kind: str, name: str) -> Pause | None:
+        row = await self._read(lambda tx: tx.one(_PAUSE, (kind, name)))
+        return _pause(row) if row is not None else None
+
+    # -- processes sharing the database ------------------------------------------------------
+
+    async def report_process(self, report: ProcessReport) -> None:
+        await self._alone(
+            lambda tx: tx.run(
+                "INSERT INTO processes (id, host, pid, serving, started_at, seen_at, policy_path, policy_sha256, "
+                "overrides_sha256, policy_error) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
+                "ON CONFLICT (id) DO UPDATE SET host = EXCLUDED.host, pid = EXCLUDED.pid, serving = EXCLUDED.serving, "
+                "started_at = EXCLUDED.started_at, seen_at = EXCLUDED.seen_at, policy_path = EXCLUDED.policy_path, "
+                "policy_sha256 = EXCLUDED.policy_sha256, overrides_sha256 = EXCLUDED.overrides_sha256, "
+                "policy_error = EXCLUDED.policy_error",
+                dataclasses.astuple(report),
+            )
+        )
+
+    async def forget_process(self, process_id: str) -> None:
+        await self._alone(lambda tx: tx.run("DELETE FROM processes WHERE id = %s", (process_id,)))
+
+    async def processes(self, seen_after: float) -> list[ProcessReport]:
+        rows = await self._read(
+            lambda tx: tx.all(
+                "SELECT id, host, pid, serving, started_at, seen_at, policy_path, policy_sha256, overrides_sha256, "
+                "policy_error FROM processes WHERE seen_at > %s ORDER BY started_at, id",
+                (seen_after,),
+            )
+        )
+        return [ProcessReport(**row) for row in rows]
+
+    async def shared_secret(self, name: str, candidate: bytes) -> bytes:
+        async def work(tx: Tx) -> bytes:
+            # The first writer's value wins; a loser's INSERT does nothing and the SELECT reads the winner's.
+            await tx.run(
+                "INSERT INTO shared_secrets (name, value, created_at) VALUES (%s, %s, %s) "
+                "ON CONFLICT (name) DO NOTHING",
+                (name, candidate, time.time()),
+            )
+            row = await tx.one("SELECT value FROM shared_secrets WHERE name = %s", (name,))
+            assert row is not None
+            return bytes(row["value"])
+
+        return await self._write(work)
+
+    # -- jobs -------------------------------------------------------------------------------
+
+    async def admit(
+        self,
+        job: NewJob,
+        audit: AuditEntry,
+        now: float,
+        *,
+        loop_window_s: float,
+        decide: Callable[[AdmissionFacts], Refusal | None],
+    ) -> tuple[JobRecord, bool] | Refusal:
+        day, month = _periods(now)
+        reads: list[Statement] = [
+            (_LOCK, (_LOCK_PROJECT, job.project)),
+            (_LOCK, (_LOCK_AGENT, job.agent)),
+            (_REPEATS, (job.agent, job.backend, job.fingerprint, now - loop_window_s)),
+            (_PAUSES_OF_JOB, (job.agent, job.backend)),
+            *_totals_statements("agent", job.agent, day, month),
+            *_totals_statements("project", job.project, day, month),
+        ]
+        if job.idempotency_key is not None:
+            reads.append((_BY_IDEMPOTENCY_KEY, (job.agent, job.idempotency_key)))
+
+        async def work(tx: Tx) -> tuple[JobRecord, bool] | Refusal:
+            # One round trip with a pipelining driver: both locks, then every fact, read under them.
+            results = await tx.many(reads)
+            if job.idempotency_key is not None and results[-1]:
+                return _job(results[-1][0]), False
+            repeats, paused_rows = results[2], results[3]
+            paused = {row["kind"]: _pause(row) for row in paused_rows}
+            facts = AdmissionFacts(
+                agent=_totals(results[4], results[5]),
+                project=_totals(results[6], results[7]),
+                repeats=int(repeats[0]["n"]),
+                agent_pause=paused.get("agent"),
+                backend_pause=paused.get("backend"),
+            )
+            refusal = decide(facts)
+            if refusal is not None:
+                return refusal
+            row = await tx.one(_INSERT_JOB, _job_params(job, now))
+            assert row is not None
+            await tx.run(
+                _INSERT_LEDGER,
+                (
+                    job.id,
+                    job.agent,
+                    job.project,
+                    day,
+                    month,
+                    job.estimate_micro_usd,
+                    job.shots * len(job.circuits),
+                    math.ceil(job.qpu_seconds_estimate * 1000),
+                    now,
+                ),
+            )
+            await _append(tx, audit, now)
+            return _job(row), True
+
+        return await self._write(work)
+
+    async def ledger_totals(self, column: Literal["agent", "project"], who: str, now: float) -> LedgerTotals:
+        day, month = _periods(now)
+
+        async def work(tx: Tx) -> LedgerTotals:
+            sums, counts = await tx.many(_totals_statements(column, who, day, month))
+            return _totals(sums, counts)
+
+        return await self._read(work)
+
+    async def job_by_idempotency_key(self, agent: str, key: str) -> JobRecord | None:
+        row = await self._read(lambda tx: tx.one(_BY_IDEMPOTENCY_KEY, (agent, key)))
+        return _job(row) if row is not None else None
+
+    async def has_simulation(self, project: str, fingerprint: str) -> bool:
+        row = await self._read(
+            lambda tx: tx.one(
+                "SELECT 1 AS one FROM jobs WHERE project = %s AND fingerprint = %s AND state = 'succeeded' "
+                "AND simulator LIMIT 1",
+                (project, fingerprint),
+            )
+        )
+        return row is not None
+
+    async def pending_approvals(self) -> list[JobRecord]:
+        rows = await self._read(lambda tx: tx.all("SELECT * FROM jobs WHERE state = 'pending_approval' ORDER BY seq"))
+        return [_job(row) for row in rows]
+
+    async def expired_approvals(self, now: float) -> list[str]:
+        rows = await self._read(
+            lambda tx: tx.all(
+                "SELECT id FROM jobs WHERE state = 'pending_approval' AND approval_expires_at < %s::float8 "
+                "ORDER BY seq",
+                (now,),
+            )
+        )
+        return [row["id"] for row in rows]
+
+    async def get_job(self, job_id: str) -> JobRecord | None:
+        row = await self._read(lambda tx: tx.one("SELECT * FROM jobs WHERE id = %s", (job_id,)))
+        return _job(row) if row is not None else None
+
+    async def list_jobs(
+        self, *, agent: str | None, state: JobState | None, limit: int, before_seq: int | None
+    ) -> list[JobRecord]:
+        query = _LIST_JOBS[(agent is not None, state is not None)]
+        params: list[object] = [p for p in (agent, state.value if state else None) if p is not None]
+        params += [_NO_CURSOR if before_seq is None else before_seq, limit]
+        rows = await self._read(lambda tx: tx.all(query, params))
+        return [_job(row) for row in rows]
+
+    async def job_ids(self, agent: str, prefix: str, limit: int) -> list[str]:
+        rows = await self._read(
+            lambda tx: tx.all(
+                "SELECT id FROM jobs WHERE agent = %s AND starts_with(id, %s) ORDER BY seq DESC LIMIT %s",
+                (agent, prefix, limit),
+            )
+        )
+        return [str(row["id"]) for row in rows]
+
+    async def claim(
+        self,
+        providers: Iterable[str],
+        busy_backends: Iterable[str],
+        owner: str,
+        lease_s: float,
+        now: float,
+        may_run: Callable[[JobRecord, int, int], bool] | None = None,
+    ) -> JobRecord | None:
+        jobs = await self.claim_many(providers, busy_backends, owner, lease_s, now, may_run, limit=1)
+        return jobs[0] if jobs else None
+
+    async def claim_many(
+        self,
+        providers: Iterable[str],
+        busy_backends: Iterable[str],
+        owner: str,
+        lease_s: float,
+        now: float,
+        may_run: Callable[[JobRecord, int, int], bool] | None = None,
+        *,
+        limit: int,
+        room: Callable[[str], int] | None = None,
+    ) -> list[JobRecord]:
+        names = sorted(set(providers))
+        skipped = sorted(set(busy_backends))
+        if not names or limit < 1:
+            return []
+        # Read first, so a worker polling an empty queue opens no transaction and locks nothing.
+        if await self._read(lambda tx: tx.one(_ANY_CLAIMABLE, (now, now, names, skipped))) is None:
+            return []
+
+        async def work(tx: Tx) -> list[JobRecord]:
+            claimer = _Claimer(tx, owner, lease_s, now, may_run, names)
+            busy = set(skipped)
+            taken: dict[str, int] = {}
+            jobs: list[JobRecord] = []
+            while len(jobs) < limit:
+                turn = now + len(jobs) * 1e-6  # agents still take turns within one batch
+                job = await claimer.next(sorted(busy), turn, room_for=limit - len(jobs))
+                if job is None:
+                    break
+                jobs.append(job)
+                taken[job.backend] = taken.get(job.backend, 0) + 1
+                if room is not None and taken[job.backend] >= room(job.backend):
+                    busy.add(job.backend)
+            return jobs
+
+        return await self._write(work)
+
+    async def heartbeat(self, job_ids: Iterable[str], owner: str, until: float) -> set[str]:
+        ids = list(job_ids)
+        if not ids:
+            return set()
+        rows = await self._alone(
+            lambda tx: tx.all(
+                "UPDATE jobs SET lease_expires = %s::float8 WHERE lease_owner = %s AND id = ANY(%s::text[]) "
+                "AND state IN ('submitting', 'running') RETURNING id",
+                (until, owner, ids),
+            )
+        )
+        return {row["id"] for row in rows}
+
+    async def record_attempt(self, job_id: str, owner: str) -> None:
+        await self._alone(
+            lambda tx: tx.run(
+                "UPDATE jobs SET attempts = attempts + 1 WHERE id = %s AND lease_owner = %s", (job_id, owner)
+            )
+        )
+
+    async def transition(
+        self,
+        job_id: str,
+        new: JobState,
+        now: float,
+        *,
+        owner: str | None = None,
+        fields: Mapping[str, Any] | None = None,
+        audit: AuditEntry | None = None,
+        from_state: JobState | None = None,
+        charge: bool | None = None,
+    ) -> JobRecord | None:
+        values = dict(fields or {})
+        unknown = set(values) - set(_SETTABLE)
+        if unknown:
+            raise ValueError(f"transition cannot set {sorted(unknown)}")
+        if values.get("result") is not None:
+            values["result"] = json.dumps(values["result"])
+        pairs = [x for column in _SETTABLE for x in (column in values, values.get(column))]
+        allowed = sources_of(new) if from_state is None else sources_of(new) & {from_state}
+        sources = sorted(s.value for s in allowed)
+        entry = audit or AuditEntry(tool=f"job.{new.value}", decision="event")
+
+        async def work(tx: Tx) -> JobRecord | None:
+            row = await tx.one(_TRANSITION, (new.value, now, *pairs, job_id, sources, owner, owner))
+            if row is None:
+                return None
+            job = _job(row)
+            if new in TERMINAL:
+                paid = new is JobState.SUCCEEDED if charge is None else charge
+                qpu_millis = None if job.actual_qpu_seconds is None else math.ceil(job.actual_qpu_seconds * 1000)
+                await tx.run(_SETTLE, (paid, paid, job.actual_cost_micro_usd, paid, qpu_millis, now, job.id))
+            await _append(
+                tx,
+                AuditEntry(
+                    tool=entry.tool,
+                    decision=entry.decision,
+                    agent=entry.agent or job.agent,
+                    project=entry.project or job.project,
+                    key_id=entry.key_id,
+                    error_code=entry.error_code or job.error_code,
+                    args_hash=entry.args_hash,
+                    job_id=job.id,
+                    detail=entry.detail,
+                    operator=entry.operator,
+                ),
+                now,
+            )
+            return job
+
+        return await self._write(work)
+
+    async def retry_later(self, job_id: str, owner: str, now: float, *, until: float, message: str) -> JobRecord | None:
+        async def work(tx: Tx) -> JobRecord | None:
+            row = await tx.one(
+                "UPDATE jobs SET state = CASE WHEN provider_ref IS NULL THEN 'queued' ELSE state END, "
+                "lease_owner = NULL, lease_expires = CASE WHEN provider_ref IS NULL THEN NULL ELSE %s::float8 END, "
+                "not_before = %s::float8, internal_failures = internal_failures + 1, "
+                "error_code = 'internal_error', error_message = %s, version = version + 1, updated_at = %s::float8 "
+                "WHERE id = %s AND lease_owner = %s AND state IN ('submitting', 'running') RETURNING *",
+                (until, until, message, now, job_id, owner),
+            )
+            if row is None:
+                return None
+            job = _job(row)
+            await _append(
+                tx,
+                AuditEntry(
+                    tool="job.requeued",
+                    decision="event",
+                    agent=job.agent,
+                    project=job.project,
+                    error_code="internal_error",
+                    job_id=job.id,
+                    detail=message[:500],
+                ),
+                now,
+            )
+            return job
+
+        return await self._write(work)
+
+    async def release_lease(self, job_id: str, owner: str, *, requeue: bool, now: float) -> bool:
+        async def work(tx: Tx) -> bool:
+            if not requeue:
+                released = await tx.all(
+                    "UPDATE jobs SET lease_owner = NULL, lease_expires = 0 WHERE id = %s AND lease_owner = %s "
+                    "RETURNING id",
+                    (job_id, owner),
+                )
+                return bool(released)
+            rows = await tx.all(
+                "UPDATE jobs SET state = 'queued', lease_owner = NULL, lease_expires = NULL, "
+                "provider_ref = NULL, version = version + 1, updated_at = %s::float8 "
+                "WHERE id = %s AND lease_owner = %s AND state IN ('submitting', 'running') "
+                "RETURNING agent, project",
+                (now, job_id, owner),
+            )
+            for row in rows:
+                await _append(
+                    tx,
+                    AuditEntry(
+                        tool="job.requeued",
+                        decision="event",
+                        agent=row["agent"],
+                        project=row["project"],
+                        job_id=job_id,
+                        detail="the provider no longer knows the job; it runs again",
+                    ),
+                    now,
+                )
+            return bool(rows)
+
+        return await self._write(work)
+
+    async def hand_back(self, owner: str, now: float) -> int:
+        async def work(tx: Tx) -> int:
+            requeued, released = await tx.many(
+                [
+                    (
+                        "UPDATE jobs SET state = 'queued', lease_owner = NULL, lease_expires = NULL, "
+                        "version = version + 1, updated_at = %s::float8 "
+                        "WHERE lease_owner = %s AND state IN ('submitting', 'running') AND provider_ref IS NULL "
+                        "RETURNING id, agent, project",
+                        (now, owner),
+                    ),
+                    (
+                        "UPDATE jobs SET lease_owner = NULL, lease_expires = 0, version = version + 1, "
+                        "updated_at = %s::float8 WHERE lease_owner = %s AND state IN ('submitting', 'running') "
+                        "RETURNING id, agent, project",
+                        (now, owner),
+                    ),
+                ]
+            )
+            for rows, what in ((requeued, "queued again"), (released, "left with the provider, lease released")):
+                for row in rows:
+                    await _append(
+                        tx,
+                        AuditEntry(
+                            tool="job.handed_back",
+                            decision="event",
+                            agent=row["agent"],
+                            project=row["project"],
+                            job_id=row["id"],
+                            detail=f"worker {owner} stopped: {what}",
+                        ),
+                        now,
+                    )
+            return len(requeued) + len(released)
+
+        return await self._write(work)
+
+    async def job_versions(self, job_ids: Iterable[str]) -> dict[str, tuple[int, JobState]]:
+        ids = list(job_ids)
+        if not ids:
+            return {}
+        rows = await self._read(
+            lambda tx: tx.all("SELECT id, version, state FROM jobs WHERE id = ANY(%s::text[])", (ids,))
+        )
+        return {row["id"]: (int(row["version"]), JobState(row["state"])) for row in rows}
+
+    async def active_job_counts(self, column: Literal["agent", "backend"]) -> dict[str, tuple[int, int]]:
+        rows = await self._read(lambda tx: tx.all(_ACTIVE_BY[column]))
+        return {row["name"]: (int(row["waiting"]), int(row["running"])) for row in rows}
+
+    async def usage_by_state(self, agent: str) -> list[StateUsage]:
+        rows = await self._read(
+            lambda tx: tx.all(
+                "SELECT state, count(*) AS jobs, coalesce(sum(shots * n_circuits), 0)::int8 AS shots FROM jobs "
+                "WHERE agent = %s GROUP BY state ORDER BY state",
+                (agent,),
+            )
+        )
+        return [StateUsage(JobState(row["state"]), int(row["jobs"]), int(row["shots"])) for row in rows]
+
+    # -- audit ------------------------------------------------------------------------------
+
+    async def append_audit(self, entry: AuditEntry, now: float) -> None:
+        await self._write(lambda tx: _append(tx, entry, now))
+
+    async def audit_tail(
+        self, *, limit: int, job_id: str | None = None, agent: str | None = None, after_seq: int | None = None
+    ) -> list[AuditRecord]:
+        rows = await self._read(
+            lambda tx: tx.all(
+                f"SELECT * FROM (SELECT {_AUDIT_COLUMNS} FROM audit WHERE (%s::text IS NULL OR job_id = %s::text) "  # noqa: S608
+                "AND (%s::text IS NULL OR agent = %s::text) AND seq > %s ORDER BY seq DESC LIMIT %s) AS t ORDER BY seq",
+                (job_id, job_id, agent, agent, after_seq or 0, limit),
+            )
+        )
+        return [AuditRecord(**row) for row in rows]
+
+    async def audit_since(
+        self, *, after_seq: int, limit: int, job_id: str | None = None, agent: str | None = None
+    ) -> list[AuditRecord]:
+        rows = await self._read(
+            lambda tx: tx.all(
+                f"SELECT {_AUDIT_COLUMNS} FROM audit WHERE seq > %s AND (%s::text IS NULL OR job_id = %s::text) "  # noqa: S608
+                "AND (%s::text IS NULL OR agent = %s::text) ORDER BY seq LIMIT %s",
+                (after_seq, job_id, job_id, agent, agent, limit),
+            )
+        )
+        return [AuditRecord(**row) for row in rows]
+
+    async def audit_pages(self, *, after_seq: int = 0, page_size: int = 1000) -> AsyncGenerator[list[AuditRecord]]:
+        while page := await self.audit_since(after_seq=after_seq, limit=page_size):
+            yield page
+            after_seq = page[-1].seq
+
+    async def audit_highest_seq(self) -> int:
+        row = await self._read(
+            lambda tx: tx.one(
+                "SELECT greatest((SELECT seq FROM audit_head), coalesce((SELECT max(seq) FROM audit), 0)) AS seq"
+            )
+        )
+        assert row is not None
+        return int(row["seq"])
+
+
+# -- pieces of transactions ----------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Claimer:
+    """One worker's claim round, inside its transaction."""
+
+    tx: Tx
+    owner: str
+    lease_s: float
+    now: float
+    may_run: Callable[[JobRecord, int, int], bool] | None
+    providers: list[str]
+    # The claim locks this transaction holds: (class, name).
+    locks: set[tuple[int, str]] | None = None
+
+    async def next(self, busy: list[str], turn: float, *, room_for: int) -> JobRecord | None:
+        """Claim the next claimable job; `turn` is when its agent's turn is recorded as taken."""
+        held_back: set[str] = set()  # at a running cap, or being claimed by another replica now
+        while True:
+            candidates = await self.tx.all(
+                _CLAIM_CANDIDATES,
+                (self.now, self.now, self.providers, busy, sorted(held_back), room_for + 8),
+            )
+            if not candidates:
+                return None
+            before = len(held_back)
+            job = await self._take_first(candidates, held_back, turn)
+            if job is not None:
+                return job
+            if len(held_back) == before:
+                return None
+
+    async def _claim_locks(self, wanted: list[tuple[int, str]]) -> bool:
+        """Hold the claim locks `wanted` (project before agent) to the end of this transaction.
+
+        The first ones a transaction takes it waits for; once it holds any, it only tries (and the
+        caller skips a job whose lock another claimer has). A transaction that waits thus holds at
+        most one project lock, and whoever holds what it waits for waits for nothing: no deadlock.
+        """
+        if self.locks is None:
+            self.locks = set()
+        missing = [key for key in wanted if key not in self.locks]
+        if not missing:
+            return True
+        waiting = not self.locks
+        for kind, name in missing:
+            if waiting:
+                await self.tx.one(_LOCK, (kind, name))
+            else:
+                row = await self.tx.one(_TRY_LOCK, (kind, name))
+                if not (row and row["ok"]):
+                    return False
+            self.locks.add((kind, name))
+        return True
+
+    async def _take_first(self, candidates: list[Row], held_back: set[str], turn: float) -> JobRecord | None:
+        for candidate in candidates:
+            seq, state, agent, project = candidate["seq"], candidate["state"], candidate["agent"], candidate["project"]
+            queued = state == JobState.QUEUED.value
+            if queued and agent in held_back:
+                continue
+            capped = queued and self.may_run is not None
+            # The agent's lock: only its holder writes the agent's turn, and reads its running jobs.
+            wanted = [(_CLAIM_PROJECT, project)] if capped else []
+            if not await self._claim_locks([*wanted, (_CLAIM_AGENT, agent)]):
+                held_back.add(agent)  # another replica is claiming this agent's jobs right now
+                continue
+            if capped:
+                assert self.may_run is not None
+                row = await self.tx.one(_CANDIDATE_WITH_COUNTS, (seq,))
+                if row is None:
+                    continue
+                agent_running, project_running = int(row.pop("_agent_running")), int(row.pop("_project_running"))
+                if not self.may_run(_job(row), agent_running, project_running):
+                    held_back.add(agent)
+                    continue
+            now = self.now
+            claimed = await self.tx.one(_CLAIM_ONE, (self.owner, now + self.lease_s, now, now, seq, now, now))
+            if claimed is None:
+                continue
+            job = _job(claimed)
+            await self.tx.run(
+                "INSERT INTO agent_turns (agent, last_claimed_at) VALUES (%s, %s::float8) "
+                "ON CONFLICT (agent) DO UPDATE SET last_claimed_at = excluded.last_claimed_at",
+                (job.agent, turn),
+            )
+            await _append(
+                self.tx,
+                AuditEntry(
+                    tool="job.claimed",
+                    decision="event",
+                    agent=job.agent,
+                    project=job.project,
+                    job_id=job.id,
+                    detail=f"worker {self.owner}, run {job.runs}",
+                ),
+                now,
+            )
+            return job
+        return None
+
+
+async def _append(tx: Tx, entry: AuditEntry, now: float) -> None:
+    """Append one audit row chained to the last: the head row's lock is taken here and held to commit,
+    so call this last in a transaction (every other replica's append waits for it)."""
+    head = await tx.one(_AUDIT_HEAD)
+    assert head is not None, "migration 0003 creates the audit head"
+    seq = int(head["seq"]) + 1
+    prev_hash = head["row_hash"] or GENESIS
+    content = {
+        "seq": seq,
+        "at": float(now),
+        "agent": entry.agent,
+        "project": entry.project,
+        "key_id": entry.key_id,
+        "tool": entry.tool,
+        "decision": entry.decision,
+        "error_code": entry.error_code,
+        "args_hash": entry.args_hash,
+        "job_id": entry.job_id,
+        "detail": entry.detail,
+        "operator": entry.operator,
+    }
+    row_hash = chain_hash(prev_hash, content)
+    await tx.run(_INSERT_AUDIT, (*content.values(), prev_hash, row_hash))
+    await tx.run(_MOVE_HEAD, (seq, row_hash))
+
+
+def _totals_statements(column: Literal["agent", "project"], who: str, day: str, month: str) -> list[Statement]:
+    return [
+        (_TOTALS_BY[column], (day, day, day, month, month, month, who)),
+        (_COUNTS_BY[column], (who,)),
+    ]
+
+
+def _totals(sums: list[Row], counts: list[Row]) -> LedgerTotals:
+    committed: dict[str, tuple[int, int, int]] = {}
+    reserved: dict[str, tuple[int, int, int]] = {}
+    for row in sums:
+        target = committed if row["status"] == "committed" else reserved
+        target["day"] = (int(row["d_cost"]), int(row["d_shots"]), int(row["d_qpu"]))
+        target["month"] = (int(row["m_cost"]), int(row["m_shots"]), int(row["m_qpu"]))
+        target["total"] = (int(row["t_cost"]), int(row["t_shots"]), int(row["t_qpu"]))
+    return LedgerTotals(
+        committed=committed,
+        reserved=reserved,
+        queued_jobs=int(counts[0]["waiting"]),
+        running_jobs=int(counts[0]["running"]),
+    )
+
+
+def _job_params(job: NewJob, now: float) -> tuple[Any, ...]:
+    return (
+        job.id,
+        job.agent,
+        job.project,
+        job.key_id,
+        job.name,
+        job.backend,
+        job.shots,
+        json.dumps(list(job.circuits)),
+        len(job.circuits),
+        job.qubits,
+        job.depth,
+        job.two_qubit_gates,
+        job.fingerprint,
+        job.estimate_micro_usd,
+        job.state.value,
+        now,
+        now,
+        job.priority,
+        job.idempotency_key,
+        job.payload_hash,
+        job.dry_run_of,
+        job.simulator,
+        job.pricing_known,
+        job.qpu_seconds_estimate,
+        job.approval_level,
+        job.approval_expires_at,
+        job.approved_by,
+    )
+
+
+def _periods(now: float) -> tuple[str, str]:
+    """The UTC day and month a reservation made at `now` counts in."""
+    moment = datetime.fromtimestamp(now, UTC)
+    return moment.strftime("%Y-%m-%d"), moment.strftime("%Y-%m")
+
+
+def _job(row: Row) -> JobRecord:
+    data = dict(row)
+    data["circuits"] = tuple(json.loads(data["circuits"]))
+    data["state"] = JobState(data["state"])
+    data["result"] = None if data["result"] is None else tuple(json.loads(data["result"]))
+    return JobRecord(**data)
+
+
+def _pause(row: Row) -> Pause:
+    return Pause(row["kind"], row["name"], row["reason"], row["paused_by"], row["paused_at"])
+
+
+def _key(row: Row) -> KeyRecord:
+    data = dict(row)
+    data["scopes"] = frozenset(s for s in data["scopes"].split(",") if s)
+    reason, by, at = data.pop("pause_reason"), data.pop("paused_by"), data.pop("paused_at")
+    if at is not None:
+        data["agent_pause"] = Pause("agent", data["agent"], reason, by, at)
+    return KeyRecord(**data)
+
+
+def initialised(url: str) -> bool:
+    """True if the database exists and `qpu-gateway init` (or any migration) has set it up; raises
+    StoreError (unavailable) when the server cannot be reached."""
+    from qpu_gateway.store import pg_psycopg
+
+    rows = pg_psycopg.probe(url, "SELECT to_regclass('schema_migrations') IS NOT NULL", timeout_s=connect_timeout_s())
+    if not rows or not rows[0][0]:
+        return False
+    counted = pg_psycopg.probe(url, "SELECT count(*) FROM schema_migrations", timeout_s=connect_timeout_s())
+    return counted is not None and int(counted[0][0]) > 0
+
+
+def create_database(url: str) -> bool:
+    """Create the URL's database if it is missing (`qpu-gateway init`); True if it was created."""
+    from qpu_gateway.store import pg_psycopg
+
+    return pg_psycopg.create_database(url, timeout_s=connect_timeout_s())
