@@ -69,7 +69,9 @@ class Database:
             )
         if not value:
             raise ValueError("empty database path")
-        return cls(path=Path(value).expanduser())
+        # Absolute from here on: the file is opened by URI (which needs an absolute path), and every
+        # message names it whatever folder the process later runs in.
+        return cls(path=Path(value).expanduser().absolute())
 
     @property
     def is_postgres(self) -> bool:
@@ -166,8 +168,8 @@ class Config:
         """Build from explicit flags, falling back to the environment and then the defaults."""
         database = Database.parse(db or os.environ.get(ENV_DB) or default_db_path())
         chosen = data_dir or os.environ.get(ENV_DATA_DIR)
-        files = Path(chosen).expanduser() if chosen else database.default_data_dir()
-        policy_path = Path(policy or os.environ.get(ENV_POLICY) or files / "policy.toml").expanduser()
+        files = Path(chosen).expanduser().absolute() if chosen else database.default_data_dir()
+        policy_path = Path(policy or os.environ.get(ENV_POLICY) or files / "policy.toml").expanduser().absolute()
         env: dict[str, object] = {}
         if os.environ.get(ENV_FAULTS):
             env["faults"] = os.environ[ENV_FAULTS]

@@ -11,9 +11,10 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 from mcp import Client
-from mcp.client.stdio import stdio_client
+from mcp.client.stdio import StdioServerParameters, stdio_client
 
 from qpu_gateway.config import Config
 from qpu_gateway.store import open_store
@@ -197,3 +198,24 @@ def test_paths_prints_where_the_files_are_honouring_xdg_data_home(tmp_path: Path
         subprocess.check_output(gateway_cmd("paths", "--json", "--db", str(tmp_path / "x.db")), env=env, text=True)
     )
     assert flagged["database"]["from"] == "--db" and flagged["policy"]["path"] == str(tmp_path / "policy.toml")
+
+
+async def test_a_relative_database_path_is_the_same_file_for_init_serve_and_the_cli(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QPU_GATEWAY_")}
+    flags = ["--db", "data/gateway.db"]  # relative to the folder the operator runs in
+    made = await anyio.run_process(gateway_cmd("init", *flags), cwd=tmp_path, env=env)
+    key = made.stdout.decode().strip().splitlines()[-1]
+    params = StdioServerParameters(
+        command=sys.executable,
+        args=["-m", "qpu_gateway", "serve", "--transport", "stdio", *flags],
+        env={**env, "QPU_GATEWAY_KEY": key},
+        cwd=tmp_path,
+    )
+    with (tmp_path / "stdio.stderr").open("w") as errlog:
+        async with Client(stdio_client(params, errlog=errlog)) as client:  # type: ignore[arg-type]
+            listed = await client.call_tool("list_backends", {})
+    assert not listed.is_error, listed.content
+    opened = [r for r in json_lines((tmp_path / "stdio.stderr").read_text()) if r["msg"].startswith("opened")]
+    assert opened[0]["db"] == str(tmp_path / "data" / "gateway.db") and opened[0]["active_keys"] == 1
+    shown = json.loads((await anyio.run_process(gateway_cmd("paths", "--json", *flags), cwd=tmp_path, env=env)).stdout)
+    assert shown["database"] == {"path": str(tmp_path / "data" / "gateway.db"), "state": "initialised", "from": "--db"}
