@@ -446,6 +446,9 @@ COMMANDS = [
     ("audit", "tail"),
     ("audit", "verify"),
     ("audit", "export"),
+    ("db",),
+    ("db", "copy"),
+    ("db", "migrate"),
     ("demo",),
 ]
 
@@ -488,6 +491,7 @@ def test_every_command_answers_help_with_its_usage(cli: Cli, command: tuple[str,
         (["jobs", "list", "--state", "asleep"], "invalid choice: 'asleep'"),
         (["audit", "tail", "-n", "many"], "invalid int value: 'many'"),
         (["serve", "--transport", "pigeon"], "invalid choice: 'pigeon'"),
+        (["db", "copy"], "the following arguments are required: --to"),
     ],
     ids=lambda v: " ".join(v) if isinstance(v, list) else None,
 )

@@ -1,4 +1,4 @@
-"""The `qpu-gateway` command: init, paths, serve, keys, quotas, approvals, jobs, agents, backends, audit, demo.
+"""The `qpu-gateway` command: init, paths, serve, keys, quotas, approvals, jobs, agents, backends, audit, db, demo.
 
 Exit codes: 0 ok, 1 runtime error, 2 usage error (argparse's own). Output meant for scripts
 (`keys create`) goes to stdout alone; logs go to stderr. Every act that changes what agents may do
@@ -865,6 +865,57 @@ def _anchor(text: str) -> tuple[int, str]:
     return int(seq), digest
 
 
+def cmd_db_copy(args: argparse.Namespace) -> int:
+    """`db copy --from LOCATION --to LOCATION`: progress as JSON lines on stderr, a summary on stdout."""
+    from qpu_gateway.config import Database
+    from qpu_gateway.ops.db_copy import CopyRefused, copy_installation
+
+    source = Database.parse(args.source) if args.source else _config(args).database
+    target = Database.parse(args.target)
+    log = logging.getLogger("qpu_gateway.ops.db_copy")
+    log.info("copying %s to %s", source, target, extra={"source": source.shown, "target": target.shown})
+    try:
+        report = anyio.run(functools.partial(copy_installation, source, target, by=operator_name()))
+    except (CopyRefused, StoreError) as exc:
+        log.error("not copied: %s", exc, extra={"source": source.shown, "target": target.shown})
+        return 1
+    made = []
+    if report.created:
+        made.append("created")
+    if report.migrations:
+        made.append(f"{len(report.migrations)} migrations applied")
+    print(
+        f"Copied {source} to {target}{' (' + ', '.join(made) + ')' if made else ''} in {report.seconds:.1f} s, "
+        "in one transaction:"
+    )
+    width = max(len(table) for table in report.rows)
+    for table, n in report.rows.items():
+        print(f"  {table.ljust(width)}  {n:>9}")
+    print(f"Audit chain verified on the way; the db.copy row continues it: head {report.head_seq}:{report.head_hash}")
+    print("Next: with every gateway stopped, point them at the copy and start them:")
+    print(f"  {ENV_DB}={target}  (or --db), then `qpu-gateway audit verify` there")
+    if target.is_postgres:
+        print("  A PostgreSQL store needs shared rate limits: QPU_GATEWAY_RATE_STORAGE=async+redis://HOST:6379")
+    print(
+        "The policy file and local.key are files, not rows: copy them to where gateways on the copy look "
+        f"(`qpu-gateway paths --db {target}`), or set {ENV_POLICY}."
+    )
+    return 0
+
+
+def cmd_db_migrate(args: argparse.Namespace) -> int:
+    """`db migrate`: apply this version's pending migrations (what a gateway does when it starts)."""
+    config = _config(args)
+    if not store_initialised(config.database):
+        raise CliError(not_initialised(config))
+    applied = _with_store(config, lambda store: store.migrate(), migrate=False)
+    if applied:
+        print(f"Applied {', '.join(applied)} to {config.database}.")
+    else:
+        print(f"{config.database} is up to date; nothing applied.")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from qpu_gateway.ops.demo import run_demo
 
@@ -1069,6 +1120,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="only rows after this seq, or at or after this time (ISO 8601, UTC unless it has an offset)",
     )
     p.set_defaults(func=cmd_audit_export)
+
+    dbs = sub.add_parser("db", parents=[common], help="move an installation to another database, apply migrations")
+    dsub = dbs.add_subparsers(dest="db_command", required=True, metavar="ACTION")
+    p = dsub.add_parser(
+        "copy",
+        parents=[common],
+        help="copy keys, pauses, jobs, ledger and the audit chain into an empty database (all or nothing)",
+    )
+    p.add_argument(
+        "--from",
+        dest="source",
+        metavar="LOCATION",
+        help="the database to copy: a path, sqlite:///PATH or postgresql://... (default: --db / $QPU_GATEWAY_DB)",
+    )
+    p.add_argument(
+        "--to",
+        dest="target",
+        required=True,
+        metavar="LOCATION",
+        help="an empty or new database: created and migrated if needed",
+    )
+    p.set_defaults(func=cmd_db_copy)
+    p = dsub.add_parser("migrate", parents=[common], help="apply this version's pending migrations to --db")
+    p.set_defaults(func=cmd_db_migrate)
 
     p = sub.add_parser(
         "demo", parents=[common], help="a scripted agent session over stdio against a throw-away database"

@@ -7,7 +7,7 @@ the same schema to replicas on several machines. `open_store` picks one from the
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -28,7 +28,9 @@ from qpu_gateway.store.records import (
     NewJob,
     Pause,
     ProcessReport,
+    SchemaState,
     StateUsage,
+    TablePage,
 )
 
 
@@ -262,6 +264,33 @@ class Store(Protocol):
 
     async def audit_highest_seq(self) -> int:
         """The highest seq the audit log ever assigned; deleting the last rows does not lower it."""
+        ...
+
+    # moving an installation (`qpu-gateway db copy`): the tables are records.INSTALLATION_TABLES
+    async def schema_state(self) -> SchemaState:
+        """This database's applied migrations against this version's (it may be opened unmigrated)."""
+        ...
+
+    async def row_counts(self) -> dict[str, int]:
+        """How many rows each of INSTALLATION_TABLES holds."""
+        ...
+
+    def export_rows(self, *, page_size: int = 1000) -> AsyncGenerator[TablePage]:
+        """Every row of INSTALLATION_TABLES, table by table in that order, a page at a time, all from
+        one snapshot (a read transaction held until the generator is closed); writes nothing."""
+        ...
+
+    async def import_rows(
+        self,
+        pages: AsyncIterable[TablePage],
+        *,
+        now: float,
+        audit: Callable[[Mapping[str, int]], AuditEntry] | None = None,
+    ) -> dict[str, int]:
+        """Insert `pages` in one transaction into this database, which must hold no row of
+        INSTALLATION_TABLES (else StoreError, and nothing is written): rows as given, seqs and hashes
+        included; then new jobs' seqs and the audit chain continue after the copied ones, and
+        `audit(rows per table)` is appended to the chain. All or nothing; returns the rows per table."""
         ...
 
 

@@ -34,7 +34,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import resources
@@ -48,6 +48,7 @@ from qpu_gateway.policy.decisions import Refusal
 from qpu_gateway.store import StoreError
 from qpu_gateway.store.pg_connector import Connector, Retry, Row, Statement, Tx
 from qpu_gateway.store.records import (
+    INSTALLATION_TABLES,
     AdmissionFacts,
     AuditEntry,
     AuditRecord,
@@ -58,7 +59,9 @@ from qpu_gateway.store.records import (
     NewJob,
     Pause,
     ProcessReport,
+    SchemaState,
     StateUsage,
+    TablePage,
 )
 
 log = logging.getLogger(__name__)
@@ -890,6 +893,89 @@ class PostgresStore:
         assert row is not None
         return int(row["seq"])
 
+    # -- moving an installation (`qpu-gateway db copy`) ---------------------------------------
+
+    async def schema_state(self) -> SchemaState:
+        async def work(tx: Tx) -> list[str]:
+            found = await tx.one("SELECT to_regclass('schema_migrations') IS NOT NULL AS present")
+            if not (found and found["present"]):
+                return []
+            return [row["name"] for row in await tx.all("SELECT name FROM schema_migrations ORDER BY name")]
+
+        applied = await self._read(work)
+        known = sorted(
+            entry.name
+            for entry in resources.files("qpu_gateway.store.migrations.postgres").iterdir()
+            if entry.name.endswith(".sql")
+        )
+        return SchemaState(
+            applied=tuple(applied),
+            pending=tuple(name for name in known if name not in applied),
+            unknown=tuple(name for name in applied if name not in known),
+        )
+
+    async def row_counts(self) -> dict[str, int]:
+        row = await self._read(lambda tx: tx.one(_ROW_COUNTS))
+        assert row is not None
+        return {table: int(row[table]) for table in INSTALLATION_TABLES}
+
+    async def export_rows(self, *, page_size: int = 1000) -> AsyncGenerator[TablePage]:
+        # One REPEATABLE READ transaction for every table: one snapshot, whoever writes meanwhile;
+        # a cursor per table, fetched a page at a time.
+        async with self._db.transaction() as tx:
+            await tx.run("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            for table, order in INSTALLATION_TABLES.items():
+                cursor = f"export_{table}"
+                await tx.run(f"DECLARE {cursor} NO SCROLL CURSOR FOR SELECT * FROM {table} ORDER BY {order}")  # noqa: S608 (constants)
+                while rows := await tx.all(f"FETCH FORWARD {int(page_size)} FROM {cursor}"):
+                    yield TablePage(table, tuple(rows[0]), [tuple(row.values()) for row in rows])
+                await tx.run(f"CLOSE {cursor}")
+
+    async def import_rows(
+        self,
+        pages: AsyncIterable[TablePage],
+        *,
+        now: float,
+        audit: Callable[[Mapping[str, int]], AuditEntry] | None = None,
+    ) -> dict[str, int]:
+        counts = dict.fromkeys(INSTALLATION_TABLES, 0)
+        try:
+            async with self._db.transaction() as tx:
+                # Held to commit: a gateway started on this database meanwhile reads, but writes
+                # nothing until the copy is in (and then sees every row of it at once).
+                await tx.run(f"LOCK TABLE {', '.join(INSTALLATION_TABLES)}, audit_head IN EXCLUSIVE MODE")
+                held = await tx.one(_ROW_COUNTS)
+                assert held is not None
+                if any(int(n) for n in held.values()):
+                    raise StoreError(_not_empty({table: int(n) for table, n in held.items()}))
+                columns: dict[str, set[str]] = {table: set() for table in INSTALLATION_TABLES}
+                for row in await tx.all(
+                    "SELECT table_name, column_name FROM information_schema.columns "
+                    "WHERE table_schema = current_schema() AND table_name = ANY(%s::text[])",
+                    (list(INSTALLATION_TABLES),),
+                ):
+                    columns[row["table_name"]].add(row["column_name"])
+                async for page in pages:
+                    # A page is one statement: its rows as one JSON array of objects, which
+                    # json_populate_recordset turns into the table's own types (floats exactly,
+                    # SQLite's 0/1 into booleans).
+                    data = json.dumps([dict(zip(page.columns, row, strict=True)) for row in page.rows])
+                    await tx.run(_insert_page_sql(page, columns), (data,))
+                    counts[page.table] += len(page.rows)
+                # New jobs queue after the copied ones; the chain goes on from the copied head.
+                await tx.run(
+                    "SELECT setval(pg_get_serial_sequence('jobs', 'seq'), coalesce(max(seq), 0) + 1, false) FROM jobs"
+                )
+                await tx.run(
+                    "UPDATE audit_head SET seq = coalesce((SELECT max(seq) FROM audit), 0), "
+                    "row_hash = (SELECT row_hash FROM audit ORDER BY seq DESC LIMIT 1)"
+                )
+                if audit is not None:
+                    await _append(tx, audit(counts), now)
+        except Retry as exc:
+            raise StoreError(f"the database aborted the copy: {exc}; nothing was written", retry_after_s=1.0) from None
+        return counts
+
 
 # -- pieces of transactions ----------------------------------------------------------------------
 
@@ -1119,3 +1205,33 @@ def create_database(url: str) -> bool:
     from qpu_gateway.store import pg_psycopg
 
     return pg_psycopg.create_database(url, timeout_s=connect_timeout_s())
+
+
+# -- moving an installation --------------------------------------------------------------------
+
+_COUNTS_OF = [f"(SELECT count(*) FROM {table}) AS {table}" for table in INSTALLATION_TABLES]  # noqa: S608
+_ROW_COUNTS = "SELECT " + ", ".join(_COUNTS_OF)
+
+
+def _not_empty(held: Mapping[str, int]) -> str:
+    rows = ", ".join(f"{table} {n}" for table, n in held.items() if n)
+    return f"the database is not empty ({rows}): a copy goes only into an empty database; nothing was written"
+
+
+def _insert_page_sql(page: TablePage, columns: Mapping[str, set[str]]) -> str:
+    """The INSERT for a page's rows (one JSON parameter); its table and columns must be this schema's
+    (names are checked, never taken on trust from the other database)."""
+    if page.table not in columns:
+        raise StoreError(f"{page.table!r} is not a table a copy moves")
+    foreign = [name for name in page.columns if name not in columns[page.table]]
+    if foreign:
+        raise StoreError(
+            f"the source's {page.table} rows have columns this database does not ({', '.join(foreign)}): "
+            "bring both to the same version (`qpu-gateway db migrate`); nothing was written"
+        )
+    names = ", ".join(f'"{name}"' for name in page.columns)
+    # OVERRIDING SYSTEM VALUE: jobs.seq is an identity column, and a copied job keeps its seq.
+    return (
+        f"INSERT INTO {page.table} ({names}) OVERRIDING SYSTEM VALUE "  # noqa: S608 (checked names)
+        f"SELECT {names} FROM json_populate_recordset(NULL::{page.table}, %s::json)"
+    )

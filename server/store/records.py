@@ -231,3 +231,38 @@ class ProcessReport:
     def policy_stamp(self) -> tuple[str | None, str | None]:
         """What two processes must share to run the same policy: both files' content hashes."""
         return self.policy_sha256, self.overrides_sha256
+
+
+# The tables that make an installation, in the order `qpu-gateway db copy` moves them, each with the
+# columns its rows are read in order of. What stays behind: `schema_migrations` (the target applies
+# its own), PostgreSQL's `installation` id (a new database keeps its own rate-limit namespace) and
+# `audit_head` (made again from the copied rows), and the rate-limit counters of SQLite's
+# `rate_hits` and `rate_counters` tables, which only ever describe the last minutes; `processes` (each
+# serving process reports itself again within seconds) and `shared_secrets` (they seal only the
+# elicitation rounds in flight, which a move ends anyway).
+INSTALLATION_TABLES = {
+    "keys": "id",  # agents' keys (hashes): the old keys keep working
+    "pauses": "kind, name",  # an operator's kill switch or drain must not lift itself in a move
+    "jobs": "seq",  # every job in every state, with its queue position
+    "ledger": "job_id",  # reservations and committed costs: budgets carry over exactly
+    "agent_turns": "agent",  # round-robin turns, so fair share does not restart in favour of anyone
+    "audit": "seq",  # the hash chain, row for row, hashes untouched
+}
+
+
+@dataclass(frozen=True, slots=True)
+class TablePage:
+    """A page of one table's rows as a copy moves them: column names, then each row's values in that order."""
+
+    table: str
+    columns: tuple[str, ...]
+    rows: list[tuple[Any, ...]]
+
+
+@dataclass(frozen=True, slots=True)
+class SchemaState:
+    """How a database's applied migrations compare with this version's."""
+
+    applied: tuple[str, ...]
+    pending: tuple[str, ...]  # this version's migrations not applied there yet
+    unknown: tuple[str, ...]  # applied there but unknown here: a newer gateway's

@@ -10,6 +10,7 @@ not one per statement; most reads need none, on a third connection on the loop's
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -18,7 +19,7 @@ import sqlite3
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable, Iterable, Iterator, Mapping
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -34,6 +35,7 @@ from qpu_gateway.jobs.states import TERMINAL, JobState, sources_of
 from qpu_gateway.policy.decisions import Refusal
 from qpu_gateway.store import StoreError, observer
 from qpu_gateway.store.records import (
+    INSTALLATION_TABLES,
     AdmissionFacts,
     AuditEntry,
     AuditRecord,
@@ -44,14 +46,18 @@ from qpu_gateway.store.records import (
     NewJob,
     Pause,
     ProcessReport,
+    SchemaState,
     StateUsage,
+    TablePage,
 )
 from qpu_gateway.store.sqlite_thread import (
     Busy,
     GroupWriter,
     Work,
+    on_thread,
     quick_connection,
     read_here_first,
+    rollback,
     trace_async,
     would_wait,
     write_gate,
@@ -1029,6 +1035,98 @@ class SqliteStore:
         assert row is not None
         return int(row[0])
 
+    # -- moving an installation (`qpu-gateway db copy`) ---------------------------------------
+
+    async def schema_state(self) -> SchemaState:
+        def work(db: sqlite3.Connection) -> list[str]:
+            if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'").fetchone():
+                return [row[0] for row in db.execute("SELECT name FROM schema_migrations ORDER BY name")]
+            return []
+
+        return _schema_state(await self._read(work), _migration_names())
+
+    async def row_counts(self) -> dict[str, int]:
+        row = await self._read(_first(_ROW_COUNTS))
+        assert row is not None
+        return {table: int(row[i]) for i, table in enumerate(INSTALLATION_TABLES)}
+
+    async def export_rows(self, *, page_size: int = 1000) -> AsyncGenerator[TablePage]:
+        # One read transaction on the reader connection for every table: in WAL mode it reads one
+        # snapshot throughout, and writers in other processes carry on meanwhile.
+        reader = self._reader
+        with _as_store_errors():
+            await reader.execute("BEGIN")
+        try:
+            for table, order in INSTALLATION_TABLES.items():
+                with _as_store_errors():
+                    cursor = await reader.execute(f"SELECT * FROM {table} ORDER BY {order}")  # noqa: S608 (constants)
+                    columns = tuple(d[0] for d in cursor.description)
+                try:
+                    while True:
+                        with _as_store_errors():
+                            rows = await cursor.fetchmany(page_size)
+                        if not rows:
+                            break
+                        yield TablePage(table, columns, [tuple(row) for row in rows])
+                finally:
+                    await cursor.close()
+        finally:
+            with anyio.CancelScope(shield=True), _as_store_errors():
+                await reader.execute("COMMIT")
+
+    async def import_rows(
+        self,
+        pages: AsyncIterable[TablePage],
+        *,
+        now: float,
+        audit: Callable[[Mapping[str, int]], AuditEntry] | None = None,
+    ) -> dict[str, int]:
+        # One BEGIN IMMEDIATE ... COMMIT held across every page (the writer's thread runs each step;
+        # GroupWriter's one-function transactions cannot wait for pages the event loop reads). The
+        # process's write gate is held throughout, so no other write of this process lands inside.
+        gate = self._writer._gate
+        counts = dict.fromkeys(INSTALLATION_TABLES, 0)
+
+        def begin(db: sqlite3.Connection) -> dict[str, set[str]]:
+            if not gate.acquire(timeout=self._busy_s):
+                raise sqlite3.OperationalError("database is locked (by another writer of this process)")
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                held = dict(zip(INSTALLATION_TABLES, db.execute(_ROW_COUNTS).fetchone(), strict=True))
+                if any(held.values()):
+                    raise StoreError(_not_empty(held))
+                return {
+                    table: {row[1] for row in db.execute(f"PRAGMA table_info({table})")}  # constants
+                    for table in INSTALLATION_TABLES
+                }
+            except BaseException:
+                rollback(db)
+                gate.release()
+                raise
+
+        def finish(db: sqlite3.Connection) -> None:
+            if audit is not None:
+                _insert_audit(db, audit(counts), now)
+            db.execute("COMMIT")  # AUTOINCREMENT counters followed the explicit seqs by themselves
+
+        with _as_store_errors():
+            columns = await on_thread(self._conn, begin)
+        try:
+            async for page in pages:
+                insert = _insert_page_sql(page, columns)
+                with _as_store_errors():
+                    await on_thread(self._conn, functools.partial(_insert_page, insert, page.rows))
+                counts[page.table] += len(page.rows)
+            with _as_store_errors():
+                await on_thread(self._conn, finish)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await on_thread(self._conn, rollback)
+            raise
+        finally:
+            gate.release()
+        return counts
+
 
 # -- work done on a connection's thread ------------------------------------------------------
 
@@ -1272,3 +1370,49 @@ def _statements(script: str) -> list[str]:
     if buffer.strip():
         raise ValueError("migration ends in an incomplete statement")
     return statements
+
+
+# -- moving an installation --------------------------------------------------------------------
+
+_ROW_COUNTS = "SELECT " + ", ".join(f"(SELECT count(*) FROM {table})" for table in INSTALLATION_TABLES)  # noqa: S608
+
+
+def _migration_names() -> list[str]:
+    return sorted(
+        entry.name
+        for entry in resources.files("qpu_gateway.store.migrations.sqlite").iterdir()
+        if entry.name.endswith(".sql")
+    )
+
+
+def _schema_state(applied: list[str], known: list[str]) -> SchemaState:
+    return SchemaState(
+        applied=tuple(applied),
+        pending=tuple(name for name in known if name not in applied),
+        unknown=tuple(name for name in applied if name not in known),
+    )
+
+
+def _not_empty(held: Mapping[str, int]) -> str:
+    rows = ", ".join(f"{table} {n}" for table, n in held.items() if n)
+    return f"the database is not empty ({rows}): a copy goes only into an empty database; nothing was written"
+
+
+def _insert_page_sql(page: TablePage, columns: Mapping[str, set[str]]) -> str:
+    """The INSERT for a page's rows; its table and columns must be this schema's (names are checked,
+    never taken on trust from the other database)."""
+    if page.table not in columns:
+        raise StoreError(f"{page.table!r} is not a table a copy moves")
+    foreign = [name for name in page.columns if name not in columns[page.table]]
+    if foreign:
+        raise StoreError(
+            f"the source's {page.table} rows have columns this database does not ({', '.join(foreign)}): "
+            "bring both to the same version (`qpu-gateway db migrate`); nothing was written"
+        )
+    names = ", ".join(f'"{name}"' for name in page.columns)
+    marks = ", ".join("?" for _ in page.columns)
+    return f"INSERT INTO {page.table} ({names}) VALUES ({marks})"  # noqa: S608 (checked names)
+
+
+def _insert_page(sql: str, rows: list[tuple[Any, ...]], db: sqlite3.Connection) -> None:
+    db.executemany(sql, rows)

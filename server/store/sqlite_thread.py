@@ -324,3 +324,10 @@ def rollback(db: sqlite3.Connection) -> None:
         db.execute("ROLLBACK")
     except sqlite3.Error as exc:
         log.error("rollback failed: %s", exc)
+
+
+async def on_thread(conn: aiosqlite.Connection, work: Work[T]) -> T:
+    """Run `work` on the connection's thread and wait for it however long it takes: one step of a
+    transaction that spans several hops (a copy's import), which must never be withdrawn half-way.
+    Steps queued one after another run in that order, so a rollback queued after a step follows it."""
+    return await _queue(conn)(lambda: work(conn._conn))
