@@ -1,7 +1,8 @@
 """Several `qpu-gateway serve --transport http` replicas on one database, with HAProxy in front.
 
-The database is one parameter, `db`: the value each replica gets as `--db` (a SQLite path today;
-a `postgresql://` URL once that store exists), so the replica tests run unchanged on either.
+The database is one parameter, `db`: the value each replica gets as `--db` (a SQLite path or a
+`postgresql://` URL), so the replica tests run unchanged on either; on PostgreSQL the replicas
+count rate limits in the shared Redis unless a test names another storage.
 Nothing here imitates the gateway: replicas are real subprocesses, the load balancer is Debian's
 HAProxy started with a generated config (no systemd), Redis is a real `redis-server`.
 """
@@ -17,19 +18,21 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from qpu_gateway.config import Database
 from qpu_gateway.store import Store, open_store
 
+from .databases import REDIS_STORAGE
 from .support import free_port, gateway_cmd, set_up_database, stop_process, wait_listening
 
 
 async def open_db(db: str) -> Store:
     """The store behind `db`, for a test to read what the replicas wrote (and to make keys)."""
-    return await open_store(Path(db))
+    return await open_store(Database.parse(db))
 
 
 def prepare(db: str) -> None:
     """Set the database up once, as `qpu-gateway init` would, before replicas serve it."""
-    set_up_database(Path(db))
+    set_up_database(Database.parse(db))
 
 
 @dataclass
@@ -73,6 +76,8 @@ def replicas(
 
     `policies` gives each replica its own policy file (default: `folder/policy.toml` for all)."""
     prepare(db)
+    if Database.parse(db).is_postgres:
+        env.setdefault("QPU_GATEWAY_RATE_STORAGE", REDIS_STORAGE)  # a PostgreSQL gateway needs a shared one
     started: list[Replica] = []
     try:
         for index in range(count):

@@ -18,6 +18,7 @@ from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 from mcp_types import ElicitResult, ResourceUpdatedNotification
 
+from .databases import create_postgres, drop_postgres
 from .replicas import Balancer, Replica, haproxy, open_db, replicas
 from .support import BELL2, body, eventually
 
@@ -52,17 +53,20 @@ class Cluster:
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     folder = tmp_path_factory.mktemp("lb")
     (folder / "policy.toml").write_text(POLICY, encoding="utf-8")
-    db = str(folder / "gateway.db")
-    with replicas(db, folder, 3, QPU_GATEWAY_FAULTS="mix:slow=1,slow_s=1.5,seed=1") as running:
-        key = subprocess.run(
-            [sys.executable, "-m", "qpu_gateway", "keys", "create", "--agent", "alice", "--db", db],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-        ports = [r.port for r in running]
-        with haproxy(folder, ports) as sticky, haproxy(folder, ports, sticky=False) as plain:
-            yield Cluster(db, key, running, sticky, plain)
+    db = create_postgres()  # the replicas of a team that outgrew one machine share PostgreSQL
+    try:
+        with replicas(db, folder, 3, QPU_GATEWAY_FAULTS="mix:slow=1,slow_s=1.5,seed=1") as running:
+            key = subprocess.run(
+                [sys.executable, "-m", "qpu_gateway", "keys", "create", "--agent", "alice", "--db", db],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout.strip()
+            ports = [r.port for r in running]
+            with haproxy(folder, ports) as sticky, haproxy(folder, ports, sticky=False) as plain:
+                yield Cluster(db, key, running, sticky, plain)
+    finally:
+        drop_postgres(db)
 
 
 async def approve(context: Any, params: Any) -> ElicitResult:

@@ -1,5 +1,7 @@
-"""What holds across three `qpu-gateway serve` replicas on one database: rate limits shared through
-Redis (and refused, never waved through, while Redis is down), revocation, one policy."""
+"""What holds across three `qpu-gateway serve` replicas on one PostgreSQL database: rate limits shared
+through Redis (and refused, never waved through, while Redis is down), revocation, one policy.
+
+tests/test_replicas_postgres.py has the rest (budgets, claims, the chain, notifications, restarts)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ import json
 import sys
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,9 @@ import pytest
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
+from qpu_gateway.config import Database
+
+from .databases import create_postgres, drop_postgres
 from .replicas import open_db, own_redis, prepare, replicas, restart_redis
 from .support import body, eventually, http_client, new_key, stop_process
 
@@ -31,9 +36,13 @@ loop_guard = { max_repeats = 100000, window_minutes = 1 }
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> str:
-    """The database every replica serves: the one parameter to switch these tests to another store."""
-    return str(tmp_path / "gateway.db")
+def db() -> Iterator[str]:
+    """The database every replica serves: a fresh PostgreSQL database of this test's own."""
+    url = create_postgres()
+    try:
+        yield url
+    finally:
+        drop_postgres(url)
 
 
 def write_policy(folder: Path, text: str = "") -> Path:
@@ -44,7 +53,7 @@ def write_policy(folder: Path, text: str = "") -> Path:
 
 async def make_key(db: str, agent: str) -> str:
     prepare(db)
-    return await new_key(Path(db), agent)
+    return await new_key(Database.parse(db), agent)
 
 
 async def calls(url: str, key: str, tool: str, count: int) -> list[dict[str, Any]]:

@@ -19,6 +19,7 @@ import aiosqlite
 import anyio
 import pytest
 
+from qpu_gateway.config import Database
 from qpu_gateway.jobs.states import JobState
 from qpu_gateway.policy.decisions import Refusal
 from qpu_gateway.store import Store, StoreError, open_store
@@ -165,7 +166,7 @@ async def test_concurrent_admissions_each_decide_on_the_reservations_committed_o
             tg.start_soon(one, n)
 
     assert outcomes.count(True) == 10
-    assert row_counts(tmp_path / "g.db") == {"jobs": 10, "ledger": 10, "audit": 10}
+    assert row_counts(Database(path=tmp_path / "g.db")) == {"jobs": 10, "ledger": 10, "audit": 10}
     audit = await store.audit_tail(limit=100)
     assert [row.seq for row in audit] == list(range(1, 11))
     assert all(row.prev_hash == before.row_hash for before, row in itertools.pairwise(audit)), "one unbroken chain"

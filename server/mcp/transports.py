@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import secrets
 import signal
@@ -24,14 +25,16 @@ from mcp.server.auth.middleware.auth_context import get_access_token
 from mcp.server.auth.provider import AccessToken
 from mcp.server.auth.settings import AuthSettings
 from mcp.server.mcpserver import RequestStateSecurity
+from mcp_types import INVALID_REQUEST
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from qpu_gateway.config import ENV_DB, ENV_KEY
-from qpu_gateway.errors import GatewayError
+from qpu_gateway.errors import GatewayError, Unavailable
 from qpu_gateway.jobs.runtime import Gateway
 from qpu_gateway.keys import Principal, authenticate
 from qpu_gateway.mcp.app import build_server
+from qpu_gateway.mcp.calls import store_failure
 from qpu_gateway.store import StoreError
 from qpu_gateway.store.records import AuditEntry, Pause
 
@@ -44,6 +47,7 @@ HOW_TO_SEND_A_KEY = (
 )
 NO_KEY = f"No gateway key was sent. {HOW_TO_SEND_A_KEY}"
 REFUSED_KEY = f"The gateway key sent was refused: it is unknown, malformed, revoked or expired. {HOW_TO_SEND_A_KEY}"
+_MAX_READ_FOR_ID = 1_000_000  # bytes of a refused request read to find its JSON-RPC id
 UNCHECKED_KEY = (
     "The gateway key could not be checked: the gateway's database did not answer. Try again shortly; "
     "tell the operator if it persists."
@@ -64,22 +68,33 @@ class GatewayTokenVerifier:
         checked = _CHECKED.get()
         if checked is not None and checked[0] == token:
             return checked[1]
-        access, _ = await self.check(token)
+        try:
+            access, _ = await self.check(token)
+        except Unavailable:
+            return None
         return access
 
     async def check(self, token: str | None) -> tuple[AccessToken | None, str]:
-        """The access token for a gateway key, or None and why not; every refusal is an `http.auth` row."""
+        """The access token for a gateway key, or None and why not; every refusal is an `http.auth` row.
+
+        Raises `Unavailable` when the database did not answer for a while (down, restarting): the key
+        is then neither good nor bad, and the caller is told to come back, not that its key failed.
+        """
         try:
             who = await authenticate(self.gateway.store, token)
         except (GatewayError, StoreError) as exc:
+            outage = store_failure(exc) if isinstance(exc, StoreError) else None
             if token is None:
                 reason, message = "no key", NO_KEY
             elif isinstance(exc, GatewayError):
                 reason, message = exc.code, REFUSED_KEY
             else:
                 reason, message = "store_error", UNCHECKED_KEY
-            entry = AuditEntry(tool="http.auth", decision="refused", error_code="unauthorized", detail=reason)
+            code = "unavailable" if isinstance(outage, Unavailable) else "unauthorized"
+            entry = AuditEntry(tool="http.auth", decision="refused", error_code=code, detail=reason)
             await self.gateway.audit_spool.write(self.gateway.store, entry, time.time())
+            if isinstance(outage, Unavailable) and token is not None:
+                raise outage from None
             return None, message
         access = AccessToken(
             token=token or "",
@@ -111,7 +126,11 @@ class KeyGate:
             await self.app(scope, receive, send)
             return
         token = bearer_token(Headers(scope=scope).get("authorization"))
-        access, message = await self.verifier.check(token)
+        try:
+            access, message = await self.verifier.check(token)
+        except Unavailable as exc:
+            await _unavailable(send, exc, await _request_id(scope, receive))
+            return
         if access is None:
             await _unauthorized(send, message, key_sent=token is not None)
             return
@@ -147,6 +166,45 @@ async def _unauthorized(send: Send, message: str, *, key_sent: bool) -> None:
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode()),
                 (b"www-authenticate", challenge.encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _request_id(scope: Scope, receive: Receive) -> str | int | None:
+    """The JSON-RPC id of a POSTed request (read here, since it will not be passed on), else None."""
+    if scope.get("method") != "POST":
+        return None
+    chunks: list[bytes] = []
+    while sum(map(len, chunks)) <= _MAX_READ_FOR_ID:
+        message = await receive()
+        if message["type"] != "http.request":
+            break
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body"):
+            break
+    try:
+        data = json.loads(b"".join(chunks))
+    except ValueError:
+        return None
+    found = data.get("id") if isinstance(data, dict) else None
+    return found if isinstance(found, str | int) and not isinstance(found, bool) else None
+
+
+async def _unavailable(send: Send, error: Unavailable, request_id: str | int | None) -> None:
+    """503 with Retry-After, and the coded body as a JSON-RPC error, which MCP clients hand to the
+    caller as the request's error (a 401 would tell them the key is bad, and it may not be)."""
+    failure = {"code": INVALID_REQUEST, "message": f"{error.code}: {error.message}", "data": error.body()}
+    body = json.dumps({"jsonrpc": "2.0", "id": request_id, "error": failure}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 503,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"retry-after", str(math.ceil(error.retry_after_s or 1)).encode()),
             ],
         }
     )

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 ENV_POOL_SIZE = "QPU_GATEWAY_PG_POOL_SIZE"
 DEFAULT_POOL_SIZE = 4
 _LISTEN_RETRY_MAX_S = 5.0
+_RECONNECT_RUN_S = 2.0
 
 
 class _PsycopgTx:
@@ -79,7 +80,12 @@ class PsycopgConnector:
             open=False,
             timeout=connect_timeout_s,
             max_idle=60.0,
-            reconnect_timeout=float("inf"),  # a server down for long is waited for, not given up on
+            # psycopg_pool retries a lost connection after 1, 2, 4, 8 ... s without a ceiling: after an
+            # outage of a minute its next try could be a minute after the server is back, every call
+            # answered `unavailable` meanwhile. So each run of retries stops after a few seconds, and
+            # the next call that needs a connection starts a new one at once: a server down for long
+            # is still waited for, and found again within about a second of its return.
+            reconnect_timeout=_RECONNECT_RUN_S,
             name="qpu-gateway",
         )
         self._suspect = False  # a connection was found broken: check the idle ones before the next use
