@@ -20,13 +20,36 @@ from types import ModuleType
 
 import anyio
 
-from bench import calls, env, machine, passage, report, scale, startup, statements, store_drivers, sweep, throughput
+from bench import (
+    calls,
+    env,
+    machine,
+    passage,
+    replicas,
+    report,
+    scale,
+    startup,
+    statements,
+    store_drivers,
+    sweep,
+    throughput,
+)
 from bench.context import Context
 from bench.model import Row
 from bench.phases import PHASES_ENV
 
 # In table order; each module runs the measures of its NAMES that were selected.
-MODULES: tuple[ModuleType, ...] = (startup, calls, throughput, sweep, scale, passage, statements, store_drivers)
+MODULES: tuple[ModuleType, ...] = (
+    startup,
+    calls,
+    throughput,
+    sweep,
+    scale,
+    passage,
+    statements,
+    store_drivers,
+    replicas,
+)
 ALL = [name for module in MODULES for name in module.NAMES]
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from mcp import Client, StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
 
 from bench.phases import PHASES_ENV
+from qpu_gateway.config import Database
 from qpu_gateway.keys import SCOPES, create_key
 from qpu_gateway.store import open_store
 
@@ -34,6 +36,10 @@ AGENT = "bench-agent"
 # The handshake era Claude Code opens servers with (see the README); both sides of every ratio use it.
 MODE = "legacy"
 SERVE_FLAGS = ("--log-level", "warning")
+# The PostgreSQL server measures make their own databases on (trust auth, as on every machine here),
+# and the shared rate-limit storage a PostgreSQL gateway requires.
+PG_SERVER = os.environ.get("QPU_BENCH_PG_SERVER", "postgresql://postgres@127.0.0.1:5432")
+REDIS_STORAGE = os.environ.get("QPU_BENCH_REDIS_STORAGE", "async+redis://127.0.0.1:6379/0")
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +49,22 @@ class GatewayFiles:
     db: Path
     policy: Path
     key: str
+    url: str | None = None  # a PostgreSQL database instead of the SQLite file `db`
+
+    @property
+    def database(self) -> Database:
+        return Database(url=self.url) if self.url else Database(path=self.db)
+
+    @property
+    def db_arg(self) -> str:
+        """What `--db` takes for this database."""
+        return self.url or str(self.db)
+
+    def server_env(self) -> dict[str, str]:
+        """The environment a server process on this database needs (a shared rate storage on PostgreSQL)."""
+        if not self.url:
+            return {}
+        return {"QPU_GATEWAY_RATE_STORAGE": REDIS_STORAGE, "QPU_GATEWAY_DATA_DIR": str(self.db.parent)}
 
 
 def _write_policy(path: Path, text: str) -> None:
@@ -50,16 +72,35 @@ def _write_policy(path: Path, text: str) -> None:
     path.write_text(text, encoding="utf-8")
 
 
-async def gateway_files(directory: Path, policy_text: str, *, agent: str = AGENT) -> GatewayFiles:
-    """Create the database (migrations applied), write the policy, and make a key with every scope."""
+async def gateway_files(
+    directory: Path, policy_text: str, *, agent: str = AGENT, url: str | None = None
+) -> GatewayFiles:
+    """Create the database (migrations applied: a SQLite file in `directory`, or the PostgreSQL
+    database at `url`), write the policy, and make a key with every scope."""
     db, policy = directory / "gateway.db", directory / "policy.toml"
     _write_policy(policy, policy_text)
-    store = await open_store(db)
+    files = GatewayFiles(db=db, policy=policy, key="", url=url)
+    store = await open_store(files.database)
     try:
         _, key = await create_key(store, agent=agent, project="default", scopes=frozenset(SCOPES))
     finally:
         await store.close()
-    return GatewayFiles(db=db, policy=policy, key=key)
+    return GatewayFiles(db=db, policy=policy, key=key, url=url)
+
+
+@contextmanager
+def postgres_database(prefix: str = "qpg_bench") -> Iterator[str]:
+    """A new, empty database on the local PostgreSQL server for the block (dropped after); its URL."""
+    import psycopg
+
+    name = f"{prefix}_{secrets.token_hex(6)}"
+    with psycopg.connect(f"{PG_SERVER}/postgres", autocommit=True, connect_timeout=5) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"{PG_SERVER}/{name}"
+    finally:
+        with psycopg.connect(f"{PG_SERVER}/postgres", autocommit=True, connect_timeout=5) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def ours_python(module: str) -> list[str]:
@@ -72,7 +113,7 @@ def ours_python(module: str) -> list[str]:
 
 
 def _files_args(files: GatewayFiles) -> list[str]:
-    return ["--db", str(files.db), "--policy", str(files.policy), *SERVE_FLAGS]
+    return ["--db", files.db_arg, "--policy", str(files.policy), *SERVE_FLAGS]
 
 
 def cli_stdio_argv(files: GatewayFiles) -> list[str]:

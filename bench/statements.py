@@ -41,6 +41,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal
 
 from mcp import Client
 
@@ -57,6 +58,7 @@ NAMES = ("statements",)
 BUDGET = 20  # statements per job: issue 13's target, on every store
 SHOTS = 1000
 BACKENDS = ("aer/simulator", "braket/local_sv", "faulty/qpu")
+DATABASES = ("sqlite", "postgresql")
 _TRANSACTION_CONTROL = frozenset({"BEGIN", "COMMIT", "END", "ROLLBACK", "SAVEPOINT", "RELEASE"})
 _NONE = "(outside a store call)"
 _LITERAL = re.compile(r"'(?:[^']|'')*'|\b\d+(?:\.\d+)?(?:e[+-]?\d+)?\b")
@@ -141,15 +143,41 @@ def counting() -> Iterator[StatementCounter]:
         observer.install(None)
 
 
+@contextmanager
+def redis_round_trips() -> Iterator[Counter[str]]:
+    """Count the commands the rate-limit storage sends to Redis (each one exchange: `limits`' redis-py
+    bridge sends one command, mostly a Lua script's EVALSHA, per call), by command name, for the block.
+
+    redis-py has no tracing hook of its own, so the bench wraps its client's one command entry
+    point; the gateway's code is untouched.
+    """
+    from redis.asyncio.client import Redis
+
+    counts: Counter[str] = Counter()
+    original = Redis.execute_command
+
+    async def counted(self: Redis, *args: Any, **options: Any) -> Any:
+        counts[str(args[0]).upper() if args else "?"] += 1
+        return await original(self, *args, **options)
+
+    Redis.execute_command = counted  # type: ignore[method-assign]
+    try:
+        yield counts
+    finally:
+        Redis.execute_command = original  # type: ignore[method-assign]
+
+
 @dataclass(frozen=True, slots=True)
 class JobCost:
     backend: str
+    database: Literal["sqlite", "postgresql"]
     jobs: int
     calls_per_job: float
     seconds: float
     total: Tally
     by_operation: dict[str, Tally]
     texts: list[tuple[str, str, int]]
+    redis_round_trips: int = 0  # rate-limit commands (and pipelines) sent to Redis: not SQL, shown apart
 
     def per_job(self, value: int) -> float:
         return value / self.jobs
@@ -167,17 +195,26 @@ class JobCost:
 
 
 def _config(directory: Path, files: env.GatewayFiles) -> Config:
-    # Production's timings; the fault-injecting adapter registered with no faults.
-    return Config(db_path=files.db, policy_path=files.policy, faults="ok", faults_dir=directory / "provider")
+    # Production's timings; the fault-injecting adapter registered with no faults. On PostgreSQL
+    # the rate limits live in Redis (a PostgreSQL gateway refuses a storage that is not shared).
+    return Config(
+        database=files.database,
+        policy_path=files.policy,
+        data_dir=directory,
+        faults="ok",
+        faults_dir=directory / "provider",
+        rate_storage=env.REDIS_STORAGE if files.url else None,
+    )
 
 
-async def measure(directory: Path, backend: str, *, warm_up: int, jobs: int) -> JobCost:
-    """Run `warm_up` then `jobs` Bell jobs on `backend` through an in-process gateway, counting."""
+async def measure(directory: Path, backend: str, *, warm_up: int, jobs: int, url: str | None = None) -> JobCost:
+    """Run `warm_up` then `jobs` Bell jobs on `backend` through an in-process gateway, counting;
+    on the PostgreSQL database at `url` when given (else a SQLite file in `directory`)."""
     from qpu_gateway.jobs.runtime import Gateway
     from qpu_gateway.mcp.app import build_server
 
-    files = await env.gateway_files(directory, policies.counting())
-    with counting() as counter:
+    files = await env.gateway_files(directory, policies.counting(), url=url)
+    with counting() as counter, redis_round_trips() as redis:
         gateway = Gateway(_config(directory, files))
         async with gateway.running():
             server = build_server(gateway, lambda: files.key)
@@ -186,13 +223,17 @@ async def measure(directory: Path, backend: str, *, warm_up: int, jobs: int) -> 
                 for _ in range(warm_up):
                     await _one_job(client, backend)
                 counter.reset()
+                redis.clear()
                 began = time.monotonic()
                 calls = 0
                 for _ in range(jobs):
                     calls += await _one_job(client, backend)
                 seconds = time.monotonic() - began
                 by_operation, texts = counter.snapshot()
-    return JobCost(backend, jobs, calls / jobs, seconds, _sum(by_operation.values()), by_operation, texts)
+                redis_trips = sum(redis.values())
+    database = "postgresql" if url else "sqlite"
+    total = _sum(by_operation.values())
+    return JobCost(backend, database, jobs, calls / jobs, seconds, total, by_operation, texts, redis_trips)
 
 
 async def _one_job(client: Client, backend: str) -> int:
@@ -208,7 +249,7 @@ async def _one_job(client: Client, backend: str) -> int:
 def _row(cost: JobCost) -> Row:
     per_job = cost.per_job(cost.total.statements)
     return Row(
-        f"SQL statements per job, {cost.backend}",
+        f"SQL statements per job, {cost.backend}, {cost.database}",
         "statements",
         Summary.of([BUDGET]),
         Summary.of([per_job]),
@@ -219,12 +260,24 @@ def _row(cost: JobCost) -> Row:
             f"({cost.calls_per_job:.2f} calls per job), {cost.seconds:.1f} s",
             f"transaction control (BEGIN/COMMIT/SAVEPOINT/RELEASE) {cost.per_job(cost.total.control):.2f} of them",
             f"round trips {cost.per_job(cost.total.round_trips):.2f} per job: {cost.per_job(cost.total.hops):.2f} hops "
-            f"to a connection's thread, {cost.per_job(cost.total.direct):.2f} direct calls on the loop's thread",
+            + (
+                "(exchanges with the server: a query, or a pipeline's flush or sync)"
+                if cost.database == "postgresql"
+                else f"to a connection's thread, {cost.per_job(cost.total.direct):.2f} direct calls on the loop's "
+                "thread"
+            ),
+            *(
+                [f"Redis round trips (rate limits, not SQL) {cost.per_job(cost.redis_round_trips):.2f} per job"]
+                if cost.database == "postgresql"
+                else []
+            ),
         ],
         extra={
             "statements_per_job": per_job,
             "round_trips_per_job": cost.per_job(cost.total.round_trips),
             "hops_per_job": cost.per_job(cost.total.hops),
+            "database": cost.database,
+            "redis_round_trips_per_job": cost.per_job(cost.redis_round_trips),
             "by_operation": {
                 name: {
                     "statements": cost.per_job(t.statements),
@@ -241,17 +294,21 @@ def _row(cost: JobCost) -> Row:
 
 
 async def run(ctx: Context, names: set[str]) -> list[Row]:
+    """Each backend on SQLite (a file of its own), then on PostgreSQL (a fresh database of its own each)."""
     rows = []
-    for backend in BACKENDS:
-        cost = await measure(
-            ctx.scratch(f"statements-{backend.replace('/', '-')}"),
-            backend,
-            warm_up=ctx.pick(5, 3),
-            jobs=ctx.pick(50, 10),
-        )
-        ctx.log(
-            f"statements {backend}: {cost.per_job(cost.total.statements):.1f} per job, "
-            f"{cost.per_job(cost.total.round_trips):.1f} round trips"
-        )
-        rows.append(_row(cost))
+    for database in DATABASES:
+        for backend in BACKENDS:
+            directory = ctx.scratch(f"statements-{database}-{backend.replace('/', '-')}")
+            kwargs = {"warm_up": ctx.pick(5, 3), "jobs": ctx.pick(50, 10)}
+            if database == "postgresql":
+                with env.postgres_database() as url:
+                    cost = await measure(directory, backend, url=url, **kwargs)
+            else:
+                cost = await measure(directory, backend, **kwargs)
+            ctx.log(
+                f"statements {backend} on {database}: {cost.per_job(cost.total.statements):.1f} per job, "
+                f"{cost.per_job(cost.total.round_trips):.1f} round trips"
+                + (f", {cost.per_job(cost.redis_round_trips):.1f} Redis round trips" if cost.redis_round_trips else "")
+            )
+            rows.append(_row(cost))
     return rows

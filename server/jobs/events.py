@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import weakref
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from typing import Protocol
 
@@ -26,6 +26,7 @@ from qpu_gateway.store.records import JobChange, JobRecord
 log = logging.getLogger(__name__)
 
 JOB_URI_PREFIX = "qpu://jobs/"
+SETTLED_KEPT = 1024  # ended jobs remembered, for an agent reading its result soon after
 
 
 def job_uri(job_id: str) -> str:
@@ -57,6 +58,9 @@ class JobEvents:
         self._legacy: dict[str, list[LegacySession]] = {}  # uri -> 2025-era subscribed sessions
         self._versions: dict[str, int] = {}  # last version announced, per watched job
         self._latest: dict[str, JobRecord] = {}  # the job as this process last changed it, per watched job
+        # The last jobs this process ended, as stored: a terminal job never changes again (no
+        # transition leaves a terminal state), so a read of one is served from here.
+        self._settled: OrderedDict[str, JobRecord] = OrderedDict()
 
     # -- who is interested ------------------------------------------------------------------
 
@@ -100,6 +104,10 @@ class JobEvents:
         job = self._latest.get(job_id)
         return job if job is not None and job.version > newer_than else None
 
+    def settled(self, job_id: str) -> JobRecord | None:
+        """The job as this process ended it, if it did so lately (it cannot have changed since)."""
+        return self._settled.get(job_id)
+
     def changed_event(self, job_id: str) -> anyio.Event:
         """An event set at the job's next change; take it before re-reading the job."""
         event = self._changed.get(job_id)
@@ -113,6 +121,10 @@ class JobEvents:
         """Announce the job as it now is (waiters here take this record instead of reading it again)."""
         if job.id in self._watchers and self._versions.get(job.id, 0) < job.version:
             self._latest[job.id] = job
+        if job.state in TERMINAL:
+            self._settled[job.id] = job
+            if len(self._settled) > SETTLED_KEPT:
+                self._settled.popitem(last=False)
         await self.job_changed(job.id, job.version, job.state, job=job)
 
     async def job_changed(self, job_id: str, version: int, state: JobState, *, job: JobRecord | None = None) -> None:

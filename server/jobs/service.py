@@ -88,7 +88,10 @@ async def list_backends(gw: Gateway, who: Principal) -> models.BackendList:
 
 async def owned_job(gw: Gateway, who: Principal, job_id: str) -> JobRecord:
     """The caller's job; another agent's job answers exactly like one that never existed."""
-    job = await gw.store.get_job(job_id) if _JOB_ID.match(job_id) else None
+    job = None
+    if _JOB_ID.match(job_id):
+        # A job this process ended lately is served as it announced it: an ended job never changes.
+        job = gw.events.settled(job_id) or await gw.store.get_job(job_id)
     if job is None or job.agent != who.agent:
         raise NotFound(f"No job {job_id[:64]!r} among yours. list_jobs shows the jobs you own.")
     return job

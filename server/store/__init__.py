@@ -62,7 +62,12 @@ class Store(Protocol):
     ) -> bool:
         """Push every job change any process commits to `on_change`, until cancelled; `on_connected`
         after each (re)connection, to catch up on what was missed. False at once where the database
-        has no such feed (SQLite: watchers poll `job_versions`)."""
+        has no such feed (SQLite: watchers poll `job_versions`).
+
+        Not pushed back: a change committed through this same store whose caller announces it in
+        this process: an admission, a claim, a transition with `owner` (a worker's). The caller
+        holds the record already; the push would only wake a worker again or have a waiter read
+        the job before it is handed it."""
         ...
 
     # keys (an operator's change passes `audit`, written in the same transaction)

@@ -27,7 +27,7 @@ from psycopg import sql as pgsql
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from qpu_gateway.store import StoreError
+from qpu_gateway.store import StoreError, observer
 from qpu_gateway.store.pg_connector import UNAVAILABLE, UNAVAILABLE_RETRY_S, Params, Retry, Row, Statement
 from qpu_gateway.telemetry.logs import redact
 
@@ -42,26 +42,68 @@ _RECONNECT_RUN_S = 2.0
 
 
 class _PsycopgTx:
-    def __init__(self, conn: psycopg.AsyncConnection[Row]) -> None:
+    """A connection's statements, each reported to the store's observer as it is sent, and each
+    exchange with the server as a round trip: in pipeline mode a statement whose rows are read
+    waits for everything sent before it (one exchange), a statement whose result is not needed
+    travels with the next exchange; outside a pipeline every statement is an exchange."""
+
+    def __init__(self, conn: psycopg.AsyncConnection[Row], *, pipelined: bool = False) -> None:
         self._conn = conn
+        self._pipelined = pipelined
 
     async def run(self, sql: str, params: Params = ()) -> None:
+        observer.statement(sql)
         await self._conn.execute(sql, params or None)
+        if not self._pipelined:
+            observer.round_trip("hop")
 
     async def one(self, sql: str, params: Params = ()) -> Row | None:
+        observer.statement(sql)
         cursor = await self._conn.execute(sql, params or None)
-        return await cursor.fetchone()
+        row = await cursor.fetchone()
+        observer.round_trip("hop")
+        return row
 
     async def all(self, sql: str, params: Params = ()) -> list[Row]:
+        observer.statement(sql)
         cursor = await self._conn.execute(sql, params or None)
-        return await cursor.fetchall()
+        rows = await cursor.fetchall()
+        observer.round_trip("hop")
+        return rows
 
     async def many(self, statements: Sequence[Statement]) -> list[list[Row]]:
-        cursors = [await self._conn.execute(sql, params or None) for sql, params in statements]
-        return [await cursor.fetchall() for cursor in cursors]
+        cursors = []
+        for sql, params in statements:
+            observer.statement(sql)
+            cursors.append(await self._conn.execute(sql, params or None))
+            if not self._pipelined:
+                observer.round_trip("hop")
+        results = [await cursor.fetchall() for cursor in cursors]
+        if self._pipelined and statements:
+            observer.round_trip("hop")  # sent together, read back together: one exchange
+        return results
 
     async def script(self, sql: str) -> None:
+        observer.statement(sql)
         await self._conn.execute(sql.encode())  # bytes: no placeholder parsing, simple query protocol
+        observer.round_trip("hop")
+
+
+@asynccontextmanager
+async def _transaction(conn: psycopg.AsyncConnection[Row], *, pipelined: bool) -> AsyncIterator[_PsycopgTx]:
+    """`conn.transaction()` with its BEGIN and COMMIT (or ROLLBACK) reported; in pipeline mode
+    BEGIN goes with the first exchange and COMMIT is the last one (the pipeline's sync)."""
+    observer.statement("BEGIN")
+    if not pipelined:
+        observer.round_trip("hop")
+    ended = "ROLLBACK"
+    try:
+        async with conn.transaction():
+            yield _PsycopgTx(conn, pipelined=pipelined)
+            ended = "COMMIT"
+    finally:
+        observer.statement(ended)
+        observer.round_trip("hop")
 
 
 class PsycopgConnector:
@@ -103,17 +145,17 @@ class PsycopgConnector:
             await self._check_if_suspect()
             async with self._pool.connection() as conn:
                 if not self._pipeline:
-                    async with conn.transaction():
-                        yield _PsycopgTx(conn)
+                    async with _transaction(conn, pipelined=False) as tx:
+                        yield tx
                     return
-                async with conn.pipeline(), conn.transaction():
-                    yield _PsycopgTx(conn)
+                async with conn.pipeline(), _transaction(conn, pipelined=True) as tx:
+                    yield tx
 
     @asynccontextmanager
     async def scripting(self) -> AsyncIterator[_PsycopgTx]:
         with self._errors():
-            async with self._pool.connection() as conn, conn.transaction():
-                yield _PsycopgTx(conn)
+            async with self._pool.connection() as conn, _transaction(conn, pipelined=False) as tx:
+                yield tx
 
     @asynccontextmanager
     async def reading(self) -> AsyncIterator[_PsycopgTx]:
@@ -126,7 +168,7 @@ class PsycopgConnector:
         """After a broken connection, have the pool test its idle ones (one query each) and drop the dead."""
         if self._suspect:
             self._suspect = False
-            await self._pool.check()
+            await self._pool.check()  # not counted: only after a lost connection, never on a job's path
 
     @contextmanager
     def _errors(self) -> Iterator[None]:
@@ -159,7 +201,9 @@ class PsycopgConnector:
                 continue
             try:
                 async with conn:
+                    observer.statement(f"LISTEN {channel}")
                     await conn.execute(f"LISTEN {channel}")
+                    observer.round_trip("hop")
                     wait = 0.2
                     await on_connected()
                     async for notify in conn.notifies():

@@ -42,10 +42,10 @@ from typing import Any, Literal, TypeVar
 
 import anyio
 
-from qpu_gateway.audit.chain import GENESIS, chain_hash
+from qpu_gateway.audit.chain import GENESIS, canonical
 from qpu_gateway.jobs.states import TERMINAL, JobState, sources_of
 from qpu_gateway.policy.decisions import Refusal
-from qpu_gateway.store import StoreError
+from qpu_gateway.store import StoreError, observer
 from qpu_gateway.store.pg_connector import Connector, Retry, Row, Statement, Tx
 from qpu_gateway.store.records import (
     INSTALLATION_TABLES,
@@ -75,6 +75,7 @@ _LOCK_AGENT = 0x51500002
 _LOCK_MIGRATIONS = 0x51500003
 _CLAIM_PROJECT = 0x51500004  # claims' own: a claim never waits for an admission, nor one for it
 _CLAIM_AGENT = 0x51500005
+_OWN_KEPT = 10_000
 # How often a transaction the server aborted as a deadlock or serialization failure is run again.
 _RETRIES = 5
 
@@ -114,14 +115,23 @@ _TRANSITION = (  # composed of this module's constants only
     + ", ".join(f"{c} = CASE WHEN %s::bool THEN %s::{_SETTABLE_TYPES[c]} ELSE {c} END" for c in _SETTABLE)
     + " WHERE id = %s AND state = ANY(%s::text[]) AND (%s::text IS NULL OR lease_owner = %s::text) RETURNING *"
 )
-_SETTLE = """
+# A terminal transition settles the job's reservation in the same statement: committed at the job's
+# actual cost and QPU time (the reservation's where it has none), or released. Parameters: the
+# transition's, then paid x3, now.
+_TRANSITION_SETTLE = (
+    "WITH j AS ("
+    + _TRANSITION
+    + """), s AS (
 UPDATE ledger SET
     status = CASE WHEN %s::bool THEN 'committed' ELSE 'released' END,
-    cost_micro_usd = CASE WHEN %s::bool THEN coalesce(%s::int8, cost_micro_usd) ELSE cost_micro_usd END,
-    qpu_millis = CASE WHEN %s::bool THEN coalesce(%s::int8, qpu_millis) ELSE qpu_millis END,
+    cost_micro_usd = CASE WHEN %s::bool THEN coalesce(j.actual_cost_micro_usd, ledger.cost_micro_usd)
+        ELSE ledger.cost_micro_usd END,
+    qpu_millis = CASE WHEN %s::bool THEN coalesce(ceil(j.actual_qpu_seconds * 1000)::int8, ledger.qpu_millis)
+        ELSE ledger.qpu_millis END,
     settled_at = %s::float8
-WHERE job_id = %s AND status = 'reserved'
-"""
+FROM j WHERE ledger.job_id = j.id AND ledger.status = 'reserved')
+SELECT * FROM j"""
+)
 # Parameters: day x3, month x3, who.
 _TOTALS = """
 SELECT status,
@@ -161,7 +171,8 @@ AND (j.provider_ref IS NOT NULL OR NOT EXISTS (
     WHERE (p.kind = 'agent' AND p.name = j.agent) OR (p.kind = 'backend' AND p.name = j.backend)))
 """
 _CLAIM_CANDIDATES = (
-    "SELECT j.seq, j.state, j.agent, j.project FROM jobs j LEFT JOIN agent_turns t ON t.agent = j.agent WHERE "  # noqa: S608
+    "SELECT j.seq, j.id, j.state, j.agent, j.project, j.runs "
+    "FROM jobs j LEFT JOIN agent_turns t ON t.agent = j.agent WHERE "
     + _CLAIMABLE
     + " AND (j.state != 'queued' OR NOT (j.agent = ANY(%s::text[]))) "
     "ORDER BY j.state != 'queued' DESC, j.priority DESC, coalesce(t.last_claimed_at, 0), j.seq "
@@ -187,8 +198,20 @@ _CANDIDATE_WITH_COUNTS = (
     "(SELECT count(*) FROM jobs p WHERE p.project = j.project AND p.state IN ('submitting', 'running')) "
     "AS _project_running FROM jobs j WHERE j.seq = %s"
 )
-_TRY_LOCK = "SELECT pg_try_advisory_xact_lock(%s::int4, hashtext(%s)) AS ok"
 _LOCK = "SELECT pg_advisory_xact_lock(%s::int4, hashtext(%s))"
+# The claim of one candidate, its agent's turn and its `job.claimed` audit row, in one statement: the
+# row was locked by the candidates' read, so what the audit row says (its run) is known before.
+_CLAIM = (  # composed of this module's constants only, as the others here
+    "WITH c AS (" + _CLAIM_ONE + "), t AS (INSERT INTO agent_turns (agent, last_claimed_at) "  # noqa: S608
+    "SELECT agent, %s::float8 FROM c ON CONFLICT (agent) DO UPDATE SET last_claimed_at = excluded.last_claimed_at), "
+)
+
+
+def _locks(function: str, count: int) -> str:
+    """One statement taking `count` advisory locks, left to right (a select list's order)."""
+    return "SELECT " + ", ".join(f"{function}(%s::int4, hashtext(%s)) AS l{i}" for i in range(count))
+
+
 _INSERT_JOB = (
     "INSERT INTO jobs (id, agent, project, key_id, name, backend, shots, circuits, n_circuits, "
     "qubits, depth, two_qubit_gates, fingerprint, estimate_micro_usd, state, created_at, updated_at, "
@@ -202,19 +225,27 @@ _INSERT_LEDGER = (
     "INSERT INTO ledger (job_id, agent, project, day, month, status, cost_micro_usd, shots, qpu_millis, "
     "reserved_at) VALUES (%s, %s, %s, %s, %s, 'reserved', %s::int8, %s::int8, %s::int8, %s::float8)"
 )
+# Admission's locks, project before agent (the order every admission takes them in: no deadlock),
+# in one statement; its select list is evaluated left to right.
+_ADMISSION_LOCKS = "SELECT pg_advisory_xact_lock(%s::int4, hashtext(%s)), pg_advisory_xact_lock(%s::int4, hashtext(%s))"
+# Every fact admission decides on, in one row: loop-guard repeats, the agent's and the backend's
+# pauses, and the agent's and the project's ledger sums by status and active job counts.
+_ADMISSION_FACTS = (
+    "SELECT (SELECT count(*) FROM jobs WHERE agent = %s AND backend = %s AND fingerprint = %s "  # noqa: S608
+    "AND created_at > %s::float8) AS repeats, "
+    "(SELECT coalesce(json_agg(p), '[]') FROM (SELECT kind, name, reason, paused_by, paused_at FROM pauses "
+    "WHERE (kind = 'agent' AND name = %s) OR (kind = 'backend' AND name = %s)) AS p) AS pauses, "
+    "(SELECT coalesce(json_agg(s), '[]') FROM (" + _TOTALS_BY["agent"] + ") AS s) AS agent_sums, "
+    "(SELECT row_to_json(c) FROM (" + _COUNTS_BY["agent"] + ") AS c) AS agent_counts, "
+    "(SELECT coalesce(json_agg(s), '[]') FROM (" + _TOTALS_BY["project"] + ") AS s) AS project_sums, "
+    "(SELECT row_to_json(c) FROM (" + _COUNTS_BY["project"] + ") AS c) AS project_counts"
+)
 _KEYS = (
     "SELECT k.*, p.reason AS pause_reason, p.paused_by, p.paused_at FROM keys k "
     "LEFT JOIN pauses p ON p.kind = 'agent' AND p.name = k.agent"
 )
 _PAUSE = "SELECT kind, name, reason, paused_by, paused_at FROM pauses WHERE kind = %s AND name = %s"
-_PAUSES_OF_JOB = (
-    "SELECT kind, name, reason, paused_by, paused_at FROM pauses "
-    "WHERE (kind = 'agent' AND name = %s) OR (kind = 'backend' AND name = %s)"
-)
 _BY_IDEMPOTENCY_KEY = "SELECT * FROM jobs WHERE agent = %s AND idempotency_key = %s"
-_REPEATS = (
-    "SELECT count(*) AS n FROM jobs WHERE agent = %s AND backend = %s AND fingerprint = %s AND created_at > %s::float8"
-)
 _NO_CURSOR = 2**62
 _LIST_JOBS = {
     (True, True): "SELECT * FROM jobs WHERE agent = %s AND state = %s AND seq < %s ORDER BY seq DESC LIMIT %s",
@@ -222,13 +253,41 @@ _LIST_JOBS = {
     (False, True): "SELECT * FROM jobs WHERE state = %s AND seq < %s ORDER BY seq DESC LIMIT %s",
     (False, False): "SELECT * FROM jobs WHERE seq < %s ORDER BY seq DESC LIMIT %s",
 }
-_AUDIT_HEAD = "SELECT seq, row_hash FROM audit_head FOR UPDATE"
-_INSERT_AUDIT = (
-    "INSERT INTO audit (seq, at, agent, project, key_id, tool, decision, error_code, args_hash, job_id, detail, "
-    "operator, prev_hash, row_hash) VALUES (%s, %s::float8, %s::text, %s::text, %s::text, %s, %s, %s::text, "
-    "%s::text, %s::text, %s::text, %s::text, %s, %s)"
+# One audit row in one statement (migration 0007): the head's UPDATE locks it to this transaction's
+# end (appends from every replica queue there), takes the next seq, and hashes the row on the server
+# as `chain_hash` does, sha256(prev_hash || canonical JSON), from the JSON's two parts around its
+# seq; the INSERT stores the row with both hashes. Parameters: GENESIS twice, the JSON's parts.
+# `{when}` may make the append depend on another part of the same statement (a claim that matched).
+_AUDIT_HEAD_CTE = (
+    "h AS (UPDATE audit_head SET prev_hash = coalesce(nullif(row_hash, ''), %s), seq = seq + 1, "
+    "row_hash = encode(sha256(convert_to(coalesce(nullif(row_hash, ''), %s) || %s || (seq + 1)::text || %s, "
+    "'UTF8')), 'hex'){when} RETURNING seq, prev_hash, row_hash)"
 )
-_MOVE_HEAD = "UPDATE audit_head SET seq = %s, row_hash = %s"
+_AUDIT_ROW = (
+    "INSERT INTO audit (seq, at, agent, project, key_id, tool, decision, error_code, args_hash, job_id, detail, "
+    "operator, prev_hash, row_hash) SELECT h.seq, %s::float8, %s::text, %s::text, %s::text, %s, %s, %s::text, "
+    "%s::text, %s::text, %s::text, %s::text, h.prev_hash, h.row_hash FROM h"
+)
+_APPEND = "WITH " + _AUDIT_HEAD_CTE.replace("{when}", "") + " " + _AUDIT_ROW
+# A seq no row has, stood in for while the row's JSON is cut around its place.
+_SEQ_MARK = 7_346_019_582_113_904_457
+# The admitted job, its reservation and its audit row, in one statement.
+_ADMIT = " ".join(  # composed of this module's constants only
+    (
+        "WITH j AS (",
+        _INSERT_JOB,
+        "), l AS (",
+        _INSERT_LEDGER,
+        "),",
+        _AUDIT_HEAD_CTE.replace("{when}", ""),
+        ", a AS (",
+        _AUDIT_ROW,
+        ") SELECT * FROM j",
+    )
+)
+_CLAIM += " ".join(  # the audit row only if the claim matched
+    (_AUDIT_HEAD_CTE.replace("{when}", " WHERE EXISTS (SELECT 1 FROM c)"), ", a AS (", _AUDIT_ROW, ") SELECT * FROM c")
+)
 _AUDIT_COLUMNS = (
     "seq, at, agent, project, key_id, tool, decision, error_code, args_hash, job_id, detail, prev_hash, row_hash, "
     "operator"
@@ -242,10 +301,20 @@ def connect_timeout_s() -> float:
     return min(float(os.environ.get(ENV_CONNECT_TIMEOUT) or DEFAULT_CONNECT_TIMEOUT_S), DEFAULT_CONNECT_TIMEOUT_S)
 
 
+@observer.operations()
 class PostgresStore:
     def __init__(self, connector: Connector, installation: str) -> None:
         self._db = connector
         self._installation = installation
+        # A job was queued through this store since the last claim: the claim then skips its first
+        # read of whether anything is claimable (as SQLite's does).
+        self._queued_here = False
+        # Job versions written through this store whose writer announces them in this process: an
+        # admission (which also wakes this process's workers), a claim, a lease owner's transition.
+        # Their notifications are not passed back to this process (see `watch_changes`), so a worker
+        # is not woken again for a job it is claiming, nor a waiter made to read a job it is about
+        # to be handed. Insertion-ordered, the oldest forgotten first.
+        self._own: dict[tuple[str, int], None] = {}
 
     @classmethod
     async def open(cls, url: str, connector: Connector | None = None) -> PostgresStore:
@@ -322,6 +391,29 @@ class PostgresStore:
         row = await self._read(lambda tx: tx.one("SELECT id FROM installation LIMIT 1"))
         self._installation = str(row["id"]) if row is not None else ""
 
+    async def _write_announced(self, work: Callable[[Tx, Callable[[JobRecord], None]], Awaitable[T]]) -> T:
+        """`_write`, where `work` notes each job version it writes that its caller announces here.
+
+        Noted before the commit (a notification can arrive before the commit's answer does), and
+        forgotten again if the transaction fails, so a version this store never wrote is never
+        kept from this process.
+        """
+        noted: list[tuple[str, int]] = []
+
+        def note(job: JobRecord) -> None:
+            key = (job.id, job.version)
+            noted.append(key)
+            self._own[key] = None
+            if len(self._own) > _OWN_KEPT:  # notifications that never came (a listener reconnecting)
+                del self._own[next(iter(self._own))]
+
+        try:
+            return await self._write(lambda tx: work(tx, note))
+        except BaseException:
+            for key in noted:
+                self._own.pop(key, None)
+            raise
+
     def rate_namespace(self) -> str:
         return f"qpu:{self._installation}" if self._installation else "qpu"
 
@@ -332,6 +424,9 @@ class PostgresStore:
     ) -> bool:
         async def notified(payload: str) -> None:
             job_id, version, state = payload.split(" ")
+            if (job_id, int(version)) in self._own:
+                del self._own[(job_id, int(version))]
+                return  # written here by a caller that announces it here
             await on_change(JobChange(job_id, int(version), JobState(state)))
 
         await self._db.listen(CHANNEL, notified, on_connected)
@@ -497,61 +592,74 @@ class PostgresStore:
         decide: Callable[[AdmissionFacts], Refusal | None],
     ) -> tuple[JobRecord, bool] | Refusal:
         day, month = _periods(now)
-        reads: list[Statement] = [
-            (_LOCK, (_LOCK_PROJECT, job.project)),
-            (_LOCK, (_LOCK_AGENT, job.agent)),
-            (_REPEATS, (job.agent, job.backend, job.fingerprint, now - loop_window_s)),
-            (_PAUSES_OF_JOB, (job.agent, job.backend)),
-            *_totals_statements("agent", job.agent, day, month),
-            *_totals_statements("project", job.project, day, month),
+        facts: list[Statement] = [
+            (
+                _ADMISSION_FACTS,
+                (
+                    job.agent,
+                    job.backend,
+                    job.fingerprint,
+                    now - loop_window_s,
+                    job.agent,
+                    job.backend,
+                    *_totals_params(job.agent, day, month),
+                    job.agent,
+                    *_totals_params(job.project, day, month),
+                    job.project,
+                ),
+            )
         ]
         if job.idempotency_key is not None:
-            reads.append((_BY_IDEMPOTENCY_KEY, (job.agent, job.idempotency_key)))
+            facts.append((_BY_IDEMPOTENCY_KEY, (job.agent, job.idempotency_key)))
+        reservation = (
+            job.id,
+            job.agent,
+            job.project,
+            day,
+            month,
+            job.estimate_micro_usd,
+            job.shots * len(job.circuits),
+            math.ceil(job.qpu_seconds_estimate * 1000),
+            now,
+        )
 
-        async def work(tx: Tx) -> tuple[JobRecord, bool] | Refusal:
-            # One round trip with a pipelining driver: both locks, then every fact, read under them.
-            results = await tx.many(reads)
+        async def work(tx: Tx, note: Callable[[JobRecord], None]) -> tuple[JobRecord, bool] | Refusal:
+            # One round trip with a pipelining driver: both locks, then every fact, read under them
+            # (a statement's snapshot is taken when it starts, after the locks' statement has ended).
+            await tx.run(_ADMISSION_LOCKS, (_LOCK_PROJECT, job.project, _LOCK_AGENT, job.agent))
+            results = await tx.many(facts)
             if job.idempotency_key is not None and results[-1]:
                 return _job(results[-1][0]), False
-            repeats, paused_rows = results[2], results[3]
-            paused = {row["kind"]: _pause(row) for row in paused_rows}
-            facts = AdmissionFacts(
-                agent=_totals(results[4], results[5]),
-                project=_totals(results[6], results[7]),
-                repeats=int(repeats[0]["n"]),
+            read = results[0][0]
+            paused = {row["kind"]: _pause(row) for row in _json(read["pauses"])}
+            decision = AdmissionFacts(
+                agent=_totals(_json(read["agent_sums"]), _json(read["agent_counts"])),
+                project=_totals(_json(read["project_sums"]), _json(read["project_counts"])),
+                repeats=int(read["repeats"]),
                 agent_pause=paused.get("agent"),
                 backend_pause=paused.get("backend"),
             )
-            refusal = decide(facts)
+            refusal = decide(decision)
             if refusal is not None:
                 return refusal
-            row = await tx.one(_INSERT_JOB, _job_params(job, now))
+            # The job, its reservation and its audit row: one statement.
+            row = await tx.one(_ADMIT, (*_job_params(job, now), *reservation, *_audit_params(audit, now)))
             assert row is not None
-            await tx.run(
-                _INSERT_LEDGER,
-                (
-                    job.id,
-                    job.agent,
-                    job.project,
-                    day,
-                    month,
-                    job.estimate_micro_usd,
-                    job.shots * len(job.circuits),
-                    math.ceil(job.qpu_seconds_estimate * 1000),
-                    now,
-                ),
-            )
-            await _append(tx, audit, now)
-            return _job(row), True
+            stored = _job(row)
+            note(stored)  # admission announces it here, and wakes this process's workers
+            return stored, True
 
-        return await self._write(work)
+        admitted = await self._write_announced(work)
+        if isinstance(admitted, tuple) and admitted[1]:
+            self._queued_here = self._queued_here or admitted[0].state is JobState.QUEUED
+        return admitted
 
     async def ledger_totals(self, column: Literal["agent", "project"], who: str, now: float) -> LedgerTotals:
         day, month = _periods(now)
 
         async def work(tx: Tx) -> LedgerTotals:
             sums, counts = await tx.many(_totals_statements(column, who, day, month))
-            return _totals(sums, counts)
+            return _totals(sums, counts[0])
 
         return await self._read(work)
 
@@ -633,11 +741,13 @@ class PostgresStore:
         skipped = sorted(set(busy_backends))
         if not names or limit < 1:
             return []
-        # Read first, so a worker polling an empty queue opens no transaction and locks nothing.
-        if await self._read(lambda tx: tx.one(_ANY_CLAIMABLE, (now, now, names, skipped))) is None:
+        # Read first, so a worker polling an empty queue opens no transaction and locks nothing;
+        # not after a job was queued through this store (there is then something to claim).
+        queued_here, self._queued_here = self._queued_here, False
+        if not queued_here and await self._read(lambda tx: tx.one(_ANY_CLAIMABLE, (now, now, names, skipped))) is None:
             return []
 
-        async def work(tx: Tx) -> list[JobRecord]:
+        async def work(tx: Tx, note: Callable[[JobRecord], None]) -> list[JobRecord]:
             claimer = _Claimer(tx, owner, lease_s, now, may_run, names)
             busy = set(skipped)
             taken: dict[str, int] = {}
@@ -648,12 +758,15 @@ class PostgresStore:
                 if job is None:
                     break
                 jobs.append(job)
+                note(job)  # the worker announces every job it claims
                 taken[job.backend] = taken.get(job.backend, 0) + 1
                 if room is not None and taken[job.backend] >= room(job.backend):
                     busy.add(job.backend)
+                if claimer.exhausted:
+                    break
             return jobs
 
-        return await self._write(work)
+        return await self._write_announced(work)
 
     async def heartbeat(self, job_ids: Iterable[str], owner: str, until: float) -> set[str]:
         ids = list(job_ids)
@@ -698,15 +811,19 @@ class PostgresStore:
         sources = sorted(s.value for s in allowed)
         entry = audit or AuditEntry(tool=f"job.{new.value}", decision="event")
 
-        async def work(tx: Tx) -> JobRecord | None:
-            row = await tx.one(_TRANSITION, (new.value, now, *pairs, job_id, sources, owner, owner))
+        paid = new is JobState.SUCCEEDED if charge is None else charge
+        moved = (new.value, now, *pairs, job_id, sources, owner, owner)
+
+        async def work(tx: Tx, note: Callable[[JobRecord], None]) -> JobRecord | None:
+            if new in TERMINAL:  # the job and its reservation settled in one statement
+                row = await tx.one(_TRANSITION_SETTLE, (*moved, paid, paid, paid, now))
+            else:
+                row = await tx.one(_TRANSITION, moved)
             if row is None:
                 return None
             job = _job(row)
-            if new in TERMINAL:
-                paid = new is JobState.SUCCEEDED if charge is None else charge
-                qpu_millis = None if job.actual_qpu_seconds is None else math.ceil(job.actual_qpu_seconds * 1000)
-                await tx.run(_SETTLE, (paid, paid, job.actual_cost_micro_usd, paid, qpu_millis, now, job.id))
+            if owner is not None:
+                note(job)  # a lease owner (a worker) announces what it moved
             await _append(
                 tx,
                 AuditEntry(
@@ -725,7 +842,7 @@ class PostgresStore:
             )
             return job
 
-        return await self._write(work)
+        return await self._write_announced(work)
 
     async def retry_later(self, job_id: str, owner: str, now: float, *, until: float, message: str) -> JobRecord | None:
         async def work(tx: Tx) -> JobRecord | None:
@@ -853,7 +970,8 @@ class PostgresStore:
     # -- audit ------------------------------------------------------------------------------
 
     async def append_audit(self, entry: AuditEntry, now: float) -> None:
-        await self._write(lambda tx: _append(tx, entry, now))
+        # One statement: committed by itself, with no BEGIN/COMMIT of its own.
+        await self._alone(lambda tx: _append(tx, entry, now))
 
     async def audit_tail(
         self, *, limit: int, job_id: str | None = None, agent: str | None = None, after_seq: int | None = None
@@ -993,21 +1111,30 @@ class _Claimer:
     # The claim locks this transaction holds: (class, name).
     locks: set[tuple[int, str]] | None = None
 
+    # The last candidates' read returned every claimable job, and the one taken was the last of
+    # them: no need to read again for another.
+    exhausted: bool = False
+
     async def next(self, busy: list[str], turn: float, *, room_for: int) -> JobRecord | None:
         """Claim the next claimable job; `turn` is when its agent's turn is recorded as taken."""
         held_back: set[str] = set()  # at a running cap, or being claimed by another replica now
         while True:
+            wanted = room_for + 8
             candidates = await self.tx.all(
                 _CLAIM_CANDIDATES,
-                (self.now, self.now, self.providers, busy, sorted(held_back), room_for + 8),
+                (self.now, self.now, self.providers, busy, sorted(held_back), wanted),
             )
             if not candidates:
+                self.exhausted = True
                 return None
             before = len(held_back)
-            job = await self._take_first(candidates, held_back, turn)
-            if job is not None:
+            taken = await self._take_first(candidates, held_back, turn)
+            if taken is not None:
+                job, index = taken
+                self.exhausted = len(candidates) < wanted and index == len(candidates) - 1
                 return job
             if len(held_back) == before:
+                self.exhausted = True
                 return None
 
     async def _claim_locks(self, wanted: list[tuple[int, str]]) -> bool:
@@ -1016,25 +1143,29 @@ class _Claimer:
         The first ones a transaction takes it waits for; once it holds any, it only tries (and the
         caller skips a job whose lock another claimer has). A transaction that waits thus holds at
         most one project lock, and whoever holds what it waits for waits for nothing: no deadlock.
+        Locks waited for are one statement sent without waiting for its answer (it travels with the
+        next read); locks tried are one statement whose answer is read.
         """
         if self.locks is None:
             self.locks = set()
         missing = [key for key in wanted if key not in self.locks]
         if not missing:
             return True
-        waiting = not self.locks
-        for kind, name in missing:
-            if waiting:
-                await self.tx.one(_LOCK, (kind, name))
-            else:
-                row = await self.tx.one(_TRY_LOCK, (kind, name))
-                if not (row and row["ok"]):
-                    return False
-            self.locks.add((kind, name))
-        return True
+        params = [x for key in missing for x in key]
+        if not self.locks:
+            await self.tx.run(_locks("pg_advisory_xact_lock", len(missing)), params)
+            self.locks.update(missing)
+            return True
+        row = await self.tx.one(_locks("pg_try_advisory_xact_lock", len(missing)), params)
+        assert row is not None
+        got = [key for i, key in enumerate(missing) if row[f"l{i}"]]
+        self.locks.update(got)  # one tried and taken stays held, harmlessly, to the end
+        return len(got) == len(missing)
 
-    async def _take_first(self, candidates: list[Row], held_back: set[str], turn: float) -> JobRecord | None:
-        for candidate in candidates:
+    async def _take_first(
+        self, candidates: list[Row], held_back: set[str], turn: float
+    ) -> tuple[JobRecord, int] | None:
+        for index, candidate in enumerate(candidates):
             seq, state, agent, project = candidate["seq"], candidate["state"], candidate["agent"], candidate["project"]
             queued = state == JobState.QUEUED.value
             if queued and agent in held_back:
@@ -1047,6 +1178,7 @@ class _Claimer:
                 continue
             if capped:
                 assert self.may_run is not None
+                # Read after the locks' statement ended: the counts include every claim committed before.
                 row = await self.tx.one(_CANDIDATE_WITH_COUNTS, (seq,))
                 if row is None:
                     continue
@@ -1055,40 +1187,35 @@ class _Claimer:
                     held_back.add(agent)
                     continue
             now = self.now
-            claimed = await self.tx.one(_CLAIM_ONE, (self.owner, now + self.lease_s, now, now, seq, now, now))
+            audit = AuditEntry(
+                tool="job.claimed",
+                decision="event",
+                agent=agent,
+                project=project,
+                job_id=candidate["id"],
+                detail=f"worker {self.owner}, run {int(candidate['runs']) + 1}",
+            )
+            claimed = await self.tx.one(
+                _CLAIM,
+                (self.owner, now + self.lease_s, now, now, seq, now, now, turn, *_audit_params(audit, now)),
+            )
             if claimed is None:
                 continue
-            job = _job(claimed)
-            await self.tx.run(
-                "INSERT INTO agent_turns (agent, last_claimed_at) VALUES (%s, %s::float8) "
-                "ON CONFLICT (agent) DO UPDATE SET last_claimed_at = excluded.last_claimed_at",
-                (job.agent, turn),
-            )
-            await _append(
-                self.tx,
-                AuditEntry(
-                    tool="job.claimed",
-                    decision="event",
-                    agent=job.agent,
-                    project=job.project,
-                    job_id=job.id,
-                    detail=f"worker {self.owner}, run {job.runs}",
-                ),
-                now,
-            )
-            return job
+            return _job(claimed), index
         return None
 
 
 async def _append(tx: Tx, entry: AuditEntry, now: float) -> None:
-    """Append one audit row chained to the last: the head row's lock is taken here and held to commit,
-    so call this last in a transaction (every other replica's append waits for it)."""
-    head = await tx.one(_AUDIT_HEAD)
-    assert head is not None, "migration 0003 creates the audit head"
-    seq = int(head["seq"]) + 1
-    prev_hash = head["row_hash"] or GENESIS
+    """Append one audit row chained to the last, in one statement sent without waiting (it travels
+    with the commit): the head row's lock is taken here and held to commit, so call this last in a
+    transaction (every other replica's append waits for it)."""
+    await tx.run(_APPEND, _audit_params(entry, now))
+
+
+def _audit_params(entry: AuditEntry, now: float) -> tuple[Any, ...]:
+    """The parameters of `_AUDIT_HEAD_CTE` then `_AUDIT_ROW` for one row."""
     content = {
-        "seq": seq,
+        "seq": _SEQ_MARK,
         "at": float(now),
         "agent": entry.agent,
         "project": entry.project,
@@ -1101,9 +1228,24 @@ async def _append(tx: Tx, entry: AuditEntry, now: float) -> None:
         "detail": entry.detail,
         "operator": entry.operator,
     }
-    row_hash = chain_hash(prev_hash, content)
-    await tx.run(_INSERT_AUDIT, (*content.values(), prev_hash, row_hash))
-    await tx.run(_MOVE_HEAD, (seq, row_hash))
+    # canonical() is ASCII, key-sorted compact JSON: "seq":N occurs once, as the key (a string value
+    # holding those characters has its quotes escaped), and the server's ::text of a bigint is str(N).
+    before, after = canonical(content).decode("ascii").split(f'"seq":{_SEQ_MARK}')
+    head = (GENESIS, GENESIS, before + '"seq":', after)
+    row = (
+        float(now),
+        entry.agent,
+        entry.project,
+        entry.key_id,
+        entry.tool,
+        entry.decision,
+        entry.error_code,
+        entry.args_hash,
+        entry.job_id,
+        entry.detail,
+        entry.operator,
+    )
+    return (*head, *row)
 
 
 def _totals_statements(column: Literal["agent", "project"], who: str, day: str, month: str) -> list[Statement]:
@@ -1113,7 +1255,16 @@ def _totals_statements(column: Literal["agent", "project"], who: str, day: str, 
     ]
 
 
-def _totals(sums: list[Row], counts: list[Row]) -> LedgerTotals:
+def _json(value: Any) -> Any:
+    """A json column's value: psycopg decodes it, a driver that does not (asyncpg) hands back its text."""
+    return json.loads(value) if isinstance(value, str) else value
+
+
+def _totals_params(who: str, day: str, month: str) -> tuple[str, ...]:
+    return (day, day, day, month, month, month, who)
+
+
+def _totals(sums: list[Row], counts: Row) -> LedgerTotals:
     committed: dict[str, tuple[int, int, int]] = {}
     reserved: dict[str, tuple[int, int, int]] = {}
     for row in sums:
@@ -1124,8 +1275,8 @@ def _totals(sums: list[Row], counts: list[Row]) -> LedgerTotals:
     return LedgerTotals(
         committed=committed,
         reserved=reserved,
-        queued_jobs=int(counts[0]["waiting"]),
-        running_jobs=int(counts[0]["running"]),
+        queued_jobs=int(counts["waiting"]),
+        running_jobs=int(counts["running"]),
     )
 
 
