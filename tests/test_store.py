@@ -20,6 +20,7 @@ from qpu_gateway.store import Store, open_store
 from qpu_gateway.store.records import (
     AdmissionFacts,
     AuditEntry,
+    Candidate,
     JobRecord,
     KeyRecord,
     LedgerTotals,
@@ -787,7 +788,7 @@ async def test_may_run_holds_back_an_agent_at_its_running_cap_and_sees_running_c
         await submit(store, new_job(f"job_b{n}", agent="bob", project="p2"))
     asked: list[tuple[str, int, int]] = []
 
-    def one_at_a_time(job: JobRecord, agent_running: int, project_running: int) -> bool:
+    def one_at_a_time(job: Candidate, agent_running: int, project_running: int) -> bool:
         asked.append((job.id, agent_running, project_running))
         return agent_running < 1
 
