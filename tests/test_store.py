@@ -20,6 +20,7 @@ from qpu_gateway.store import Store, open_store
 from qpu_gateway.store.records import (
     AdmissionFacts,
     AuditEntry,
+    Candidate,
     JobRecord,
     KeyRecord,
     LedgerTotals,
@@ -787,7 +788,7 @@ async def test_may_run_holds_back_an_agent_at_its_running_cap_and_sees_running_c
         await submit(store, new_job(f"job_b{n}", agent="bob", project="p2"))
     asked: list[tuple[str, int, int]] = []
 
-    def one_at_a_time(job: JobRecord, agent_running: int, project_running: int) -> bool:
+    def one_at_a_time(job: Candidate, agent_running: int, project_running: int) -> bool:
         asked.append((job.id, agent_running, project_running))
         return agent_running < 1
 
@@ -804,6 +805,25 @@ async def test_may_run_holds_back_an_agent_at_its_running_cap_and_sees_running_c
     assert await store.transition("job_a0", JobState.SUCCEEDED, T0 + 3) is not None
     freed = await store.claim(["aer"], [], "w", LEASE_S, T0 + 4, may_run=one_at_a_time)
     assert freed is not None and freed.id == "job_a1"
+
+
+async def test_a_batch_claim_counts_the_jobs_it_took_itself_against_the_running_caps(store: Store) -> None:
+    for job_id, agent, project in (
+        ("job_a0", "alice", "p1"),
+        ("job_a1", "alice", "p1"),
+        ("job_c0", "carol", "p1"),
+        ("job_d0", "dave", "p1"),
+        ("job_b0", "bob", "p2"),
+    ):
+        await submit(store, new_job(job_id, agent=agent, project=project))
+
+    def caps(job: Candidate, agent_running: int, project_running: int) -> bool:
+        return agent_running < 1 and project_running < 2  # one per agent, two per project
+
+    taken = await store.claim_many(["aer"], [], "w", LEASE_S, T0, caps, limit=10)
+
+    # alice's second job waits for her first; dave's for p1, which already runs alice's and carol's
+    assert sorted(job.id for job in taken) == ["job_a0", "job_b0", "job_c0"]
 
 
 async def test_may_run_does_not_hold_back_a_job_whose_worker_stopped_heartbeating(store: Store) -> None:

@@ -19,7 +19,7 @@ from qpu_gateway.jobs.states import JobState
 from qpu_gateway.store import observer, open_store
 from qpu_gateway.store.observer import RoundTrip
 from qpu_gateway.store.rate_storage import SqliteRateStorage, storage_uri
-from qpu_gateway.store.records import AuditEntry, JobRecord
+from qpu_gateway.store.records import AuditEntry, Candidate
 
 from .test_store import LEASE_S, T0, new_job, submit
 
@@ -68,7 +68,7 @@ def recorder() -> Iterator[Recorder]:
     observer.install(None)
 
 
-def one_at_most(job: JobRecord, agent_running: int, project_running: int) -> bool:
+def one_at_most(job: Candidate, agent_running: int, project_running: int) -> bool:
     return agent_running < 1
 
 
@@ -98,10 +98,11 @@ async def test_each_call_of_a_jobs_path_reports_its_own_statements_and_round_tri
             [
                 # no "anything claimable?" read first: this store has just queued a job itself
                 ("claim_many", "BEGIN IMMEDIATE"),
-                ("claim_many", "SELECT"),  # the candidates, read once: job_1 was the only one
-                ("claim_many", "SELECT"),  # the candidate whole, with its running counts, for may_run
+                # the candidates, read once (job_1 was the only one), with the running counts
+                # may_run judges by and the agents' turns
+                ("claim_many", "SELECT"),
                 ("claim_many", "UPDATE jobs"),
-                ("claim_many", "INSERT INTO agent_turns"),
+                ("claim_many", "INSERT INTO agent_turns"),  # alice's first turn
                 ("claim_many", "INSERT INTO audit"),
                 ("claim_many", "COMMIT"),
             ],
@@ -138,6 +139,34 @@ async def test_each_call_of_a_jobs_path_reports_its_own_statements_and_round_tri
             verifier.feed(page)
         report = verifier.finish(await store.audit_highest_seq())
         assert report.intact and report.rows == 4
+    finally:
+        await store.close()
+
+
+async def test_a_claim_writes_its_agents_turn_only_when_another_agent_holds_the_latest_turn(
+    tmp_path: Path, recorder: Recorder
+) -> None:
+    store = await open_store(tmp_path / "gateway.db")
+    try:
+        for job_id, agent in (("job_a1", "alice"), ("job_a2", "alice"), ("job_b1", "bob"), ("job_a3", "alice")):
+            await submit(store, new_job(job_id, agent=agent))
+        recorder.take()
+
+        served: list[str | None] = []
+        wrote_turn: list[bool] = []
+        for n in range(4):
+            job = await store.claim(["aer"], [], "w1", LEASE_S, T0 + n, one_at_most)
+            served.append(job and job.id)
+            wrote_turn.append(("claim", "INSERT INTO agent_turns") in recorder.take()[0])
+            if job is not None:
+                assert await store.transition(job.id, JobState.SUCCEEDED, T0 + n, owner="w1") is not None
+                recorder.take()
+
+        # alice first (nobody has a turn yet), bob (none yet), then alice, whose turn is older than bob's
+        assert served == ["job_a1", "job_b1", "job_a2", "job_a3"]
+        # alice's and bob's first turns, alice's after bob's; alice's last claim found her alone in
+        # the latest turn, so her place in the rotation stayed as it was without a write
+        assert wrote_turn == [True, True, True, False]
     finally:
         await store.close()
 

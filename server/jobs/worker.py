@@ -50,7 +50,7 @@ from qpu_gateway.policy.file import Policy
 from qpu_gateway.policy.pricing import cost_of_usage, format_usd, price_for
 from qpu_gateway.policy.quotas import may_start
 from qpu_gateway.store import Store, StoreError
-from qpu_gateway.store.records import AuditEntry, JobRecord
+from qpu_gateway.store.records import AuditEntry, Candidate, JobRecord
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -188,7 +188,7 @@ class Workers:
         adapter = self.providers.adapter_for(backend)
         return self.config.per_backend_concurrency * max(1, getattr(adapter, "jobs_at_once", 1))
 
-    def _may_run(self, job: JobRecord, agent_running: int, project_running: int) -> bool:
+    def _may_run(self, job: Candidate, agent_running: int, project_running: int) -> bool:
         """The running-jobs caps of the job's agent and project (quota `running_jobs`)."""
         rules = self.policy().rules_for(agent=job.agent, project=job.project)
         if may_start(rules.agent_quota, agent_running) and may_start(rules.project_quota, project_running):

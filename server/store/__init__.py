@@ -25,6 +25,7 @@ from qpu_gateway.store.records import (
     JobRecord,
     KeyRecord,
     LedgerTotals,
+    MayRun,
     NewJob,
     Pause,
     ProcessReport,
@@ -166,15 +167,16 @@ class Store(Protocol):
         owner: str,
         lease_s: float,
         now: float,
-        may_run: Callable[[JobRecord, int, int], bool] | None = None,
+        may_run: MayRun | None = None,
     ) -> JobRecord | None:
         """Take the next claimable job for one of `providers`, skipping `busy_backends`.
 
         Claimable: queued, or leased by a worker that stopped heartbeating (those first); a paused
         agent's or backend's job only once it is at its provider (to be polled). Then the
         highest priority, and within it the agent whose last job was claimed longest ago, so one
-        agent's long queue cannot starve another's. `may_run(job, agent_running, project_running)`
-        can hold back a queued job whose agent or project is at its running cap.
+        agent's long queue cannot starve another's. `may_run(candidate, agent_running, project_running)`
+        can hold back a queued job whose agent or project is at its running cap (the candidate names the
+        job, its agent and its project; the counts are read in the same transaction as the claim).
         """
         ...
 
@@ -185,7 +187,7 @@ class Store(Protocol):
         owner: str,
         lease_s: float,
         now: float,
-        may_run: Callable[[JobRecord, int, int], bool] | None = None,
+        may_run: MayRun | None = None,
         *,
         limit: int,
         room: Callable[[str], int] | None = None,

@@ -52,10 +52,12 @@ from qpu_gateway.store.records import (
     AdmissionFacts,
     AuditEntry,
     AuditRecord,
+    Candidate,
     JobChange,
     JobRecord,
     KeyRecord,
     LedgerTotals,
+    MayRun,
     NewJob,
     Pause,
     ProcessReport,
@@ -191,9 +193,9 @@ WHERE seq = %s
        OR (state IN ('submitting', 'running') AND lease_expires < %s::float8))
 RETURNING *
 """
-# The job a running cap must judge, with its agent's and project's running jobs, in one read.
+# The running jobs of a candidate's agent and project, for a running cap to judge it by.
 _CANDIDATE_WITH_COUNTS = (
-    "SELECT j.*, "
+    "SELECT "
     "(SELECT count(*) FROM jobs a WHERE a.agent = j.agent AND a.state IN ('submitting', 'running')) AS _agent_running, "
     "(SELECT count(*) FROM jobs p WHERE p.project = j.project AND p.state IN ('submitting', 'running')) "
     "AS _project_running FROM jobs j WHERE j.seq = %s"
@@ -720,7 +722,7 @@ class PostgresStore:
         owner: str,
         lease_s: float,
         now: float,
-        may_run: Callable[[JobRecord, int, int], bool] | None = None,
+        may_run: MayRun | None = None,
     ) -> JobRecord | None:
         jobs = await self.claim_many(providers, busy_backends, owner, lease_s, now, may_run, limit=1)
         return jobs[0] if jobs else None
@@ -732,7 +734,7 @@ class PostgresStore:
         owner: str,
         lease_s: float,
         now: float,
-        may_run: Callable[[JobRecord, int, int], bool] | None = None,
+        may_run: MayRun | None = None,
         *,
         limit: int,
         room: Callable[[str], int] | None = None,
@@ -1106,7 +1108,7 @@ class _Claimer:
     owner: str
     lease_s: float
     now: float
-    may_run: Callable[[JobRecord, int, int], bool] | None
+    may_run: MayRun | None
     providers: list[str]
     # The claim locks this transaction holds: (class, name).
     locks: set[tuple[int, str]] | None = None
@@ -1183,7 +1185,7 @@ class _Claimer:
                 if row is None:
                     continue
                 agent_running, project_running = int(row.pop("_agent_running")), int(row.pop("_project_running"))
-                if not self.may_run(_job(row), agent_running, project_running):
+                if not self.may_run(Candidate(candidate["id"], agent, project), agent_running, project_running):
                     held_back.add(agent)
                     continue
             now = self.now

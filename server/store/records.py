@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -63,6 +64,21 @@ class NewJob:
     approval_level: str | None = None
     approval_expires_at: float | None = None
     approved_by: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """A queued job a claim may take, as `may_run` judges it: whose it is, not the whole record
+    (the claim's candidates' read carries this much, so judging one costs no read of its own)."""
+
+    id: str
+    agent: str
+    project: str
+
+
+# `may_run(candidate, agent_running, project_running)`: may this queued job start, given the running
+# jobs of its agent and of its project?
+MayRun = Callable[[Candidate, int, int], bool]
 
 
 @dataclass(frozen=True, slots=True)

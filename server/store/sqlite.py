@@ -39,10 +39,12 @@ from qpu_gateway.store.records import (
     AdmissionFacts,
     AuditEntry,
     AuditRecord,
+    Candidate,
     JobChange,
     JobRecord,
     KeyRecord,
     LedgerTotals,
+    MayRun,
     NewJob,
     Pause,
     ProcessReport,
@@ -179,8 +181,23 @@ _ACTIVE_BY = {"agent": _ACTIVE.replace("{column}", "agent"), "backend": _ACTIVE.
 # queries leave out a paused agent's or backend's jobs that would go to a provider (queued, or
 # reclaimed before the provider took them); one already at a provider is still claimed, to be
 # polled to its end.
+#
+# Each candidate comes with what its claim needs, so judging and taking it costs no read of its own:
+# for a queued one when `may_run` judges (the first parameter), its agent's and project's running
+# jobs (read in this same transaction, after every claim committed before); its agent's turn, and
+# the latest turn of any agent with how many agents hold it (read once a statement: uncorrelated),
+# so a claim whose agent already has the one latest turn need not write it again. (`+r.project`: a
+# project's running jobs are found through the state, among the running jobs, not by walking every
+# job the project ever had.)
 _CLAIM_CANDIDATES = """
-SELECT j.seq, j.state, j.agent FROM jobs j LEFT JOIN agent_turns t ON t.agent = j.agent
+SELECT j.seq, j.state, j.agent, j.id, j.project, t.last_claimed_at,
+    CASE WHEN ? AND j.state = 'queued' THEN
+        (SELECT count(*) FROM jobs r WHERE r.agent = j.agent AND r.state IN ('submitting', 'running')) END,
+    CASE WHEN ? AND j.state = 'queued' THEN
+        (SELECT count(*) FROM jobs r WHERE r.state IN ('submitting', 'running') AND +r.project = j.project) END,
+    (SELECT max(last_claimed_at) FROM agent_turns),
+    (SELECT count(*) FROM agent_turns WHERE last_claimed_at = (SELECT max(last_claimed_at) FROM agent_turns))
+FROM jobs j LEFT JOIN agent_turns t ON t.agent = j.agent
 WHERE ((j.state = 'queued' AND coalesce(j.not_before, 0) <= ?)
        OR (j.state IN ('submitting', 'running') AND j.lease_expires < ?))
   AND substr(j.backend, 1, instr(j.backend, '/') - 1) IN (SELECT value FROM json_each(?))
@@ -204,14 +221,6 @@ WHERE ((j.state = 'queued' AND coalesce(j.not_before, 0) <= ?)
        OR (j.agent NOT IN (SELECT name FROM pauses WHERE kind = 'agent')
            AND j.backend NOT IN (SELECT name FROM pauses WHERE kind = 'backend')))
 LIMIT 1
-"""
-# A queued candidate that `may_run` must judge, whole, with its agent's and project's running jobs.
-_CANDIDATE = """
-SELECT j.*,
-    (SELECT count(*) FROM jobs r WHERE r.agent = j.agent AND r.state IN ('submitting', 'running')) AS agent_running,
-    (SELECT count(*) FROM jobs r WHERE r.project = j.project AND r.state IN ('submitting', 'running'))
-        AS project_running
-FROM jobs j WHERE j.seq = ?
 """
 _CANDIDATES_LIMIT = 64
 _CLAIM_ONE = """
@@ -751,7 +760,7 @@ class SqliteStore:
         owner: str,
         lease_s: float,
         now: float,
-        may_run: Callable[[JobRecord, int, int], bool] | None = None,
+        may_run: MayRun | None = None,
     ) -> JobRecord | None:
         jobs = await self.claim_many(providers, busy_backends, owner, lease_s, now, may_run, limit=1)
         return jobs[0] if jobs else None
@@ -763,7 +772,7 @@ class SqliteStore:
         owner: str,
         lease_s: float,
         now: float,
-        may_run: Callable[[JobRecord, int, int], bool] | None = None,
+        may_run: MayRun | None = None,
         *,
         limit: int,
         room: Callable[[str], int] | None = None,
@@ -1152,7 +1161,7 @@ class _Claimer:
     owner: str
     lease_s: float
     now: float
-    may_run: Callable[[JobRecord, int, int], bool] | None
+    may_run: MayRun | None
 
     def next(self, providers: str, busy: str, turn: float) -> tuple[JobRecord | None, bool]:
         """Claim the next claimable job; `turn` is when its agent's turn is recorded as taken.
@@ -1166,7 +1175,8 @@ class _Claimer:
         refused_agents: set[str] = set()
         while True:
             held = json.dumps(sorted(refused_agents))
-            params = (self.now, self.now, providers, busy, held, _CANDIDATES_LIMIT)
+            judged = self.may_run is not None
+            params = (judged, judged, self.now, self.now, providers, busy, held, _CANDIDATES_LIMIT)
             candidates = self.db.execute(_CLAIM_CANDIDATES, params).fetchall()
             if not candidates:
                 return None, False
@@ -1183,18 +1193,16 @@ class _Claimer:
         """Claim the first candidate that may run, and say whether it was the last candidate; agents
         found at their cap are added to `refused_agents`.
 
-        Candidates are (seq, state, agent): only the job taken, or one `may_run` must see,
-        is read and decoded whole.
+        Candidates are rows of `_CLAIM_CANDIDATES`: only the job taken is read and decoded whole.
         """
         db, now = self.db, self.now
-        for index, (seq, state, agent) in enumerate(candidates):
+        for index, (seq, state, agent, job_id, project, *turns) in enumerate(candidates):
+            own_turn, agent_running, project_running, last_turn, holding_last = turns
             reclaim = state != JobState.QUEUED.value
             if not reclaim and self.may_run is not None:
                 if agent in refused_agents:
                     continue
-                data = dict(db.execute(_CANDIDATE, (seq,)).fetchone())
-                agent_running, project_running = data.pop("agent_running"), data.pop("project_running")
-                if not self.may_run(JobRecord.from_row(data), int(agent_running), int(project_running)):
+                if not self.may_run(Candidate(job_id, agent, project), int(agent_running), int(project_running)):
                     refused_agents.add(agent)
                     continue
             # A queued job becomes `submitting`; a job whose worker stopped heartbeating keeps
@@ -1204,11 +1212,15 @@ class _Claimer:
             if row is None:
                 continue
             job = JobRecord.from_row(row)
-            db.execute(
-                "INSERT INTO agent_turns (agent, last_claimed_at) VALUES (?, ?) "
-                "ON CONFLICT (agent) DO UPDATE SET last_claimed_at = excluded.last_claimed_at",
-                (job.agent, turn),
-            )
+            # Turns only order agents against each other: an agent that alone holds the latest turn
+            # stays last in the rotation whether or not its turn moves on, so it is written only
+            # when another agent's turn is as late (or later), or the agent has none yet.
+            if own_turn is None or own_turn != last_turn or holding_last != 1:
+                db.execute(
+                    "INSERT INTO agent_turns (agent, last_claimed_at) VALUES (?, ?) "
+                    "ON CONFLICT (agent) DO UPDATE SET last_claimed_at = excluded.last_claimed_at",
+                    (job.agent, turn),
+                )
             _insert_audit(
                 db,
                 AuditEntry(
