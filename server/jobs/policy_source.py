@@ -74,19 +74,31 @@ class PolicySource:
         if stamp == self._stamp:
             return None
         self._stamp = stamp
-        # Hashed just before parsing: a write landing in between changes the stamp again, and the
-        # next check reloads (and reports) the newer content.
-        hashes = (self.path, _sha256(self.path), overrides_path(self.path), _sha256(overrides_path(self.path)))
+        hashes = self._hashes()
+        policy: Policy | None = None
+        error: PolicyFileError | None = None
         try:
             policy = load_policy(self.path)
         except PolicyFileError as exc:
-            self.last_error = str(exc)
-            log.error("policy file refused, the last good policy stays in force: %s", exc)
-            return Reload(False, *hashes, error=str(exc))
+            error = exc
+        if self._hashes() != hashes:
+            # A write landed while this read (an editor writing in place, in several pieces): what
+            # was parsed may not be what was hashed. Nothing is applied or reported; the next check
+            # reads the file again, once it holds still.
+            self._stamp = ()
+            return None
+        if policy is None:
+            self.last_error = str(error)
+            log.error("policy file refused, the last good policy stays in force: %s", error)
+            return Reload(False, *hashes, error=str(error))
         self.current, self.last_error = policy, None
         self.sha256, self.overrides_sha256 = hashes[1], hashes[3]
         log.info("policy reloaded", extra={"path": str(self.path), "sha256": hashes[1], "overrides_sha256": hashes[3]})
         return Reload(True, *hashes)
+
+    def _hashes(self) -> tuple[Path, str | None, Path, str | None]:
+        extra = overrides_path(self.path)
+        return self.path, _sha256(self.path), extra, _sha256(extra)
 
     async def watch(
         self, interval_s: float = CHECK_INTERVAL_S, on_reload: Callable[[Reload], Awaitable[None]] | None = None
