@@ -485,7 +485,7 @@ async def test_each_policy_reload_in_a_serving_process_is_audited_with_both_file
     edited_sha = hashlib.sha256(edited.encode()).hexdigest()
     assert (applied.decision, applied.operator, applied.error_code) == ("ok", OPERATOR, None)
     assert f"policy {config.policy_path} sha256 {edited_sha}" in (applied.detail or "")
-    assert f"overrides {overrides} sha256 (no file)" in (applied.detail or "")
+    assert f"overrides {overrides.name} beside it sha256 (no file)" in (applied.detail or "")
     overrides_sha = hashlib.sha256(overrides.read_bytes()).hexdigest()
     assert with_overrides.decision == "ok" and f"sha256 {overrides_sha}" in (with_overrides.detail or "")
     bad_sha = hashlib.sha256(config.policy_path.read_bytes()).hexdigest()

@@ -59,3 +59,21 @@ def test_a_write_landing_while_the_file_is_read_is_neither_applied_nor_reported_
     assert torn is None  # what was hashed (SECOND) is not what was parsed (BAD): nothing reported
     assert settled is not None and not settled.applied and settled.policy_sha256 == sha(BAD)
     assert source.current.rules_for(agent="anyone", project="default").max_shots == 100_000  # FIRST still rules
+
+
+def test_a_refusal_gives_its_reason_within_the_audit_rows_length_however_deep_the_folder(tmp_path: Path) -> None:
+    folder = tmp_path / ("deep-" * 12) / ("folder-" * 8)  # some 200 characters, as test runners' are
+    folder.mkdir(parents=True)
+    path = folder / "policy.toml"
+    path.write_text(FIRST, encoding="utf-8")
+    source = PolicySource(path)
+    path.write_text(BAD, encoding="utf-8")
+    refused = source.reload_if_changed()
+
+    assert refused is not None and not refused.applied
+    line = refused.describe()
+    assert len(line) <= 500, len(line)
+    assert f"sha256 {sha(BAD)}" in line and line.endswith(
+        "policy file: line 2: defaults.max_depth: " + line.split("defaults.max_depth: ", 1)[1]
+    )
+    assert "max_depth" in line and line.count(str(path)) == 1

@@ -39,11 +39,17 @@ class Reload:
         """One line for the audit log: the outcome and both files' hashes first, then the reason."""
         files = (
             f"policy {self.policy_path} sha256 {self.policy_sha256 or '(no file: the shipped default)'}; "
-            f"overrides {self.overrides_path} sha256 {self.overrides_sha256 or '(no file)'}"
+            f"overrides {self.overrides_path.name} beside it sha256 {self.overrides_sha256 or '(no file)'}"
         )
         if self.applied:
             return f"applied {files}"
-        return f"refused, the last good policy stays in force: {files}; {self.error}"
+        # The error names its file by path, which the line already gave: said again (or the overrides
+        # file's whole path, always the policy file's folder), a long path would push the reason past
+        # the audit row's 500 characters.
+        reason = str(self.error)
+        for name, path in (("policy", self.policy_path), ("overrides", self.overrides_path)):
+            reason = reason.replace(f"{path}: ", f"{name} file: ", 1) if reason.startswith(f"{path}: ") else reason
+        return f"refused, the last good policy stays in force: {files}; {reason}"
 
 
 class PolicySource:
