@@ -145,8 +145,11 @@ class JobEvents:
         if event is not None:
             event.set()
         uri = job_uri(job_id)
+        # The subscribers of this change are those subscribed now: a later (terminal) change
+        # announced while this one awaits the bus forgets them, and they must still hear this one.
+        sessions = list(self._legacy.get(uri, ()))
         await self._bus.publish(ResourceUpdated(uri=uri))
-        for session in list(self._legacy.get(uri, ())):
+        for session in sessions:
             try:
                 await session.send_resource_updated(uri)
             except Exception:  # a closed session: forget it rather than fail the worker
