@@ -36,7 +36,6 @@ import os
 import time
 from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from importlib import resources
 from typing import Any, Literal, TypeVar
 
@@ -64,6 +63,8 @@ from qpu_gateway.store.records import (
     SchemaState,
     StateUsage,
     TablePage,
+    ledger_periods,
+    not_empty,
 )
 
 log = logging.getLogger(__name__)
@@ -593,7 +594,7 @@ class PostgresStore:
         loop_window_s: float,
         decide: Callable[[AdmissionFacts], Refusal | None],
     ) -> tuple[JobRecord, bool] | Refusal:
-        day, month = _periods(now)
+        day, month = ledger_periods(now)
         facts: list[Statement] = [
             (
                 _ADMISSION_FACTS,
@@ -657,7 +658,7 @@ class PostgresStore:
         return admitted
 
     async def ledger_totals(self, column: Literal["agent", "project"], who: str, now: float) -> LedgerTotals:
-        day, month = _periods(now)
+        day, month = ledger_periods(now)
 
         async def work(tx: Tx) -> LedgerTotals:
             sums, counts = await tx.many(_totals_statements(column, who, day, month))
@@ -1067,7 +1068,7 @@ class PostgresStore:
                 held = await tx.one(_ROW_COUNTS)
                 assert held is not None
                 if any(int(n) for n in held.values()):
-                    raise StoreError(_not_empty({table: int(n) for table, n in held.items()}))
+                    raise StoreError(not_empty({table: int(n) for table, n in held.items()}))
                 columns: dict[str, set[str]] = {table: set() for table in INSTALLATION_TABLES}
                 for row in await tx.all(
                     "SELECT table_name, column_name FROM information_schema.columns "
@@ -1314,12 +1315,6 @@ def _job_params(job: NewJob, now: float) -> tuple[Any, ...]:
     )
 
 
-def _periods(now: float) -> tuple[str, str]:
-    """The UTC day and month a reservation made at `now` counts in."""
-    moment = datetime.fromtimestamp(now, UTC)
-    return moment.strftime("%Y-%m-%d"), moment.strftime("%Y-%m")
-
-
 def _job(row: Row) -> JobRecord:
     data = dict(row)
     data["circuits"] = tuple(json.loads(data["circuits"]))
@@ -1364,11 +1359,6 @@ def create_database(url: str) -> bool:
 
 _COUNTS_OF = [f"(SELECT count(*) FROM {table}) AS {table}" for table in INSTALLATION_TABLES]  # noqa: S608
 _ROW_COUNTS = "SELECT " + ", ".join(_COUNTS_OF)
-
-
-def _not_empty(held: Mapping[str, int]) -> str:
-    rows = ", ".join(f"{table} {n}" for table, n in held.items() if n)
-    return f"the database is not empty ({rows}): a copy goes only into an empty database; nothing was written"
 
 
 def _insert_page_sql(page: TablePage, columns: Mapping[str, set[str]]) -> str:

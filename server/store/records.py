@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
+from datetime import UTC, datetime
 from typing import Any
 
 from qpu_gateway.jobs.states import JobState
@@ -282,3 +283,15 @@ class SchemaState:
     applied: tuple[str, ...]
     pending: tuple[str, ...]  # this version's migrations not applied there yet
     unknown: tuple[str, ...]  # applied there but unknown here: a newer gateway's
+
+
+def ledger_periods(now: float) -> tuple[str, str]:
+    """The UTC day and month a reservation made at `now` counts in (the ledger's `day`, `month`)."""
+    moment = datetime.fromtimestamp(now, UTC)
+    return moment.strftime("%Y-%m-%d"), moment.strftime("%Y-%m")
+
+
+def not_empty(held: Mapping[str, int]) -> str:
+    """Why a copy refuses a target that holds rows (`held`: rows per table)."""
+    rows = ", ".join(f"{table} {n}" for table, n in held.items() if n)
+    return f"the database is not empty ({rows}): a copy goes only into an empty database; nothing was written"

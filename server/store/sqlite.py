@@ -22,7 +22,6 @@ from collections import Counter
 from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable, Iterable, Iterator, Mapping
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -51,6 +50,8 @@ from qpu_gateway.store.records import (
     SchemaState,
     StateUsage,
     TablePage,
+    ledger_periods,
+    not_empty,
 )
 from qpu_gateway.store.sqlite_thread import (
     Busy,
@@ -664,7 +665,7 @@ class SqliteStore:
         loop_window_s: float,
         decide: Callable[[AdmissionFacts], Refusal | None],
     ) -> tuple[JobRecord, bool] | Refusal:
-        day, month = _periods(now)
+        day, month = ledger_periods(now)
 
         def work(db: sqlite3.Connection) -> tuple[JobRecord, bool] | Refusal:
             if job.idempotency_key is not None:
@@ -700,7 +701,7 @@ class SqliteStore:
         return await self._write(work)
 
     async def ledger_totals(self, column: Literal["agent", "project"], who: str, now: float) -> LedgerTotals:
-        day, month = _periods(now)
+        day, month = ledger_periods(now)
         return await self._read(lambda db: _totals(db, column, who, day, month))
 
     async def job_by_idempotency_key(self, agent: str, key: str) -> JobRecord | None:
@@ -1103,7 +1104,7 @@ class SqliteStore:
                 db.execute("BEGIN IMMEDIATE")
                 held = dict(zip(INSTALLATION_TABLES, db.execute(_ROW_COUNTS).fetchone(), strict=True))
                 if any(held.values()):
-                    raise StoreError(_not_empty(held))
+                    raise StoreError(not_empty(held))
                 return {
                     table: {row[1] for row in db.execute(f"PRAGMA table_info({table})")}  # constants
                     for table in INSTALLATION_TABLES
@@ -1269,12 +1270,6 @@ def _job_params(job: NewJob, now: float) -> tuple[Any, ...]:
     )
 
 
-def _periods(now: float) -> tuple[str, str]:
-    """The UTC day and month a reservation made at `now` counts in."""
-    moment = datetime.fromtimestamp(now, UTC)
-    return moment.strftime("%Y-%m-%d"), moment.strftime("%Y-%m")
-
-
 def _counts(db: sqlite3.Connection, column: Literal["agent", "project"], who: str) -> tuple[int, int]:
     queued, running = db.execute(_COUNTS_BY[column], (who,)).fetchone()
     return int(queued), int(running)
@@ -1403,11 +1398,6 @@ def _schema_state(applied: list[str], known: list[str]) -> SchemaState:
         pending=tuple(name for name in known if name not in applied),
         unknown=tuple(name for name in applied if name not in known),
     )
-
-
-def _not_empty(held: Mapping[str, int]) -> str:
-    rows = ", ".join(f"{table} {n}" for table, n in held.items() if n)
-    return f"the database is not empty ({rows}): a copy goes only into an empty database; nothing was written"
 
 
 def _insert_page_sql(page: TablePage, columns: Mapping[str, set[str]]) -> str:
