@@ -48,7 +48,8 @@ class Reload:
         # the audit row's 500 characters.
         reason = str(self.error)
         for name, path in (("policy", self.policy_path), ("overrides", self.overrides_path)):
-            reason = reason.replace(f"{path}: ", f"{name} file: ", 1) if reason.startswith(f"{path}: ") else reason
+            if reason.startswith(f"{path}: "):
+                reason = f"{name} file: {reason.removeprefix(f'{path}: ')}"
         return f"refused, the last good policy stays in force: {files}; {reason}"
 
 
