@@ -171,6 +171,58 @@ async def test_clearing_a_key_gives_its_whole_allowance_back(limiter: RateLimite
     assert await limiter.hit(item, "agent:alice")
 
 
+async def test_several_hits_in_one_call_stop_at_the_first_without_room(storage: SqliteRateStorage) -> None:
+    """`acquire_entries` does what `acquire_entry` of each in turn would, stopping at the first refusal,
+    and the moving window's own reads see exactly the hits it recorded."""
+    minute, second = parse("3/minute"), parse("2/second")
+    await clear_of_window_edge(second, 0.5)
+    limiter = MovingWindowRateLimiter(storage)
+    burst, calls = minute.key_for("submit", "agent:alice"), second.key_for("any", "agent:alice")
+    both = [(burst, 3, 60, 1), (calls, 2, 1, 1)]
+
+    assert await storage.acquire_entries(both) == 2
+    assert await storage.acquire_entries(both) == 2
+    # The per-second rule is spent: the first rule's hit stays counted, as one by one it would.
+    assert await storage.acquire_entries(both) == 1
+    assert (await limiter.get_window_stats(minute, "submit", "agent:alice")).remaining == 0
+    assert (await limiter.get_window_stats(second, "any", "agent:alice")).remaining == 0
+    # The first rule is spent: nothing is counted, the second rule's window included.
+    await anyio.sleep(1.1)
+    assert await storage.acquire_entries(both) == 0
+    assert (await limiter.get_window_stats(second, "any", "agent:alice")).remaining == 2
+    # A cost above a limit never fits; costs count as many as they are.
+    assert await storage.acquire_entries([(calls, 2, 1, 2), (burst + "-2", 3, 60, 4)]) == 1
+    assert not await limiter.hit(second, "any", "agent:alice")
+
+
+async def test_several_hits_need_a_key_each_and_a_positive_cost(storage: SqliteRateStorage) -> None:
+    with pytest.raises(ValueError, match="key of its own"):
+        await storage.acquire_entries([("k", 2, 60, 1), ("k", 5, 1, 1)])
+    with pytest.raises(ValueError, match="positive cost"):
+        await storage.acquire_entries([("k", 2, 60, 0)])
+    assert await storage.acquire_entries([]) == 0
+
+
+async def test_several_hits_at_once_from_many_tasks_admit_exactly_the_limit(storage: SqliteRateStorage) -> None:
+    """Check and add stay one step under contention: 40 concurrent two-rule hits at 15 per minute on
+    the second rule count exactly 15 on both rules' keys (the first rule, 100 per minute, counts every
+    call that reached the second: the same 15, as no call was refused by the first)."""
+    wide, narrow = parse("100/minute"), parse("15/minute")
+    entries = [(wide.key_for("w"), 100, 60, 1), (narrow.key_for("n"), 15, 60, 1)]
+    outcomes: list[int] = []
+
+    async def call() -> None:
+        outcomes.append(await storage.acquire_entries(entries))
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(40):
+            tg.start_soon(call)
+    assert sorted(outcomes).count(2) == 15 and sorted(outcomes).count(1) == 25
+    limiter = MovingWindowRateLimiter(storage)
+    assert (await limiter.get_window_stats(narrow, "n")).remaining == 0
+    assert (await limiter.get_window_stats(wide, "w")).remaining == 60
+
+
 async def test_reset_forgets_every_limit_in_the_file(storage: SqliteRateStorage) -> None:
     item = parse("1/minute")
     moving, sliding = MovingWindowRateLimiter(storage), SlidingWindowCounterRateLimiter(storage)

@@ -12,9 +12,15 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import limits
 import pytest
+from limits.aio.strategies import MovingWindowRateLimiter
 
 from qpu_gateway.audit.chain import ChainVerifier
+from qpu_gateway.errors import RateLimited
+from qpu_gateway.jobs.ratelimit import RateLimiter
+from qpu_gateway.keys import Principal
+from qpu_gateway.policy.file import RateRule
 from qpu_gateway.jobs.states import JobState
 from qpu_gateway.store import observer, open_store
 from qpu_gateway.store.observer import RoundTrip
@@ -195,6 +201,42 @@ async def test_a_rate_limit_hit_is_one_statement_once_its_key_was_pruned_in_this
         assert used == 2
     finally:
         await storage.aclose()
+
+
+async def test_a_call_counted_against_two_rules_is_one_statement_with_the_outcome_of_one_by_one(
+    tmp_path: Path, recorder: Recorder
+) -> None:
+    """The gateway's limiter hits both of submit_job's rules in one statement; when the second has no
+    room, the first stays counted and the refusal names the second, as hitting them in turn did."""
+    limiter = RateLimiter(storage_uri(tmp_path / "gateway.db"))
+    rules = [
+        RateRule(limit="5/minute", per="agent", tools=("submit_job",)),
+        RateRule(limit="2/second", per="agent", tools=("*",)),
+    ]
+    who = Principal(agent="alice", project="p", scopes=frozenset(), key_id="k1")
+    minute = MovingWindowRateLimiter(limiter.storage)
+    try:
+        await limiter.enforce(rules, who, backend=None)  # opens the storage and prunes: not counted below
+        recorder.take()
+        await limiter.enforce(rules, who, backend=None)
+        statements, _ = recorder.take()
+        assert statements == [("rate_limit.acquire_entries", "INSERT INTO rate_hits")]
+
+        with pytest.raises(RateLimited, match="rule agent:\\*:calls:2/second"):
+            await limiter.enforce(rules, who, backend=None)
+        stats = await minute.get_window_stats(limits.parse("5/minute"), "qpu", rules[0].id, "agent:alice")
+        assert stats.remaining == 2  # three calls reached the per-minute rule, the refused one included
+        # Known spent now: refused from the limiter's memory, with the first rule counted as before.
+        with pytest.raises(RateLimited):
+            await limiter.enforce(rules, who, backend=None)
+        stats = await minute.get_window_stats(limits.parse("5/minute"), "qpu", rules[0].id, "agent:alice")
+        assert stats.remaining == 1
+
+        # A rule in wait mode still waits for its room (after the one statement found none).
+        waiting = [rules[0].model_copy(update={"limit": "50/minute"}), rules[1].model_copy(update={"mode": "wait"})]
+        await limiter.enforce(waiting, who, backend=None)
+    finally:
+        await limiter.aclose()
 
 
 async def test_connections_opened_before_an_observer_is_installed_report_no_statements(tmp_path: Path) -> None:

@@ -116,8 +116,35 @@ class RateLimiter:
         progress: Progress | None = None,
     ) -> None:
         """Count one call (or `cost` shots) against each rule; refuse, or wait, when one is spent."""
-        for rule in rules:
+        ordered = list(rules)
+        counted = await self._hit_together(ordered, who, backend, cost)
+        for rule in ordered[counted:]:
             await self._enforce_one(rule, who, backend, cost, progress)
+
+    async def _hit_together(self, rules: list[RateRule], who: Principal, backend: str | None, cost: int) -> int:
+        """Hit the rules in one storage call where the storage can (the SQLite one: one statement for
+        all of them); how many leading rules that counted. The rest, from the first without room,
+        take the one-by-one path, which refuses or waits as its rule says: the outcome is the same
+        as hitting each in turn. Rules already known to be spent, and storages without such a call,
+        are left to that path."""
+        several = getattr(self.storage, "acquire_entries", None)
+        if several is None or len(rules) < 2 or cost < 1:
+            return 0
+        entries: list[tuple[str, int, int, int]] = []
+        now = time.time()
+        for rule in rules:
+            item = _parse(rule.limit)
+            key = _key(rule, who, backend)
+            spent_until, spent_cost = self._spent.get((rule.id, key), (0.0, 0))
+            if cost > item.amount or (spent_until > now and cost >= spent_cost):
+                break
+            entries.append((item.key_for(self.namespace, rule.id, key), item.amount, item.get_expiry(), cost))
+        if len(entries) < 2:
+            return 0
+        try:
+            return int(await several(entries))
+        except StorageError as exc:
+            raise self._down(exc) from None
 
     async def _enforce_one(
         self, rule: RateRule, who: Principal, backend: str | None, cost: int, progress: Progress | None

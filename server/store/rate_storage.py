@@ -27,10 +27,11 @@ waiting then (`server/store/sqlite_thread.py`).
 from __future__ import annotations
 
 import contextlib
+import json
 import sqlite3
 import time
 import urllib.parse
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from math import floor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -38,7 +39,7 @@ from typing import Any, TypeVar
 import aiosqlite
 import anyio
 from limits.aio.storage import MovingWindowSupport, SlidingWindowCounterSupport, Storage
-from limits.errors import ConfigurationError
+from limits.errors import ConfigurationError, StorageError
 from limits.storage.base import TimestampedSlidingWindow
 
 from qpu_gateway.store import observer
@@ -121,6 +122,35 @@ LEFT JOIN (SELECT at, tie, total FROM rate_hits WHERE key = :key ORDER BY at DES
 LEFT JOIN (SELECT total - amount AS before FROM rate_hits WHERE key = :key AND at > :since
            ORDER BY at, tie LIMIT 1) AS o
 WHERE coalesce(n.total - o.before, 0) + :amount <= :limit
+"""
+# Several hits in one statement, for the rules one call counts against (`acquire_entries`): each
+# wanted hit (its place, and key, limit, window and cost from a JSON array) is read as `_ACQUIRE`
+# reads one, and the hits before the first that has no room are added, so the statement does what
+# acquiring them one by one, stopping at the first refusal, would do. Each hit has a key of its own
+# (`acquire_entries` refuses repeats), so no hit's room depends on another's. The `WITH` sits inside
+# the INSERT, so the statement still begins with INSERT (`sqlite3` reports rowcount only then).
+_ACQUIRE_SEVERAL = """
+INSERT INTO rate_hits (key, at, tie, amount, total, expires_at)
+WITH want AS MATERIALIZED (
+    SELECT CAST(w.key AS INTEGER) AS i, json_extract(w.value, '$[0]') AS key,
+           json_extract(w.value, '$[1]') AS lim, json_extract(w.value, '$[2]') AS expiry,
+           json_extract(w.value, '$[3]') AS amount
+    FROM json_each(:entries) AS w
+),
+state AS MATERIALIZED (
+    SELECT want.*, n.at AS n_at, n.tie AS n_tie, n.total AS n_total,
+           coalesce(n.total - (o.total - o.amount), 0) + want.amount <= want.lim AS room
+    FROM want
+    LEFT JOIN rate_hits AS n ON n.key = want.key AND (n.at, n.tie) =
+        (SELECT at, tie FROM rate_hits WHERE key = want.key ORDER BY at DESC, tie DESC LIMIT 1)
+    LEFT JOIN rate_hits AS o ON o.key = want.key AND (o.at, o.tie) =
+        (SELECT at, tie FROM rate_hits WHERE key = want.key AND at > :now - want.expiry ORDER BY at, tie LIMIT 1)
+)
+SELECT key, max(:now, coalesce(n_at, :now)),
+       CASE WHEN n_at IS NOT NULL AND :now <= n_at THEN n_tie + 1 ELSE 0 END,
+       amount, coalesce(n_total, 0) + amount, max(:now, coalesce(n_at, :now)) + expiry
+FROM state
+WHERE i < coalesce((SELECT min(i) FROM state WHERE NOT room), :count)
 """
 _COUNTER = "SELECT count, expires_at FROM rate_counters WHERE key = ? AND expires_at > ?"
 _TWO_COUNTERS = "SELECT key, count FROM rate_counters WHERE key IN (?, ?) AND expires_at > ?"
@@ -364,13 +394,43 @@ class SqliteRateStorage(Storage, MovingWindowSupport, SlidingWindowCounterSuppor
         def work(db: sqlite3.Connection, now: float) -> bool:
             if upkeep:
                 self._sweep_now_and_then(db, now)
-                if now >= self._next_prune.get(key, 0.0):
-                    db.execute(_PRUNE_KEY, (key, now - expiry))
-                    if len(self._next_prune) >= _PRUNED_KEYS_MAX:
-                        self._next_prune.clear()
-                    self._next_prune[key] = now + expiry
+                self._prune_now_and_then(db, key, expiry, now)
             params = {"key": key, "since": now - expiry, "now": now, "amount": amount, "expiry": expiry, "limit": limit}
             return db.execute(_ACQUIRE, params).rowcount == 1
+
+        return await self._write(work, single_statement=not upkeep)
+
+    async def acquire_entries(self, entries: Sequence[tuple[str, int, int, int]]) -> int:
+        """Hits of several keys, each (key, limit, expiry, amount), in one statement: the hits before
+        the first one without room are recorded, and how many that is comes back (`len(entries)`
+        when all were). The same as `acquire_entry` of each in turn, stopping at the first refusal,
+        without a statement per hit (`limits` has no call for this; the gateway's `RateLimiter` uses
+        it for a call that counts against several rules)."""
+        keys = [key for key, _, _, _ in entries]
+        if len(set(keys)) != len(keys):
+            raise ValueError("acquire_entries needs a key of its own for each hit")
+        if any(amount <= 0 for _, _, _, amount in entries):
+            raise ValueError("acquire_entries counts hits of a positive cost; use acquire_entry for a check")
+        try:
+            return await self._acquire_several(entries)
+        except sqlite3.Error as exc:
+            if self.wrap_exceptions:  # as `limits` does for the methods of its own interface
+                raise StorageError(exc) from exc
+            raise
+
+    async def _acquire_several(self, entries: Sequence[tuple[str, int, int, int]]) -> int:
+        if not entries:
+            return 0
+        due = time.time()
+        upkeep = due >= self._next_sweep or any(due >= self._next_prune.get(key, 0.0) for key, *_ in entries)
+        wanted = json.dumps([list(entry) for entry in entries])
+
+        def work(db: sqlite3.Connection, now: float) -> int:
+            if upkeep:
+                self._sweep_now_and_then(db, now)
+                for key, _, expiry, _ in entries:
+                    self._prune_now_and_then(db, key, expiry, now)
+            return db.execute(_ACQUIRE_SEVERAL, {"entries": wanted, "now": now, "count": len(entries)}).rowcount
 
         return await self._write(work, single_statement=not upkeep)
 
@@ -379,6 +439,14 @@ class SqliteRateStorage(Storage, MovingWindowSupport, SlidingWindowCounterSuppor
         if now >= self._next_sweep:
             db.execute(_SWEEP_HITS, (now,))
             self._next_sweep = now + _SWEEP_EVERY_S
+
+    def _prune_now_and_then(self, db: sqlite3.Connection, key: str, expiry: int, now: float) -> None:
+        """Drop the key's hits that left its window, at most once per window length."""
+        if now >= self._next_prune.get(key, 0.0):
+            db.execute(_PRUNE_KEY, (key, now - expiry))
+            if len(self._next_prune) >= _PRUNED_KEYS_MAX:
+                self._next_prune.clear()
+            self._next_prune[key] = now + expiry
 
     async def get_moving_window(self, key: str, limit: int, expiry: int) -> tuple[float, int]:
         """(oldest hit in the window, total cost in it); (now, 0) for an empty window."""
