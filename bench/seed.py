@@ -2,13 +2,14 @@
 
 How, and why it is honest: the schema comes from the store itself (`open_store` applies the
 shipped migrations), and every row is one the gateway would have written for a 5-qubit,
-100-shot job of the bench agent on `aer/simulator`: the job row with its source and counts, its
-settled ledger row, and its audit rows (submit_job, job.claimed, job.running and the terminal
-event), hash-chained with the gateway's own `chain_hash`, so `qpu-gateway audit verify` accepts
-the file. What is not the gateway's doing is the speed: the rows go in with one `executemany`
-per table in a single transaction instead of four write transactions per job, which turns hours
-of admission into seconds. Finished jobs are what accumulate in a long-lived database: 90%
-succeeded, 5% failed, 5% cancelled, spread over the 30 days before now.
+100-shot job of the bench agent on `aer/simulator`: the job row with its source, its counts and
+its settled reservation (the `ledger` columns), and its audit rows (submit_job, job.claimed,
+job.running and the terminal event), hash-chained with the gateway's own `chain_hash`, so
+`qpu-gateway audit verify` accepts the file. What is not the gateway's doing is the speed: the
+rows go in with one `executemany` per table in a single transaction instead of four write
+transactions per job, which turns hours of admission into seconds. Finished jobs are what
+accumulate in a long-lived database: 90% succeeded, 5% failed, 5% cancelled, spread over the 30
+days before now.
 
 Two shortcuts, neither read by get_job or list_jobs: `fingerprint` is the sha256 of the source
 text (unique per job, as the parsed-circuit fingerprint is) and `depth`/`two_qubit_gates` are
@@ -90,6 +91,9 @@ _JOB_COLUMNS = (
     "fingerprint, estimate_micro_usd, state, version, attempts, runs, created_at, updated_at, started_at, "
     "finished_at, provider_ref, result, error_code, error_message, payload_hash"
 )
+_LEDGER_COLUMNS = (
+    "ledger_status, ledger_day, ledger_month, ledger_micro_usd, ledger_shots, ledger_qpu_millis, settled_at"
+)
 
 
 def _audit_events(job: dict[str, Any], key_id: str) -> list[dict[str, Any]]:
@@ -123,15 +127,12 @@ def seed(db: Path, n: int, *, agent: str, key_id: str, seed_value: int = 6) -> f
     conn = sqlite3.connect(db, isolation_level=None)
     try:
         conn.execute("BEGIN IMMEDIATE")
-        placeholders = ", ".join("?" for _ in _JOB_COLUMNS.split(", "))
+        columns = f"{_JOB_COLUMNS}, {_LEDGER_COLUMNS}"
+        placeholders = ", ".join("?" for _ in columns.split(", "))
         names = _JOB_COLUMNS.split(", ")
         conn.executemany(
-            f"INSERT INTO jobs ({_JOB_COLUMNS}) VALUES ({placeholders})", ([job[c] for c in names] for job in jobs)
-        )
-        conn.executemany(
-            "INSERT INTO ledger (job_id, agent, project, day, month, status, cost_micro_usd, shots, qpu_millis, "
-            "reserved_at, settled_at) VALUES (?, ?, ?, ?, ?, ?, 0, ?, 0, ?, ?)",
-            (_ledger_row(job) for job in jobs),
+            f"INSERT INTO jobs ({columns}) VALUES ({placeholders})",
+            ((*(job[c] for c in names), *_reservation(job)) for job in jobs),
         )
         conn.executemany(
             "INSERT INTO audit (seq, at, agent, project, key_id, tool, decision, error_code, args_hash, job_id, "
@@ -147,20 +148,11 @@ def seed(db: Path, n: int, *, agent: str, key_id: str, seed_value: int = 6) -> f
     return time.perf_counter() - began
 
 
-def _ledger_row(job: dict[str, Any]) -> tuple[Any, ...]:
+def _reservation(job: dict[str, Any]) -> tuple[Any, ...]:
+    """The job's settled reservation (its `ledger` columns): committed if it succeeded, else released."""
     moment = datetime.fromtimestamp(job["created_at"], UTC)
     status = "committed" if job["state"] == "succeeded" else "released"
-    return (
-        job["id"],
-        job["agent"],
-        job["project"],
-        moment.strftime("%Y-%m-%d"),
-        moment.strftime("%Y-%m"),
-        status,
-        SHOTS,
-        job["created_at"],
-        job["finished_at"],
-    )
+    return (status, moment.strftime("%Y-%m-%d"), moment.strftime("%Y-%m"), 0, SHOTS, 0, job["finished_at"])
 
 
 def _chained_audit(conn: sqlite3.Connection, jobs: list[dict[str, Any]], key_id: str) -> Iterator[tuple[Any, ...]]:

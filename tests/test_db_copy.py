@@ -38,6 +38,9 @@ pytestmark = pytest.mark.anyio
 
 SECRET = "c0py-Pa55word"
 TABLES = ("keys", "pauses", "jobs", "ledger", "agent_turns", "audit")
+# What a copy reports moving, table by table: `ledger` is a view of the jobs' reservations, which
+# move with the jobs, and is compared row for row with the rest.
+MOVED = tuple(table for table in TABLES if table != "ledger")
 # faulty/qpu has no price here: its jobs are unpriced, so each waits for an operator's approval.
 POLICY = TEST_POLICY.replace('[prices."faulty/*"]\nmodel = "free"\n', "")
 
@@ -147,7 +150,8 @@ async def test_an_installation_moves_to_postgresql_and_a_gateway_there_carries_o
     assert copied.returncode == 0, copied.stderr
     assert SECRET not in copied.stdout + copied.stderr and "[redacted]" in copied.stdout
     assert re.search(r"\(created, \d+ migrations applied\)", copied.stdout), copied.stdout
-    assert progress(copied.stderr) == before  # a JSON line per table on stderr, with its rows
+    # a JSON line per table on stderr, with its rows
+    assert progress(copied.stderr) == {table: before[table] for table in MOVED}
     target = Database(url=pg_target)
     after = counts(target)
     assert after == {**before, "audit": before["audit"] + 1}  # and the db.copy row
@@ -274,7 +278,8 @@ def test_a_source_at_an_older_schema_is_refused_with_what_to_run(tmp_path: Path)
     migrated = cli("db", "migrate", "--db", str(source))
     copied = cli("db", "copy", "--from", str(source), "--to", str(target))
 
-    assert "0005_worker_retries_and_timeouts.sql, 0006_processes.sql not applied" in refused.stderr
+    pending = "0005_worker_retries_and_timeouts.sql, 0006_processes.sql, 0007_ledger_in_jobs.sql"
+    assert f"{pending} not applied" in refused.stderr
     assert f"qpu-gateway db migrate --db {source}" in refused.stderr
     assert migrated.returncode == 0 and "Applied 0005_worker_retries_and_timeouts.sql" in migrated.stdout
     assert copied.returncode == 0, copied.stderr

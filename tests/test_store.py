@@ -7,6 +7,7 @@ import sqlite3
 from collections.abc import AsyncIterator, Iterator
 from contextlib import closing
 from datetime import UTC, datetime
+from importlib import resources
 from pathlib import Path
 
 import anyio
@@ -35,6 +36,7 @@ from .support import BELL2, BELL3
 pytestmark = pytest.mark.anyio
 
 T0 = 1_000.0  # the store takes time as an argument, so leases are tested without sleeping
+DAY, MONTH = "1970-01-01", "1970-01"  # the UTC day and month T0 counts in
 LEASE_S = 30.0
 LOOP_WINDOW_S = 600.0
 INJECTION = "x'); DROP TABLE jobs;--"
@@ -45,9 +47,10 @@ MIGRATIONS = [
     "0004_operator.sql",
     "0005_worker_retries_and_timeouts.sql",
     "0006_processes.sql",
+    "0007_ledger_in_jobs.sql",
 ]
 # PostgreSQL's audit head keeps the hash its last row chained to (one-statement appends); SQLite's needs no head.
-POSTGRES_MIGRATIONS = [*MIGRATIONS, "0007_audit_head_prev.sql"]
+POSTGRES_MIGRATIONS = [*MIGRATIONS[:6], "0007_audit_head_prev.sql", "0008_ledger_in_jobs.sql"]
 
 
 def new_job(
@@ -156,6 +159,79 @@ async def test_migrating_twice_applies_nothing_the_second_time(database: Databas
         await store.close()
 
     assert query(database, "SELECT name FROM schema_migrations ORDER BY name") == [(name,) for name in expected]
+
+
+def schema_before_ledger_in_jobs(database: Database) -> None:
+    """The database as the previous version left it: every migration before the one that moved the
+    ledger into the jobs' rows, three jobs and their ledger rows (reserved, committed, released)."""
+    dialect = "postgres" if database.is_postgres else "sqlite"
+    scripts = sorted(
+        (entry.name, entry.read_text(encoding="utf-8"))
+        for entry in resources.files(f"qpu_gateway.store.migrations.{dialect}").iterdir()
+        if entry.name.endswith(".sql") and not entry.name.endswith("_ledger_in_jobs.sql")
+    )
+    rows = [
+        ("job_r", "queued", "reserved", 1_500_000, 200, 40, None),
+        ("job_c", "succeeded", "committed", 700_000, 100, 12, T0 + 9),
+        ("job_x", "cancelled", "released", 900_000, 300, 50, T0 + 8),
+    ]
+    statements: list[tuple[str, tuple[object, ...]]] = [
+        ("CREATE TABLE schema_migrations (name TEXT PRIMARY KEY, applied_at DOUBLE PRECISION NOT NULL)", ())
+    ]
+    for job_id, state, status, cost, shots, millis, settled in rows:
+        statements += [
+            (
+                "INSERT INTO jobs (id, agent, project, key_id, backend, shots, circuits, n_circuits, qubits, depth, "
+                "two_qubit_gates, fingerprint, estimate_micro_usd, state, created_at, updated_at) "
+                "VALUES (?, 'alice', 'p1', 'k1', 'aer/simulator', 100, '[]', 1, 2, 2, 1, 'f', ?, ?, ?, ?)",
+                (job_id, cost, state, T0, T0),
+            ),
+            (
+                "INSERT INTO ledger (job_id, agent, project, day, month, status, cost_micro_usd, shots, qpu_millis, "
+                "reserved_at, settled_at) VALUES (?, 'alice', 'p1', ?, ?, ?, ?, ?, ?, ?, ?)",
+                (job_id, DAY, MONTH, status, cost, shots, millis, T0, settled),
+            ),
+        ]
+    if database.is_postgres:
+        assert database.url is not None
+        with psycopg.connect(database.url, autocommit=True) as conn:
+            conn.execute(statements[0][0])
+            for name, script in scripts:
+                conn.execute(script.encode())  # several statements: sent as one simple query
+                conn.execute("INSERT INTO schema_migrations VALUES (%s, 0)", (name,))
+            for sql, params in statements[1:]:
+                conn.execute(sql.replace("?", "%s").encode(), params)
+        return
+    assert database.path is not None
+    with closing(sqlite3.connect(database.path)) as db:
+        db.execute(statements[0][0])
+        for name, script in scripts:
+            db.executescript(script)
+            db.execute("INSERT INTO schema_migrations VALUES (?, 0)", (name,))
+        for sql, params in statements[1:]:
+            db.execute(sql, params)
+        db.commit()
+
+
+async def test_the_ledger_moves_into_the_jobs_rows_and_reads_the_same(database: Database) -> None:
+    schema_before_ledger_in_jobs(database)
+    ledger = "SELECT job_id, agent, project, day, month, status, cost_micro_usd, shots, qpu_millis, reserved_at, "
+    ledger += "settled_at FROM ledger ORDER BY job_id"
+    before = query(database, ledger)
+    store = await open_store(database)
+    try:
+        assert query(database, ledger) == before  # the view shows every row as the table held it
+        totals = await store.ledger_totals("agent", "alice", T0)
+        assert totals.reserved["day"] == (1_500_000, 200, 40)
+        assert totals.committed["month"] == (700_000, 100, 12)  # released amounts count nowhere
+        job = await store.get_job("job_r")
+        assert job is not None and (job.ledger_status, job.ledger_micro_usd) == ("reserved", 1_500_000)
+        # The migrated reservation settles as a new one does.
+        assert await store.transition("job_r", JobState.CANCELLED, T0 + 20) is not None
+        assert ledger_row(database, "job_r") == ("released", 1_500_000, 200, 40)
+        assert (await store.ledger_totals("agent", "alice", T0)).reserved == {}
+    finally:
+        await store.close()
 
 
 async def test_reopening_a_migrated_file_keeps_its_rows(database: Database) -> None:

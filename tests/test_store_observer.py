@@ -19,9 +19,9 @@ from limits.aio.strategies import MovingWindowRateLimiter
 from qpu_gateway.audit.chain import ChainVerifier
 from qpu_gateway.errors import RateLimited
 from qpu_gateway.jobs.ratelimit import RateLimiter
+from qpu_gateway.jobs.states import JobState
 from qpu_gateway.keys import Principal
 from qpu_gateway.policy.file import RateRule
-from qpu_gateway.jobs.states import JobState
 from qpu_gateway.store import observer, open_store
 from qpu_gateway.store.observer import RoundTrip
 from qpu_gateway.store.rate_storage import SqliteRateStorage, storage_uri
@@ -90,8 +90,7 @@ async def test_each_call_of_a_jobs_path_reports_its_own_statements_and_round_tri
             [
                 ("admit", "BEGIN IMMEDIATE"),
                 ("admit", "SELECT"),  # every fact admission decides on, in one statement
-                ("admit", "INSERT INTO jobs"),
-                ("admit", "INSERT INTO ledger"),
+                ("admit", "INSERT INTO jobs"),  # with its reservation (the `ledger` columns)
                 ("admit", "INSERT INTO audit"),  # seq, link and hash inside the INSERT
                 ("admit", "COMMIT"),
             ],
@@ -119,8 +118,7 @@ async def test_each_call_of_a_jobs_path_reports_its_own_statements_and_round_tri
         assert recorder.take() == (
             [
                 ("transition", "BEGIN IMMEDIATE"),
-                ("transition", "UPDATE jobs"),
-                ("transition", "UPDATE ledger"),
+                ("transition", "UPDATE jobs"),  # the reservation settled in the same UPDATE
                 ("transition", "INSERT INTO audit"),
                 ("transition", "COMMIT"),
             ],

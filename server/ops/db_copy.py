@@ -1,8 +1,9 @@
 """`qpu-gateway db copy`: move an installation from one database to another through the store seam.
 
-What moves is `records.INSTALLATION_TABLES` (keys, pauses, jobs, ledger, agent turns, the audit
-chain), row for row: seqs, hashes and times as they were, so the old keys work, the old jobs keep
-their ids and queue order, budgets carry over and `audit verify` passes on the target. Rate-limit
+What moves is `records.INSTALLATION_TABLES` (keys, pauses, jobs with their reservations, agent
+turns, the audit chain), row for row: seqs, hashes and times as they were, so the old keys work,
+the old jobs keep their ids and queue order, budgets carry over and `audit verify` passes on the
+target. Rate-limit
 counters stay behind (they describe the last minutes only), as do the policy file and `local.key`,
 which are files, not rows.
 

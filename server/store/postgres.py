@@ -113,40 +113,42 @@ _SETTABLE_TYPES = {
     "submitted_at": "float8",
 }
 # Each settable column takes a (set it?, value) pair of parameters, in _SETTABLE order.
-_TRANSITION = (  # composed of this module's constants only
+_TRANSITION_SET = (  # composed of this module's constants only
     "UPDATE jobs SET state = %s, version = version + 1, updated_at = %s::float8, "  # noqa: S608
     + ", ".join(f"{c} = CASE WHEN %s::bool THEN %s::{_SETTABLE_TYPES[c]} ELSE {c} END" for c in _SETTABLE)
-    + " WHERE id = %s AND state = ANY(%s::text[]) AND (%s::text IS NULL OR lease_owner = %s::text) RETURNING *"
 )
-# A terminal transition settles the job's reservation in the same statement: committed at the job's
-# actual cost and QPU time (the reservation's where it has none), or released. Parameters: the
-# transition's, then paid x3, now.
-_TRANSITION_SETTLE = (
-    "WITH j AS ("
-    + _TRANSITION
-    + """), s AS (
-UPDATE ledger SET
-    status = CASE WHEN %s::bool THEN 'committed' ELSE 'released' END,
-    cost_micro_usd = CASE WHEN %s::bool THEN coalesce(j.actual_cost_micro_usd, ledger.cost_micro_usd)
-        ELSE ledger.cost_micro_usd END,
-    qpu_millis = CASE WHEN %s::bool THEN coalesce(ceil(j.actual_qpu_seconds * 1000)::int8, ledger.qpu_millis)
-        ELSE ledger.qpu_millis END,
-    settled_at = %s::float8
-FROM j WHERE ledger.job_id = j.id AND ledger.status = 'reserved')
-SELECT * FROM j"""
+_TRANSITION_WHERE = (
+    " WHERE id = %s AND state = ANY(%s::text[]) AND (%s::text IS NULL OR lease_owner = %s::text) RETURNING *"
 )
+_TRANSITION = _TRANSITION_SET + _TRANSITION_WHERE
+# A terminal transition settles the job's reservation in the same UPDATE: committed at the job's
+# actual cost and QPU time (this move's where it sets them, else the row's; the reservation's
+# where there are none), or released. The right-hand sides read the row as it was. Parameters,
+# between the transition's columns and its WHERE: paid; paid, (sets the cost?, cost); paid,
+# (sets QPU time?, its milliseconds); now.
+_SETTLE = """, ledger_status = CASE WHEN ledger_status = 'reserved' THEN
+        CASE WHEN %s::bool THEN 'committed' ELSE 'released' END ELSE ledger_status END,
+    ledger_micro_usd = CASE WHEN ledger_status = 'reserved' AND %s::bool
+        THEN coalesce(CASE WHEN %s::bool THEN %s::int8 ELSE actual_cost_micro_usd END, ledger_micro_usd)
+        ELSE ledger_micro_usd END,
+    ledger_qpu_millis = CASE WHEN ledger_status = 'reserved' AND %s::bool
+        THEN coalesce(CASE WHEN %s::bool THEN %s::int8 ELSE ceil(actual_qpu_seconds * 1000)::int8 END,
+                      ledger_qpu_millis)
+        ELSE ledger_qpu_millis END,
+    settled_at = CASE WHEN ledger_status = 'reserved' THEN %s::float8 ELSE settled_at END"""
+_TRANSITION_SETTLE = _TRANSITION_SET + _SETTLE + _TRANSITION_WHERE
 # Parameters: day x3, month x3, who.
 _TOTALS = """
-SELECT status,
-    coalesce(sum(CASE WHEN day = %s THEN cost_micro_usd END), 0)::int8 AS d_cost,
-    coalesce(sum(CASE WHEN day = %s THEN shots END), 0)::int8 AS d_shots,
-    coalesce(sum(CASE WHEN day = %s THEN qpu_millis END), 0)::int8 AS d_qpu,
-    coalesce(sum(CASE WHEN month = %s THEN cost_micro_usd END), 0)::int8 AS m_cost,
-    coalesce(sum(CASE WHEN month = %s THEN shots END), 0)::int8 AS m_shots,
-    coalesce(sum(CASE WHEN month = %s THEN qpu_millis END), 0)::int8 AS m_qpu,
-    coalesce(sum(cost_micro_usd), 0)::int8 AS t_cost, coalesce(sum(shots), 0)::int8 AS t_shots,
-    coalesce(sum(qpu_millis), 0)::int8 AS t_qpu
-FROM ledger WHERE {column} = %s AND status IN ('reserved', 'committed') GROUP BY status
+SELECT ledger_status AS status,
+    coalesce(sum(CASE WHEN ledger_day = %s THEN ledger_micro_usd END), 0)::int8 AS d_cost,
+    coalesce(sum(CASE WHEN ledger_day = %s THEN ledger_shots END), 0)::int8 AS d_shots,
+    coalesce(sum(CASE WHEN ledger_day = %s THEN ledger_qpu_millis END), 0)::int8 AS d_qpu,
+    coalesce(sum(CASE WHEN ledger_month = %s THEN ledger_micro_usd END), 0)::int8 AS m_cost,
+    coalesce(sum(CASE WHEN ledger_month = %s THEN ledger_shots END), 0)::int8 AS m_shots,
+    coalesce(sum(CASE WHEN ledger_month = %s THEN ledger_qpu_millis END), 0)::int8 AS m_qpu,
+    coalesce(sum(ledger_micro_usd), 0)::int8 AS t_cost, coalesce(sum(ledger_shots), 0)::int8 AS t_shots,
+    coalesce(sum(ledger_qpu_millis), 0)::int8 AS t_qpu
+FROM jobs WHERE {column} = %s AND ledger_status IN ('reserved', 'committed') GROUP BY ledger_status
 """
 _TOTALS_BY = {"agent": _TOTALS.replace("{column}", "agent"), "project": _TOTALS.replace("{column}", "project")}
 _COUNTS = (
@@ -219,14 +221,11 @@ _INSERT_JOB = (
     "INSERT INTO jobs (id, agent, project, key_id, name, backend, shots, circuits, n_circuits, "
     "qubits, depth, two_qubit_gates, fingerprint, estimate_micro_usd, state, created_at, updated_at, "
     "priority, idempotency_key, payload_hash, dry_run_of, simulator, pricing_known, "
-    "qpu_seconds_estimate, approval_level, approval_expires_at, approved_by) "
+    "qpu_seconds_estimate, approval_level, approval_expires_at, approved_by, "
+    "ledger_status, ledger_day, ledger_month, ledger_micro_usd, ledger_shots, ledger_qpu_millis) "
     "VALUES (%s, %s, %s, %s, %s::text, %s, %s::int8, %s, %s::int8, %s::int8, %s::int8, %s::int8, %s, %s::int8, "
     "%s, %s::float8, %s::float8, %s::int8, %s::text, %s::text, %s::text, %s::bool, %s::bool, %s::float8, "
-    "%s::text, %s::float8, %s::text) RETURNING *"
-)
-_INSERT_LEDGER = (
-    "INSERT INTO ledger (job_id, agent, project, day, month, status, cost_micro_usd, shots, qpu_millis, "
-    "reserved_at) VALUES (%s, %s, %s, %s, %s, 'reserved', %s::int8, %s::int8, %s::int8, %s::float8)"
+    "%s::text, %s::float8, %s::text, 'reserved', %s, %s, %s::int8, %s::int8, %s::int8) RETURNING *"
 )
 # Admission's locks, project before agent (the order every admission takes them in: no deadlock),
 # in one statement; its select list is evaluated left to right.
@@ -274,13 +273,11 @@ _AUDIT_ROW = (
 _APPEND = "WITH " + _AUDIT_HEAD_CTE.replace("{when}", "") + " " + _AUDIT_ROW
 # A seq no row has, stood in for while the row's JSON is cut around its place.
 _SEQ_MARK = 7_346_019_582_113_904_457
-# The admitted job, its reservation and its audit row, in one statement.
+# The admitted job with its reservation, and its audit row, in one statement.
 _ADMIT = " ".join(  # composed of this module's constants only
     (
         "WITH j AS (",
         _INSERT_JOB,
-        "), l AS (",
-        _INSERT_LEDGER,
         "),",
         _AUDIT_HEAD_CTE.replace("{when}", ""),
         ", a AS (",
@@ -615,15 +612,11 @@ class PostgresStore:
         if job.idempotency_key is not None:
             facts.append((_BY_IDEMPOTENCY_KEY, (job.agent, job.idempotency_key)))
         reservation = (
-            job.id,
-            job.agent,
-            job.project,
             day,
             month,
             job.estimate_micro_usd,
             job.shots * len(job.circuits),
             math.ceil(job.qpu_seconds_estimate * 1000),
-            now,
         )
 
         async def work(tx: Tx, note: Callable[[JobRecord], None]) -> tuple[JobRecord, bool] | Refusal:
@@ -814,14 +807,20 @@ class PostgresStore:
         sources = sorted(s.value for s in allowed)
         entry = audit or AuditEntry(tool=f"job.{new.value}", decision="event")
 
-        paid = new is JobState.SUCCEEDED if charge is None else charge
-        moved = (new.value, now, *pairs, job_id, sources, owner, owner)
+        where = (job_id, sources, owner, owner)
+        if new in TERMINAL:  # the job and its reservation settled in one statement
+            paid = new is JobState.SUCCEEDED if charge is None else charge
+            seconds = values.get("actual_qpu_seconds")
+            settle = (
+                *(paid, paid, "actual_cost_micro_usd" in values, values.get("actual_cost_micro_usd")),
+                *(paid, "actual_qpu_seconds" in values, None if seconds is None else math.ceil(seconds * 1000), now),
+            )
+            moved: Statement = (_TRANSITION_SETTLE, (new.value, now, *pairs, *settle, *where))
+        else:
+            moved = (_TRANSITION, (new.value, now, *pairs, *where))
 
         async def work(tx: Tx, note: Callable[[JobRecord], None]) -> JobRecord | None:
-            if new in TERMINAL:  # the job and its reservation settled in one statement
-                row = await tx.one(_TRANSITION_SETTLE, (*moved, paid, paid, paid, now))
-            else:
-                row = await tx.one(_TRANSITION, moved)
+            row = await tx.one(*moved)
             if row is None:
                 return None
             job = _job(row)

@@ -129,6 +129,15 @@ class JobRecord:
     internal_failures: int = 0  # failures of the gateway itself while running it (each one retried later)
     not_before: float | None = None  # a queued job is not claimed before this (after an internal failure)
     submitted_at: float | None = None  # when its provider accepted it: the wall-clock cap counts from here
+    # Its reservation (the `ledger` view shows these as one row per admitted job): reserved at
+    # admission in the day and month it counts in, then committed at what it cost, or released.
+    ledger_status: str | None = None  # reserved | committed | released
+    ledger_day: str | None = None  # UTC 'YYYY-MM-DD' of admission
+    ledger_month: str | None = None  # 'YYYY-MM'
+    ledger_micro_usd: int | None = None
+    ledger_shots: int | None = None
+    ledger_qpu_millis: int | None = None
+    settled_at: float | None = None
 
     @classmethod
     def from_row(cls, row: Any) -> JobRecord:
@@ -260,8 +269,8 @@ class ProcessReport:
 INSTALLATION_TABLES = {
     "keys": "id",  # agents' keys (hashes): the old keys keep working
     "pauses": "kind, name",  # an operator's kill switch or drain must not lift itself in a move
-    "jobs": "seq",  # every job in every state, with its queue position
-    "ledger": "job_id",  # reservations and committed costs: budgets carry over exactly
+    "jobs": "seq",  # every job in every state, with its queue position and its reservation (the `ledger`
+    # columns: reserved and committed costs, so budgets carry over exactly)
     "agent_turns": "agent",  # round-robin turns, so fair share does not restart in favour of anyone
     "audit": "seq",  # the hash chain, row for row, hashes untouched
 }

@@ -100,35 +100,46 @@ UPDATE jobs SET state = ?, version = version + 1, updated_at = ?,
     actual_qpu_seconds = CASE WHEN ? THEN ? ELSE actual_qpu_seconds END,
     approved_by = CASE WHEN ? THEN ? ELSE approved_by END,
     cancelled_by = CASE WHEN ? THEN ? ELSE cancelled_by END,
-    submitted_at = CASE WHEN ? THEN ? ELSE submitted_at END
+    submitted_at = CASE WHEN ? THEN ? ELSE submitted_at END,
+    {settle}
 WHERE id = ? AND state IN (SELECT value FROM json_each(?)) AND (? IS NULL OR lease_owner = ?)
 RETURNING *
 """
-# A job that ends settles its reservation in the same transaction: a success (or an end the
+# A job that ends settles its reservation in the UPDATE that ends it: a success (or an end the
 # provider charged for, such as a timed-out job it had started) commits the actual figures (the
-# estimate where the provider reported none), anything else releases it.
-_SETTLE = """
-UPDATE ledger SET
-    status = CASE WHEN ? THEN 'committed' ELSE 'released' END,
-    cost_micro_usd = CASE WHEN ? THEN coalesce(?, cost_micro_usd) ELSE cost_micro_usd END,
-    qpu_millis = CASE WHEN ? THEN coalesce(?, qpu_millis) ELSE qpu_millis END,
-    settled_at = ?
-WHERE job_id = ? AND status = 'reserved'
-"""
+# estimate where the provider reported none), anything else releases it. The right-hand sides
+# read the row as it was, so the actual cost and QPU time are this move's where it sets them, else
+# those the row had (QPU seconds rounded up to milliseconds: SQLite has no ceil() of its own).
+# Parameters: paid; paid, (sets the cost?, cost); paid, (sets QPU time?, its milliseconds); now.
+_SETTLE = """ledger_status = CASE WHEN ledger_status = 'reserved' THEN
+        CASE WHEN ? THEN 'committed' ELSE 'released' END ELSE ledger_status END,
+    ledger_micro_usd = CASE WHEN ledger_status = 'reserved' AND ?
+        THEN coalesce(CASE WHEN ? THEN ? ELSE actual_cost_micro_usd END, ledger_micro_usd)
+        ELSE ledger_micro_usd END,
+    ledger_qpu_millis = CASE WHEN ledger_status = 'reserved' AND ?
+        THEN coalesce(CASE WHEN ? THEN ? ELSE CAST(actual_qpu_seconds * 1000 AS INTEGER)
+                      + (actual_qpu_seconds * 1000 > CAST(actual_qpu_seconds * 1000 AS INTEGER)) END,
+                      ledger_qpu_millis)
+        ELSE ledger_qpu_millis END,
+    settled_at = CASE WHEN ledger_status = 'reserved' THEN ? ELSE settled_at END"""
+_TRANSITION_SETTLE = _TRANSITION.replace("{settle}", _SETTLE)
+_TRANSITION = _TRANSITION.replace(",\n    {settle}", "")
+# A reservation's sums by status: today's, this month's and all time's (cost, shots, QPU milliseconds).
+_SUMS = """ledger_status,
+    coalesce(sum(CASE WHEN ledger_day = :day THEN ledger_micro_usd END), 0),
+    coalesce(sum(CASE WHEN ledger_day = :day THEN ledger_shots END), 0),
+    coalesce(sum(CASE WHEN ledger_day = :day THEN ledger_qpu_millis END), 0),
+    coalesce(sum(CASE WHEN ledger_month = :month THEN ledger_micro_usd END), 0),
+    coalesce(sum(CASE WHEN ledger_month = :month THEN ledger_shots END), 0),
+    coalesce(sum(CASE WHEN ledger_month = :month THEN ledger_qpu_millis END), 0),
+    coalesce(sum(ledger_micro_usd), 0), coalesce(sum(ledger_shots), 0), coalesce(sum(ledger_qpu_millis), 0)"""
 _TOTALS = """
-SELECT status,
-    coalesce(sum(CASE WHEN day = :day THEN cost_micro_usd END), 0),
-    coalesce(sum(CASE WHEN day = :day THEN shots END), 0),
-    coalesce(sum(CASE WHEN day = :day THEN qpu_millis END), 0),
-    coalesce(sum(CASE WHEN month = :month THEN cost_micro_usd END), 0),
-    coalesce(sum(CASE WHEN month = :month THEN shots END), 0),
-    coalesce(sum(CASE WHEN month = :month THEN qpu_millis END), 0),
-    coalesce(sum(cost_micro_usd), 0), coalesce(sum(shots), 0), coalesce(sum(qpu_millis), 0)
-FROM ledger WHERE {column} = :who AND status IN ('reserved', 'committed') GROUP BY status
+SELECT {sums}
+FROM jobs WHERE {column} = :who AND ledger_status IN ('reserved', 'committed') GROUP BY ledger_status
 """
 _TOTALS_BY = {
-    "agent": _TOTALS.replace("{column}", "agent"),
-    "project": _TOTALS.replace("{column}", "project"),
+    "agent": _TOTALS.replace("{column}", "agent").replace("{sums}", _SUMS),
+    "project": _TOTALS.replace("{column}", "project").replace("{sums}", _SUMS),
 }
 _COUNTS_BY = {
     "agent": "SELECT coalesce(sum(state IN ('queued', 'pending_approval')), 0), "
@@ -142,22 +153,16 @@ _COUNTS_BY = {
 # Everything admission decides on, in one statement of tagged rows: the agent's and the project's
 # ledger sums (one row per status, as `_TOTALS`), their waiting and running jobs (as `_COUNTS_BY`),
 # the loop guard's count of recent repeats, and the agent's or backend's pause if any.
-_SUMS = """status,
-    coalesce(sum(CASE WHEN day = :day THEN cost_micro_usd END), 0),
-    coalesce(sum(CASE WHEN day = :day THEN shots END), 0),
-    coalesce(sum(CASE WHEN day = :day THEN qpu_millis END), 0),
-    coalesce(sum(CASE WHEN month = :month THEN cost_micro_usd END), 0),
-    coalesce(sum(CASE WHEN month = :month THEN shots END), 0),
-    coalesce(sum(CASE WHEN month = :month THEN qpu_millis END), 0),
-    coalesce(sum(cost_micro_usd), 0), coalesce(sum(shots), 0), coalesce(sum(qpu_millis), 0)"""
 _WAITING_RUNNING = """coalesce(sum(state IN ('queued', 'pending_approval')), 0),
     coalesce(sum(state IN ('submitting', 'running')), 0), 0, 0, 0, 0, 0, 0, 0"""
 _ACTIVE_STATES = "state IN ('queued', 'pending_approval', 'submitting', 'running')"
 _ADMISSION_FACTS = (
     """
-SELECT 'agent', {sums} FROM ledger WHERE agent = :agent AND status IN ('reserved', 'committed') GROUP BY status
+SELECT 'agent', {sums} FROM jobs WHERE agent = :agent AND ledger_status IN ('reserved', 'committed')
+GROUP BY ledger_status
 UNION ALL
-SELECT 'project', {sums} FROM ledger WHERE project = :project AND status IN ('reserved', 'committed') GROUP BY status
+SELECT 'project', {sums} FROM jobs WHERE project = :project AND ledger_status IN ('reserved', 'committed')
+GROUP BY ledger_status
 UNION ALL
 SELECT 'agent_jobs', NULL, {waiting_running} FROM jobs WHERE agent = :agent AND {active}
 UNION ALL
@@ -240,8 +245,10 @@ _INSERT_JOB = (
     "INSERT INTO jobs (id, agent, project, key_id, name, backend, shots, circuits, n_circuits, "
     "qubits, depth, two_qubit_gates, fingerprint, estimate_micro_usd, state, created_at, updated_at, "
     "priority, idempotency_key, payload_hash, dry_run_of, simulator, pricing_known, "
-    "qpu_seconds_estimate, approval_level, approval_expires_at, approved_by) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING *"
+    "qpu_seconds_estimate, approval_level, approval_expires_at, approved_by, "
+    "ledger_status, ledger_day, ledger_month, ledger_micro_usd, ledger_shots, ledger_qpu_millis) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
+    "'reserved', ?, ?, ?, ?, ?) RETURNING *"
 )
 # A key with its agent's pause, if any: one indexed query per call whether or not anyone is paused.
 _KEYS = (
@@ -678,23 +685,9 @@ class SqliteStore:
             refusal = decide(facts)
             if refusal is not None:
                 return refusal
-            row = db.execute(_INSERT_JOB, _job_params(job, now)).fetchone()
+            # The job with its reservation (its `ledger` columns), then its audit row.
+            row = db.execute(_INSERT_JOB, (*_job_params(job, now), *_reservation(job, day, month))).fetchone()
             self._queued_here = self._queued_here or job.state is JobState.QUEUED
-            db.execute(
-                "INSERT INTO ledger (job_id, agent, project, day, month, status, cost_micro_usd, shots, qpu_millis, "
-                "reserved_at) VALUES (?, ?, ?, ?, ?, 'reserved', ?, ?, ?, ?)",
-                (
-                    job.id,
-                    job.agent,
-                    job.project,
-                    day,
-                    month,
-                    job.estimate_micro_usd,
-                    job.shots * len(job.circuits),
-                    math.ceil(job.qpu_seconds_estimate * 1000),
-                    now,
-                ),
-            )
             _insert_audit(db, audit, now)
             return JobRecord.from_row(row), True
 
@@ -850,15 +843,23 @@ class SqliteStore:
         sources = json.dumps(sorted(s.value for s in allowed))
         entry = audit or AuditEntry(tool=f"job.{new.value}", decision="event")
 
+        if new in TERMINAL:
+            paid = new is JobState.SUCCEEDED if charge is None else charge
+            seconds = values.get("actual_qpu_seconds")
+            settle: tuple[Any, ...] = (
+                *(paid, paid, "actual_cost_micro_usd" in values, values.get("actual_cost_micro_usd")),
+                *(paid, "actual_qpu_seconds" in values, None if seconds is None else math.ceil(seconds * 1000), now),
+            )
+            statement = _TRANSITION_SETTLE
+        else:
+            settle, statement = (), _TRANSITION
+        params = (new.value, now, *pairs, *settle, job_id, sources, owner, owner)
+
         def work(db: sqlite3.Connection) -> JobRecord | None:
-            row = db.execute(_TRANSITION, (new.value, now, *pairs, job_id, sources, owner, owner)).fetchone()
+            row = db.execute(statement, params).fetchone()
             if row is None:
                 return None
             job = JobRecord.from_row(row)
-            if new in TERMINAL:
-                paid = new is JobState.SUCCEEDED if charge is None else charge
-                qpu_millis = None if job.actual_qpu_seconds is None else math.ceil(job.actual_qpu_seconds * 1000)
-                db.execute(_SETTLE, (paid, paid, job.actual_cost_micro_usd, paid, qpu_millis, now, job.id))
             _insert_audit(
                 db,
                 AuditEntry(
@@ -1267,6 +1268,18 @@ def _job_params(job: NewJob, now: float) -> tuple[Any, ...]:
         job.approval_level,
         job.approval_expires_at,
         job.approved_by,
+    )
+
+
+def _reservation(job: NewJob, day: str, month: str) -> tuple[str, str, int, int, int]:
+    """What an admitted job reserves, in the day and month it counts in: its estimate, its shots (every
+    circuit's), its estimated QPU time in milliseconds."""
+    return (
+        day,
+        month,
+        job.estimate_micro_usd,
+        job.shots * len(job.circuits),
+        math.ceil(job.qpu_seconds_estimate * 1000),
     )
 
 
