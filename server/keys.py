@@ -23,8 +23,9 @@ from qpu_gateway.store.records import AuditEntry, KeyRecord, Pause
 log = logging.getLogger(__name__)
 
 SCOPES = ("submit", "read", "cancel", "estimate")
-_KEY = re.compile(r"^qpg_([a-z0-9]{12})_([A-Za-z0-9_\-]{43})$")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+_KEY = re.compile(r"\Aqpg_([a-z0-9]{12})_([A-Za-z0-9_\-]{43})\Z")
+# \Z, not $: `$` also matches before a trailing newline, which let "alice\n" through.
+_NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}\Z")
 
 HOW_TO_GET_A_KEY = (
     "Ask the gateway's operator for a key (`qpu-gateway keys create --agent NAME`), then set it as "

@@ -217,6 +217,8 @@ def test_keys_create_prints_the_key_alone_and_listings_never_show_its_secret(cli
         (["--agent", ".hidden"], "agent must be"),
         (["--agent", "a" * 65], "agent must be"),
         (["--agent", "a", "--project", "../etc"], "project must be"),
+        (["--agent", "alice\n"], "agent must be"),
+        (["--agent", "a", "--project", "p\n"], "project must be"),
     ],
     ids=[
         "unknown-scope",
@@ -225,6 +227,8 @@ def test_keys_create_prints_the_key_alone_and_listings_never_show_its_secret(cli
         "agent-starts-with-dot",
         "agent-too-long",
         "bad-project",
+        "agent-with-a-trailing-newline",
+        "project-with-a-trailing-newline",
     ],
 )
 def test_keys_create_refuses_bad_scopes_and_names_with_exit_2_and_creates_nothing(

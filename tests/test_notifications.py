@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -13,6 +14,7 @@ from mcp_types import ResourceUpdatedNotification
 
 from qpu_gateway.config import Config
 from qpu_gateway.jobs.runtime import Gateway
+from qpu_gateway.jobs.states import JobState
 from qpu_gateway.mcp.app import build_server
 
 from .support import BELL2, ERAS, eventually, in_memory
@@ -140,3 +142,27 @@ async def test_a_subscriber_hears_of_changes_made_by_another_process(config: Con
     assert done.structured_content["state"] == "succeeded"
     assert updates and set(updates) == {submitted["uri"]}
     assert not watcher.events._legacy  # forgotten once the job ended
+
+
+async def test_a_wait_that_ends_unfinished_answers_with_the_job_as_stored_not_as_this_process_last_saw_it(
+    config: Config, alice_key: str, tmp_path: Path
+) -> None:
+    """A wait starts from the job as this process last changed it (no read), but an answer that has
+    not ended is read: here another process has taken the job to its provider meanwhile."""
+    held = Config(**{**config.__dict__, "faults": "hold:60", "faults_dir": tmp_path / "books"})
+    watcher, runner = Gateway(held), Gateway(held)
+    async with watcher.running(workers=False), in_memory(watcher, alice_key) as client:
+        submitted = await client.call_tool("submit_job", {"circuit": BELL2, "backend": "faulty/qpu"})
+        job_id = submitted.structured_content["job_id"]
+        async with runner.running():
+
+            async def running_at_the_provider() -> bool:
+                job = await runner.store.get_job(job_id)
+                return job is not None and job.state is JobState.RUNNING
+
+            await eventually(running_at_the_provider)
+            noted = watcher.events.recent(job_id)
+            assert noted is not None and noted.state is JobState.QUEUED  # what this process last did to it
+            answer = await client.call_tool("wait_for_job", {"job_id": job_id, "timeout_s": 0.000001})
+            assert answer.structured_content["state"] == "running"
+            assert (await client.call_tool("cancel_job", {"job_id": job_id})).structured_content["state"] == "cancelled"

@@ -26,7 +26,7 @@ from qpu_gateway.store.records import JobChange, JobRecord
 log = logging.getLogger(__name__)
 
 JOB_URI_PREFIX = "qpu://jobs/"
-SETTLED_KEPT = 1024  # ended jobs remembered, for an agent reading its result soon after
+RECENT_KEPT = 1024  # jobs this process changed, remembered: an agent reads or awaits them soon after
 
 
 def job_uri(job_id: str) -> str:
@@ -58,9 +58,11 @@ class JobEvents:
         self._legacy: dict[str, list[LegacySession]] = {}  # uri -> 2025-era subscribed sessions
         self._versions: dict[str, int] = {}  # last version announced, per watched job
         self._latest: dict[str, JobRecord] = {}  # the job as this process last changed it, per watched job
-        # The last jobs this process ended, as stored: a terminal job never changes again (no
-        # transition leaves a terminal state), so a read of one is served from here.
-        self._settled: OrderedDict[str, JobRecord] = OrderedDict()
+        # The last jobs this process changed, as it stored them (the newest RECENT_KEPT). An ended
+        # one never changes again (no transition leaves a terminal state), so a read of it is served
+        # from here; one still under way may have been moved by another process since, so only a
+        # wait starts from it (it reads the job again within the poll interval).
+        self._recent: OrderedDict[str, JobRecord] = OrderedDict()
 
     # -- who is interested ------------------------------------------------------------------
 
@@ -106,7 +108,13 @@ class JobEvents:
 
     def settled(self, job_id: str) -> JobRecord | None:
         """The job as this process ended it, if it did so lately (it cannot have changed since)."""
-        return self._settled.get(job_id)
+        job = self._recent.get(job_id)
+        return job if job is not None and job.state in TERMINAL else None
+
+    def recent(self, job_id: str) -> JobRecord | None:
+        """The job as this process last changed it, if it did so lately and no other process's later
+        change has been heard of; it may be out of date unless it has ended."""
+        return self._recent.get(job_id)
 
     def changed_event(self, job_id: str) -> anyio.Event:
         """An event set at the job's next change; take it before re-reading the job."""
@@ -121,10 +129,12 @@ class JobEvents:
         """Announce the job as it now is (waiters here take this record instead of reading it again)."""
         if job.id in self._watchers and self._versions.get(job.id, 0) < job.version:
             self._latest[job.id] = job
-        if job.state in TERMINAL:
-            self._settled[job.id] = job
-            if len(self._settled) > SETTLED_KEPT:
-                self._settled.popitem(last=False)
+        known = self._recent.get(job.id)
+        if known is None or known.version <= job.version:
+            self._recent[job.id] = job
+            self._recent.move_to_end(job.id)
+            if len(self._recent) > RECENT_KEPT:
+                self._recent.popitem(last=False)
         await self.job_changed(job.id, job.version, job.state, job=job)
 
     async def job_changed(self, job_id: str, version: int, state: JobState, *, job: JobRecord | None = None) -> None:
@@ -141,6 +151,7 @@ class JobEvents:
             latest = self._latest.get(job_id)
             if latest is not None and latest.version < version:  # another process's change
                 del self._latest[job_id]
+        self._forget_older(job_id, version)
         event = self._changed.pop(job_id, None)
         if event is not None:
             event.set()
@@ -164,6 +175,12 @@ class JobEvents:
             except Exception:  # a listener's trouble must not fail the worker that announced
                 log.exception("a job listener failed")
 
+    def _forget_older(self, job_id: str, version: int) -> None:
+        """A change of the job newer than this process's record of it: that record is out of date."""
+        known = self._recent.get(job_id)
+        if known is not None and known.version < version:
+            del self._recent[job_id]
+
     async def watch_foreign_changes(
         self, store: Store, interval_s: float, wake_workers: Callable[[], None] | None = None
     ) -> None:
@@ -173,6 +190,7 @@ class JobEvents:
         async def pushed(change: JobChange) -> None:
             if change.state is JobState.QUEUED and wake_workers is not None:
                 wake_workers()
+            self._forget_older(change.job_id, change.version)
             if change.job_id in self._watchers and change.version > self._versions.get(change.job_id, 0):
                 await self.job_changed(change.job_id, change.version, change.state)
 

@@ -28,7 +28,7 @@ from qpu_gateway.store import Store
 from qpu_gateway.store.records import AdmissionFacts, Pause
 
 KINDS = ("agent", "backend")
-_BACKEND_ID = re.compile(r"^[a-z][a-z0-9_\-]{0,31}/[A-Za-z0-9][A-Za-z0-9_.:+\-]{0,127}$")
+_BACKEND_ID = re.compile(r"\A[a-z][a-z0-9_\-]{0,31}/[A-Za-z0-9][A-Za-z0-9_.:+\-]{0,127}\Z")
 
 
 class PauseError(Exception):

@@ -33,7 +33,7 @@ from qpu_gateway.policy.quotas import DIMENSIONS, PERIODS, Amounts, cap_units, c
 from qpu_gateway.store import Store
 from qpu_gateway.store.records import JobRecord
 
-_JOB_ID = re.compile(r"^job_[0-9a-f]{20}$")
+_JOB_ID = re.compile(r"\Ajob_[0-9a-f]{20}\Z")
 # Results bigger than this are summarised in get_job; the job resource always has every count.
 MAX_INLINE_CIRCUITS = 20
 MAX_INLINE_OUTCOMES = 64
@@ -97,6 +97,12 @@ async def owned_job(gw: Gateway, who: Principal, job_id: str) -> JobRecord:
     return job
 
 
+def _recently_changed_here(gw: Gateway, who: Principal, job_id: str) -> JobRecord | None:
+    """The caller's job as this process last changed it, if it did lately (perhaps out of date)."""
+    job = gw.events.recent(job_id) if _JOB_ID.match(job_id) else None
+    return job if job is not None and job.agent == who.agent else None
+
+
 def job_view(job: JobRecord, *, full: bool = False) -> models.JobView:
     result = None
     if job.result is not None:
@@ -154,7 +160,13 @@ async def wait_for_job(
     """Return once the job is terminal or `timeout_s` passes, reporting each state change."""
     if not 0 <= timeout_s <= 600:
         raise InvalidArguments("timeout_s must be between 0 and 600 seconds; call again to keep waiting.")
-    job = await owned_job(gw, who, job_id)
+    # A job this process changed lately (it admitted or ran it) is waited on from that record, with
+    # no read: were it out of date (another process moved the job since), the wait hears of the
+    # change or reads the job within the poll interval. An answer that has not ended is always read.
+    job = _recently_changed_here(gw, who, job_id) if timeout_s > 0 else None
+    read = job is None or job.state in TERMINAL
+    if job is None:
+        job = await owned_job(gw, who, job_id)
     deadline = anyio.current_time() + timeout_s
     changes = 0
     last_state: JobState | None = None
@@ -167,6 +179,8 @@ async def wait_for_job(
                 await progress(changes, f"job {job.id} is {job.state.value}")
             remaining = deadline - anyio.current_time()
             if job.state in TERMINAL or remaining <= 0:
+                if not read:
+                    job = await owned_job(gw, who, job_id)
                 return job_view(job)
             changed = gw.events.changed_event(job.id)
             # Re-read at least every poll interval: another process may have moved the job.
@@ -174,6 +188,7 @@ async def wait_for_job(
                 await changed.wait()
             # A change made here comes with the job as stored; another process's is read.
             job = gw.events.latest(job.id, newer_than=job.version) or await owned_job(gw, who, job_id)
+            read = True
     finally:
         gw.events.unwatch(job.id)
 
