@@ -389,7 +389,9 @@ def db_rows(db: Path, query: str, *params: Any) -> list[tuple[Any, ...]]:
 
 def assert_schema_intact(db: Path) -> None:
     tables = {row[0] for row in db_rows(db, "SELECT name FROM sqlite_master WHERE type = 'table'")}
-    assert {"keys", "jobs", "audit", "ledger"} <= tables, tables
+    assert {"keys", "jobs", "audit"} <= tables, tables
+    views = {row[0] for row in db_rows(db, "SELECT name FROM sqlite_master WHERE type = 'view'")}
+    assert views == {"ledger"}, views
     triggers = {row[0] for row in db_rows(db, "SELECT name FROM sqlite_master WHERE type = 'trigger'")}
     assert {"audit_no_update", "audit_no_delete"} <= triggers
     assert db_rows(db, "PRAGMA integrity_check") == [("ok",)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import AsyncIterator, Iterator
-from contextlib import closing
+from contextlib import closing, nullcontext
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
@@ -14,6 +14,7 @@ import anyio
 import psycopg
 import pytest
 
+from qpu_gateway.audit.chain import ChainVerifier
 from qpu_gateway.config import Database
 from qpu_gateway.jobs.states import JobState
 from qpu_gateway.policy.decisions import Refusal
@@ -443,6 +444,55 @@ async def test_a_transition_with_an_owner_needs_that_worker_to_hold_the_lease(st
     assert await store.transition("job_1", JobState.RUNNING, T0 + 1, owner="worker-b") is None
     moved = await store.transition("job_1", JobState.RUNNING, T0 + 1, owner="worker-a")
     assert moved is not None and moved.state is JobState.RUNNING
+
+
+async def test_a_lease_holders_moves_with_the_job_in_hand_are_audited_chained_and_settled(
+    store: Store, database: Database
+) -> None:
+    """With the job as the worker holds it, PostgreSQL writes a move and its audit row in one
+    statement: the rows say what the moves did (the error code the job was left with included),
+    the chain verifies, the reservation settles, and a move that does not apply writes nothing."""
+    await submit(store, new_job("job_h", estimate_micro_usd=4_000))
+    claimed = await store.claim(["aer"], [], "w1", LEASE_S, T0)
+    assert claimed is not None
+    running = await store.transition(
+        "job_h", JobState.RUNNING, T0 + 1, owner="w1", fields={"provider_ref": "p-1"}, held=claimed
+    )
+    assert running is not None and (running.state, running.provider_ref) == (JobState.RUNNING, "p-1")
+    assert await store.transition("job_h", JobState.SUCCEEDED, T0 + 2, owner="w2", held=running) is None
+    failed = await store.transition(
+        "job_h",
+        JobState.FAILED,
+        T0 + 3,
+        owner="w1",
+        fields={"error_code": "provider_error", "error_message": "no", "lease_owner": None},
+        audit=AuditEntry(tool="job.failed", decision="event", detail="the provider said no"),
+        held=running,
+    )
+    assert failed is not None and failed.version == running.version + 1
+
+    audit = await store.audit_tail(limit=10, job_id="job_h")
+    assert [(r.tool, r.agent, r.project, r.error_code, r.at) for r in audit[1:]] == [
+        ("job.claimed", "alice", "default", None, T0),
+        ("job.running", "alice", "default", None, T0 + 1),
+        ("job.failed", "alice", "default", "provider_error", T0 + 3),
+    ]
+    assert audit[-1].detail == "the provider said no"
+    assert ledger_row(database, "job_h") == ("released", 4_000, 100, 0)
+    verifier = ChainVerifier()
+    async for page in store.audit_pages():
+        verifier.feed(page)
+    report = verifier.finish(await store.audit_highest_seq())
+    assert report.intact and report.rows == 4
+    with pytest.raises(ValueError, match="not an error code") if database.is_postgres else nullcontext():
+        await store.transition(
+            "job_h",
+            JobState.FAILED,
+            T0,
+            owner="w1",
+            audit=AuditEntry(tool="t", decision="event", error_code='"x'),
+            held=failed,
+        )
 
 
 async def test_a_transition_cannot_set_columns_outside_its_list(store: Store) -> None:

@@ -484,7 +484,7 @@ class Workers:
         return result
 
     async def _move(self, job: JobRecord, state: JobState, **fields: Any) -> JobRecord | None:
-        moved = await self.store.transition(job.id, state, time.time(), owner=self.owner, fields=fields)
+        moved = await self.store.transition(job.id, state, time.time(), owner=self.owner, fields=fields, held=job)
         if moved is not None:
             await self.events.announce(moved)
         return moved
@@ -527,6 +527,7 @@ class Workers:
             },
             audit=AuditEntry(tool="job.failed", decision="event", error_code=code, detail=message[:500]),
             charge=charge,
+            held=job,
         )
         if moved is not None:
             await self.events.announce(moved)

@@ -213,6 +213,7 @@ class Store(Protocol):
         audit: AuditEntry | None = None,
         from_state: JobState | None = None,
         charge: bool | None = None,
+        held: JobRecord | None = None,
     ) -> JobRecord | None:
         """Move a job to `new` if the transition table allows it from its current state.
 
@@ -220,7 +221,9 @@ class Store(Protocol):
         state. Returns the updated job, or None when the job was not in a state (or lease) that
         allows the move. A move to a terminal state settles the job's reservation in the ledger:
         committed (at the actual figures, else the estimate) for a success or when `charge` is
-        True, released otherwise or when `charge` is False.
+        True, released otherwise or when `charge` is False. `held` is the job as the lease owner
+        last stored it: with it a store may write the move and its audit row in one statement
+        (PostgreSQL does; its agent, project and version are what it needs).
         """
         ...
 

@@ -33,6 +33,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -288,6 +289,29 @@ _ADMIT = " ".join(  # composed of this module's constants only
 _CLAIM += " ".join(  # the audit row only if the claim matched
     (_AUDIT_HEAD_CTE.replace("{when}", " WHERE EXISTS (SELECT 1 FROM c)"), ", a AS (", _AUDIT_ROW, ") SELECT * FROM c")
 )
+# A lease holder's move and its audit row in one statement, committed by itself (`transition` with
+# the job as the caller holds it): as `_APPEND`, the row hashed on the server, but its error code is
+# the one the move leaves on the job (the audit entry's, else the row's), so the JSON comes in three
+# parts around that code and the seq. Parameters: the move's (ending in its WHERE), GENESIS twice,
+# the JSON's first part, the entry's error code, the second and third parts, then the audit row's
+# (`_AUDIT_ROW`'s, with the entry's error code standing for the row's).
+_MOVED_AUDIT = (
+    "h AS (UPDATE audit_head SET prev_hash = coalesce(nullif(audit_head.row_hash, ''), %s), seq = audit_head.seq + 1, "
+    "row_hash = encode(sha256(convert_to(coalesce(nullif(audit_head.row_hash, ''), %s) || %s || "
+    "coalesce(to_json(coalesce(%s::text, j.error_code))::text, 'null') || %s || (audit_head.seq + 1)::text || %s, "
+    "'UTF8')), 'hex') FROM j RETURNING audit_head.seq, audit_head.prev_hash, audit_head.row_hash), "
+    "a AS (INSERT INTO audit (seq, at, agent, project, key_id, tool, decision, error_code, args_hash, job_id, detail, "
+    "operator, prev_hash, row_hash) SELECT h.seq, %s::float8, %s::text, %s::text, %s::text, %s, %s, "
+    "coalesce(%s::text, j.error_code), %s::text, %s::text, %s::text, %s::text, h.prev_hash, h.row_hash FROM h, j) "
+    "SELECT * FROM j"
+)
+_TRANSITION_AUDITED = "WITH j AS (" + _TRANSITION + "), " + _MOVED_AUDIT
+_TRANSITION_SETTLE_AUDITED = "WITH j AS (" + _TRANSITION_SETTLE + "), " + _MOVED_AUDIT
+# A string no error code is, stood in for while the row's JSON is cut around the code's place.
+_CODE_MARK = "qpu-gateway-error-code-7346019582"
+# What an error code may hold: the server quotes it for the row's hash as Python's json does, which
+# is exact for these characters (and the gateway's codes are all such names).
+_ERROR_CODE = re.compile(r"\A[a-z0-9_.:-]*\Z")
 _AUDIT_COLUMNS = (
     "seq, at, agent, project, key_id, tool, decision, error_code, args_hash, job_id, detail, prev_hash, row_hash, "
     "operator"
@@ -413,6 +437,31 @@ class PostgresStore:
             for key in noted:
                 self._own.pop(key, None)
             raise
+
+    async def _alone_announced(
+        self, expected: tuple[str, int], work: Callable[[Tx], Awaitable[Row | None]]
+    ) -> Row | None:
+        """One write statement committed by itself, whose job change (`expected`: the job and the version
+        it should get) its caller announces here: noted before it is sent (its notification can arrive
+        before its answer), forgotten if it fails or wrote another version. Again if aborted as a deadlock."""
+        self._own[expected] = None
+        try:
+            for attempt in range(_RETRIES):
+                try:
+                    row = await self._alone(work)
+                    break
+                except Retry as exc:
+                    if attempt == _RETRIES - 1:
+                        raise StoreError(
+                            f"the database kept aborting the statement: {exc}", retry_after_s=1.0
+                        ) from None
+                    await anyio.sleep(0.01 * 2**attempt)
+        except BaseException:
+            self._own.pop(expected, None)
+            raise
+        if row is None or int(row["version"]) != expected[1]:
+            self._own.pop(expected, None)
+        return row
 
     def rate_namespace(self) -> str:
         return f"qpu:{self._installation}" if self._installation else "qpu"
@@ -795,6 +844,7 @@ class PostgresStore:
         audit: AuditEntry | None = None,
         from_state: JobState | None = None,
         charge: bool | None = None,
+        held: JobRecord | None = None,
     ) -> JobRecord | None:
         values = dict(fields or {})
         unknown = set(values) - set(_SETTABLE)
@@ -818,6 +868,31 @@ class PostgresStore:
             moved: Statement = (_TRANSITION_SETTLE, (new.value, now, *pairs, *settle, *where))
         else:
             moved = (_TRANSITION, (new.value, now, *pairs, *where))
+
+        if owner is not None and held is not None and held.id == job_id:
+            # A lease holder's move: who the job belongs to is known (it never changes), so the audit
+            # row goes in the same statement, committed by itself.
+            code = entry.error_code or None
+            if code is not None and not _ERROR_CODE.match(code):
+                raise ValueError(f"not an error code: {code!r}")
+            statement = _TRANSITION_SETTLE_AUDITED if new in TERMINAL else _TRANSITION_AUDITED
+            audited = AuditEntry(
+                tool=entry.tool,
+                decision=entry.decision,
+                agent=entry.agent or held.agent,
+                project=entry.project or held.project,
+                key_id=entry.key_id,
+                error_code=code,
+                args_hash=entry.args_hash,
+                job_id=job_id,
+                detail=entry.detail,
+                operator=entry.operator,
+            )
+            row = await self._alone_announced(
+                (job_id, held.version + 1),
+                lambda tx: tx.one(statement, (*moved[1], *_moved_audit_params(audited, now))),
+            )
+            return None if row is None else _job(row)
 
         async def work(tx: Tx, note: Callable[[JobRecord], None]) -> JobRecord | None:
             row = await tx.one(*moved)
@@ -1248,6 +1323,18 @@ def _audit_params(entry: AuditEntry, now: float) -> tuple[Any, ...]:
         entry.operator,
     )
     return (*head, *row)
+
+
+def _moved_audit_params(entry: AuditEntry, now: float) -> tuple[Any, ...]:
+    """The parameters of `_MOVED_AUDIT` for the row of a move: as `_audit_params`, with the canonical
+    JSON cut around the error code's place too (the server puts the code the move leaves there)."""
+    marked = dataclasses.replace(entry, error_code=_CODE_MARK)
+    params = _audit_params(marked, now)
+    genesis, genesis_too, before_seq, after_seq = params[:4]
+    first, middle = before_seq.split(f'"{_CODE_MARK}"')
+    row = list(params[4:])
+    row[6] = entry.error_code  # the code column: the entry's, else (in SQL) the one the move leaves
+    return (genesis, genesis_too, first, entry.error_code, middle, after_seq, *row)
 
 
 def _totals_statements(column: Literal["agent", "project"], who: str, day: str, month: str) -> list[Statement]:

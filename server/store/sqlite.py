@@ -831,6 +831,7 @@ class SqliteStore:
         audit: AuditEntry | None = None,
         from_state: JobState | None = None,
         charge: bool | None = None,
+        held: JobRecord | None = None,  # SQLite writes a table a statement: no use for it here
     ) -> JobRecord | None:
         values = dict(fields or {})
         unknown = set(values) - set(_SETTABLE)
