@@ -3,13 +3,16 @@
 Seen in a real run: a handed-back Bell job, picked up by the next stdio process while the agent's
 first submit arrived, failed permanently (`cannot import name 'DAGCircuit' from partially
 initialized module`), the submit was refused `unsupported_backend`, and the failed listing kept
-`aer/simulator` unavailable for a minute. Here that pattern runs 50 times against real
+`aer/simulator` unavailable for a minute. Here that pattern runs 25 times against real
 `qpu-gateway serve --transport stdio` processes on one SQLite file: every reclaimed job and every
-submit must succeed, with no internal failure recorded on the way.
+submit must succeed, with no internal failure recorded on the way. Before the fix 14 starts of 20
+failed, so 25 starts all passing by luck is a chance of about 0.3^25; QPU_GATEWAY_TEST_SESSION_STARTS
+runs a longer soak (50 took 156 s of the suite's 730 s on one of its three workers).
 """
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -23,7 +26,7 @@ from .support import BELL2, ERAS, in_memory, stdio_params
 
 pytestmark = pytest.mark.anyio
 
-STARTS = 50
+STARTS = int(os.environ.get("QPU_GATEWAY_TEST_SESSION_STARTS", "25"))
 GONE = "gone-host:1:dead00"  # the owner of the leases left behind: a process that no longer runs
 
 
@@ -47,7 +50,7 @@ async def leave_a_reclaimable_job(gateway: Gateway, key: str, how: str) -> str:
 
 
 @pytest.mark.slow
-async def test_fifty_session_starts_each_reclaim_a_job_while_a_submit_arrives_with_no_failure(
+async def test_many_session_starts_each_reclaim_a_job_while_a_submit_arrives_with_no_failure(
     config: Config, alice_key: str
 ) -> None:
     ways = ["handed back", "lease expired", "ran, then died"]
