@@ -31,7 +31,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import re
 import time
@@ -66,6 +65,8 @@ from qpu_gateway.store.records import (
     TablePage,
     ledger_periods,
     not_empty,
+    reservation,
+    settlement,
 )
 
 log = logging.getLogger(__name__)
@@ -367,15 +368,12 @@ class PostgresStore:
 
     async def _write(self, work: Callable[[Tx], Awaitable[T]]) -> T:
         """Run `work` in one transaction: all of it or none, again if the server aborted it as a deadlock."""
-        for attempt in range(_RETRIES):
-            try:
-                async with self._db.transaction() as tx:
-                    return await work(tx)
-            except Retry as exc:
-                if attempt == _RETRIES - 1:
-                    raise StoreError(f"the database kept aborting the transaction: {exc}", retry_after_s=1.0) from None
-                await anyio.sleep(0.01 * 2**attempt)
-        raise AssertionError("unreachable")
+
+        async def once() -> T:
+            async with self._db.transaction() as tx:
+                return await work(tx)
+
+        return await _retrying(once, "transaction")
 
     # -- migrations -------------------------------------------------------------------------
 
@@ -446,16 +444,7 @@ class PostgresStore:
         before its answer), forgotten if it fails or wrote another version. Again if aborted as a deadlock."""
         self._own[expected] = None
         try:
-            for attempt in range(_RETRIES):
-                try:
-                    row = await self._alone(work)
-                    break
-                except Retry as exc:
-                    if attempt == _RETRIES - 1:
-                        raise StoreError(
-                            f"the database kept aborting the statement: {exc}", retry_after_s=1.0
-                        ) from None
-                    await anyio.sleep(0.01 * 2**attempt)
+            row = await _retrying(lambda: self._alone(work), "statement")
         except BaseException:
             self._own.pop(expected, None)
             raise
@@ -660,13 +649,6 @@ class PostgresStore:
         ]
         if job.idempotency_key is not None:
             facts.append((_BY_IDEMPOTENCY_KEY, (job.agent, job.idempotency_key)))
-        reservation = (
-            day,
-            month,
-            job.estimate_micro_usd,
-            job.shots * len(job.circuits),
-            math.ceil(job.qpu_seconds_estimate * 1000),
-        )
 
         async def work(tx: Tx, note: Callable[[JobRecord], None]) -> tuple[JobRecord, bool] | Refusal:
             # One round trip with a pipelining driver: both locks, then every fact, read under them
@@ -688,7 +670,9 @@ class PostgresStore:
             if refusal is not None:
                 return refusal
             # The job, its reservation and its audit row: one statement.
-            row = await tx.one(_ADMIT, (*_job_params(job, now), *reservation, *_audit_params(audit, now)))
+            row = await tx.one(
+                _ADMIT, (*_job_params(job, now), *reservation(job, day, month), *_audit_params(audit, now))
+            )
             assert row is not None
             stored = _job(row)
             note(stored)  # admission announces it here, and wakes this process's workers
@@ -859,12 +843,7 @@ class PostgresStore:
 
         where = (job_id, sources, owner, owner)
         if new in TERMINAL:  # the job and its reservation settled in one statement
-            paid = new is JobState.SUCCEEDED if charge is None else charge
-            seconds = values.get("actual_qpu_seconds")
-            settle = (
-                *(paid, paid, "actual_cost_micro_usd" in values, values.get("actual_cost_micro_usd")),
-                *(paid, "actual_qpu_seconds" in values, None if seconds is None else math.ceil(seconds * 1000), now),
-            )
+            settle = settlement(new is JobState.SUCCEEDED if charge is None else charge, values, now)
             moved: Statement = (_TRANSITION_SETTLE, (new.value, now, *pairs, *settle, *where))
         else:
             moved = (_TRANSITION, (new.value, now, *pairs, *where))
@@ -1323,6 +1302,19 @@ def _audit_params(entry: AuditEntry, now: float) -> tuple[Any, ...]:
         entry.operator,
     )
     return (*head, *row)
+
+
+async def _retrying(run: Callable[[], Awaitable[T]], what: str) -> T:
+    """`run()`, again (at most `_RETRIES` times, backing off) while the server aborts it as a deadlock
+    or a serialization failure."""
+    for attempt in range(_RETRIES):
+        try:
+            return await run()
+        except Retry as exc:
+            if attempt == _RETRIES - 1:
+                raise StoreError(f"the database kept aborting the {what}: {exc}", retry_after_s=1.0) from None
+            await anyio.sleep(0.01 * 2**attempt)
+    raise AssertionError("unreachable")
 
 
 def _moved_audit_params(entry: AuditEntry, now: float) -> tuple[Any, ...]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
@@ -298,6 +299,28 @@ def ledger_periods(now: float) -> tuple[str, str]:
     """The UTC day and month a reservation made at `now` counts in (the ledger's `day`, `month`)."""
     moment = datetime.fromtimestamp(now, UTC)
     return moment.strftime("%Y-%m-%d"), moment.strftime("%Y-%m")
+
+
+def reservation(job: NewJob, day: str, month: str) -> tuple[str, str, int, int, int]:
+    """What an admitted job reserves (its `ledger` columns after the status), in the day and month it
+    counts in: its estimate, its shots (every circuit's), its estimated QPU time in milliseconds."""
+    return (
+        day,
+        month,
+        job.estimate_micro_usd,
+        job.shots * len(job.circuits),
+        math.ceil(job.qpu_seconds_estimate * 1000),
+    )
+
+
+def settlement(paid: bool, values: Mapping[str, Any], now: float) -> tuple[Any, ...]:
+    """The parameters of a store's settle clause for a move to an end: paid; paid, (sets the cost?,
+    cost); paid, (sets QPU time?, its milliseconds rounded up); now. `values` are the move's fields."""
+    seconds = values.get("actual_qpu_seconds")
+    return (
+        *(paid, paid, "actual_cost_micro_usd" in values, values.get("actual_cost_micro_usd")),
+        *(paid, "actual_qpu_seconds" in values, None if seconds is None else math.ceil(seconds * 1000), now),
+    )
 
 
 def not_empty(held: Mapping[str, int]) -> str:

@@ -13,7 +13,6 @@ import dataclasses
 import functools
 import json
 import logging
-import math
 import os
 import sqlite3
 import threading
@@ -52,6 +51,8 @@ from qpu_gateway.store.records import (
     TablePage,
     ledger_periods,
     not_empty,
+    reservation,
+    settlement,
 )
 from qpu_gateway.store.sqlite_thread import (
     Busy,
@@ -686,7 +687,7 @@ class SqliteStore:
             if refusal is not None:
                 return refusal
             # The job with its reservation (its `ledger` columns), then its audit row.
-            row = db.execute(_INSERT_JOB, (*_job_params(job, now), *_reservation(job, day, month))).fetchone()
+            row = db.execute(_INSERT_JOB, (*_job_params(job, now), *reservation(job, day, month))).fetchone()
             self._queued_here = self._queued_here or job.state is JobState.QUEUED
             _insert_audit(db, audit, now)
             return JobRecord.from_row(row), True
@@ -845,12 +846,7 @@ class SqliteStore:
         entry = audit or AuditEntry(tool=f"job.{new.value}", decision="event")
 
         if new in TERMINAL:
-            paid = new is JobState.SUCCEEDED if charge is None else charge
-            seconds = values.get("actual_qpu_seconds")
-            settle: tuple[Any, ...] = (
-                *(paid, paid, "actual_cost_micro_usd" in values, values.get("actual_cost_micro_usd")),
-                *(paid, "actual_qpu_seconds" in values, None if seconds is None else math.ceil(seconds * 1000), now),
-            )
+            settle = settlement(new is JobState.SUCCEEDED if charge is None else charge, values, now)
             statement = _TRANSITION_SETTLE
         else:
             settle, statement = (), _TRANSITION
@@ -1269,18 +1265,6 @@ def _job_params(job: NewJob, now: float) -> tuple[Any, ...]:
         job.approval_level,
         job.approval_expires_at,
         job.approved_by,
-    )
-
-
-def _reservation(job: NewJob, day: str, month: str) -> tuple[str, str, int, int, int]:
-    """What an admitted job reserves, in the day and month it counts in: its estimate, its shots (every
-    circuit's), its estimated QPU time in milliseconds."""
-    return (
-        day,
-        month,
-        job.estimate_micro_usd,
-        job.shots * len(job.circuits),
-        math.ceil(job.qpu_seconds_estimate * 1000),
     )
 
 
