@@ -110,22 +110,26 @@ def classify(exc: BaseException) -> AdapterError:
     if isinstance(exc, HttpResponseError) and exc.status_code is not None:
         status = int(exc.status_code)
         code = _error_code(exc)
+        said = code or f"http_{status}"
         detail = f"Azure Quantum answered HTTP {status}" + (f" ({code})" if code else "")
         if code and code.lower() in QUOTA_ERROR_CODES:
-            return QuotaError(f"{detail}: the workspace's provider quota is used up.")
+            return QuotaError(f"{detail}: the workspace's provider quota is used up.", code=said)
         cls = HTTP_STATUS_CLASSES.get(status, TransientError if status >= 500 else PermanentError)
         if cls is TransientError:
-            return TransientError(f"{detail}; retrying later.")
+            return TransientError(f"{detail}; retrying later.", code=said)
         if status in (401, 403):
-            return PermanentError(f"{detail}: the gateway's Azure credential was refused; an operator must fix it.")
-        return PermanentError(f"{detail}: {_safe_message(exc)}")
+            return PermanentError(
+                f"{detail}: the gateway's Azure credential was refused; an operator must fix it.", code=said
+            )
+        return PermanentError(f"{detail}: {_safe_message(exc)}", code=said)
+    name = type(exc).__name__
     if isinstance(exc, ClientAuthenticationError):  # azure-identity found no usable credential
         return PermanentError(
-            "Azure sign-in failed: the gateway has no usable Azure credential; an operator must fix it."
+            "Azure sign-in failed: the gateway has no usable Azure credential; an operator must fix it.", code=name
         )
     if isinstance(exc, TimeoutError) or any(cls.__name__ in TRANSPORT_ERRORS for cls in type(exc).__mro__):
-        return TransientError(f"Azure Quantum could not be reached ({type(exc).__name__}); retrying later.")
-    return PermanentError(f"Azure Quantum call failed ({type(exc).__name__}).")
+        return TransientError(f"Azure Quantum could not be reached ({name}); retrying later.", code=name)
+    return PermanentError(f"Azure Quantum call failed ({name}).", code=name)
 
 
 def _error_code(exc: Any) -> str | None:

@@ -107,7 +107,24 @@ class Usage:
 
 
 class AdapterError(Exception):
-    """A provider failure, already classified; the message is safe to show an agent."""
+    """A provider failure, already classified; the message is safe to show an agent.
+
+    `code` is the provider's own word for it where it gives one (an HTTP status as `http_503`, an
+    AWS error code such as `ThrottlingException`, an SDK exception's class name): it goes into the
+    job's timeline, its trace and a metric label, so it is cut to a short token of safe characters.
+    """
+
+    def __init__(self, message: str = "", *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.code = provider_code(code)
+
+
+def provider_code(raw: object) -> str | None:
+    """`raw` as a provider code: letters, digits and `_.:-` only, at most 64 characters; None if empty."""
+    if raw is None:
+        return None
+    text = "".join(ch if ch.isascii() and (ch.isalnum() or ch in "_.:-") else "_" for ch in str(raw).strip())[:64]
+    return text.strip("_") or None
 
 
 class TransientError(AdapterError):

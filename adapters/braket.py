@@ -197,14 +197,15 @@ def classify(exc: BaseException) -> AdapterError:
         status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
         kind = ERROR_CLASSES.get(code) or (TransientError if status >= 500 else PermanentError)
         message = _scrub(str(error.get("Message") or ""))[:300]
-        return kind(f"Braket {code}: {message}" if message else f"Braket {code}")
+        return kind(f"Braket {code}: {message}" if message else f"Braket {code}", code=code)
+    name = type(exc).__name__
     if isinstance(exc, (EndpointConnectionError, BotoConnectTimeout, ReadTimeoutError, ConnectionClosedError)):
-        return TransientError(f"Braket could not be reached ({type(exc).__name__}); will retry")
+        return TransientError(f"Braket could not be reached ({name}); will retry", code=name)
     if isinstance(exc, TimeoutError):
-        return TransientError("Braket did not answer in time; will retry")
+        return TransientError("Braket did not answer in time; will retry", code="timeout")
     if isinstance(exc, NoCredentialsError):
-        return PermanentError(f"No AWS credentials: set {_CREDENTIALS_HINT}.")
-    return PermanentError(f"Braket failed: {type(exc).__name__}: {_scrub(_first_line(exc))}")
+        return PermanentError(f"No AWS credentials: set {_CREDENTIALS_HINT}.", code=name)
+    return PermanentError(f"Braket failed: {name}: {_scrub(_first_line(exc))}", code=name)
 
 
 @dataclass(frozen=True, slots=True)

@@ -415,7 +415,7 @@ class FaultyAdapter:
             return await self._aer.result(ref)
         _, run = await self._run_of(ref)
         if run is None or run[0] is None:
-            raise TransientError("the provider has no result for this job yet")
+            raise TransientError("the provider has no result for this job yet", code="result_not_ready")
         counts = tuple(json.loads(run[0]))
         return Result(counts=counts, cost_micro_usd=run[2], metadata={"provider": "faulty"})
 
@@ -442,11 +442,11 @@ class FaultyAdapter:
 
 def _raise_for(kind: str) -> None:
     if kind == "transient":
-        raise TransientError("injected transient fault (HTTP 503 from the provider)")
+        raise TransientError("injected transient fault (HTTP 503 from the provider)", code="http_503")
     if kind == "quota":
-        raise QuotaError("injected provider quota fault: monthly allocation used up")
+        raise QuotaError("injected provider quota fault: monthly allocation used up", code="allocation_exhausted")
     if kind == "permanent":
-        raise PermanentError("injected permanent fault: the provider rejected the circuit")
+        raise PermanentError("injected permanent fault: the provider rejected the circuit", code="circuit_rejected")
 
 
 def _spec_json(job: JobSpec, *, hang: bool = False) -> str:

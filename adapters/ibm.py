@@ -175,29 +175,35 @@ def classify(exc: BaseException) -> AdapterError:
     """
     pass_internal(exc)
     if isinstance(exc, AdapterError):
-        return type(exc)(scrub(str(exc)))
-    message = describe(exc)
+        return type(exc)(scrub(str(exc)), code=exc.code)
+    kind = _kind_of(exc)
+    status = status_code_of(exc)
+    return kind(describe(exc), code=f"http_{status}" if status is not None else type(exc).__name__)
+
+
+def _kind_of(exc: BaseException) -> type[AdapterError]:
+    """Which kind of failure an SDK exception is: transient, quota or permanent."""
     lowered = " ".join(str(link) for link in _chain(exc)).lower()
     for phrase, kind in QUOTA_PHRASES.items():
         if phrase in lowered:
-            return kind(message)
+            return kind
     code = status_code_of(exc)
     if code is not None and code in HTTP_STATUS_ERRORS:
-        return HTTP_STATUS_ERRORS[code](message)
+        return HTTP_STATUS_ERRORS[code]
     # The SDK reports an IAM or API it cannot reach as a bad account (InvalidAccountError, "Unable
     # to retrieve instances") caused by the connection error: the network failed, not the account.
     if any(cls.__name__ in TRANSPORT_CAUSES for link in _chain(exc)[1:] for cls in type(link).__mro__):
-        return TransientError(message)
+        return TransientError
     for link in _chain(exc):
         for cls in type(link).__mro__:
             if cls.__name__ in EXCEPTION_ERRORS:
-                return EXCEPTION_ERRORS[cls.__name__](message)
+                return EXCEPTION_ERRORS[cls.__name__]
     for phrase, kind in MESSAGE_ERRORS.items():
         if phrase in lowered:
-            return kind(message)
+            return kind
     if code is not None and code >= 500:
-        return TransientError(message)
-    return PermanentError(message)
+        return TransientError
+    return PermanentError
 
 
 def describe(exc: BaseException) -> str:

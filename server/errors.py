@@ -57,6 +57,11 @@ class LimitExceeded(GatewayError):
 
 class RateLimited(GatewayError):
     code = "rate_limited"
+    rule: str | None = None  # the policy rule that refused (a metric label; the message names it too)
+
+    def by_rule(self, rule: str) -> RateLimited:
+        self.rule = rule
+        return self
 
 
 class QuotaExhausted(GatewayError):

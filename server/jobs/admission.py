@@ -46,6 +46,7 @@ from qpu_gateway.policy.guards import check_loop, check_priority
 from qpu_gateway.policy.pricing import JobShape, estimate_cost, format_usd, price_for, to_micro_usd
 from qpu_gateway.policy.quotas import DIMENSIONS, PERIODS, Amounts, Usage, cap_units, caps_of, check_quota
 from qpu_gateway.store.records import AdmissionFacts, AuditEntry, JobRecord, LedgerTotals, NewJob
+from qpu_gateway.telemetry import tracing
 
 log = logging.getLogger(__name__)
 
@@ -313,6 +314,19 @@ async def submit_job(
     gw: Gateway, who: Principal, request: JobRequest, audit: AuditEntry, answer: Answer, memo: Memo | None = None
 ) -> models.Submitted:
     """Admit and durably queue a job, or hold it for approval, or refuse it with a code."""
+    with tracing.span("job.admission", qpu_gateway__backend=request.backend) as span:
+        try:
+            submitted = await _submit_job(gw, who, request, audit, answer, memo)
+        except GatewayError as exc:
+            span.set(error__type=exc.code, qpu_gateway__job__id=exc.job_id)
+            raise
+        span.set(qpu_gateway__job__id=submitted.job_id, qpu_gateway__state=submitted.state)
+        return submitted
+
+
+async def _submit_job(
+    gw: Gateway, who: Principal, request: JobRequest, audit: AuditEntry, answer: Answer, memo: Memo | None
+) -> models.Submitted:
     if request.name is not None and len(request.name) > 200:
         raise InvalidArguments("`name` is limited to 200 characters.")
     if request.idempotency_key is not None and not 1 <= len(request.idempotency_key) <= 200:
@@ -374,6 +388,7 @@ async def submit_job(
         approval_level=level if state is JobState.PENDING_APPROVAL or approved_by else None,
         approval_expires_at=time.time() + a.rules.approval_ttl if state is JobState.PENDING_APPROVAL else None,
         approved_by=approved_by,
+        trace_parent=tracing.current_traceparent(),
     )
     rules, amounts = a.rules, a.amounts
 

@@ -22,7 +22,7 @@ async def approve(store: Store, job_id: str, *, by: str) -> JobRecord:
         job_id,
         JobState.QUEUED,
         time.time(),
-        fields={"approved_by": f"operator {by}"},
+        fields={"approved_by": f"operator {by}", "queued_at": time.time()},
         audit=operator_entry("approvals.approve", by, detail=f"approved by operator {by}"),
         from_state=JobState.PENDING_APPROVAL,
     )

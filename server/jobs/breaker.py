@@ -28,6 +28,11 @@ class Breakers:
         self.threshold = threshold
         self.cooldown_s = cooldown_s
         self._by_backend: dict[str, _Breaker] = {}
+        self._seen: set[str] = set()  # every backend this process ran a job on: its breaker is a metric
+
+    def states(self) -> dict[str, State]:
+        """Each backend this process has run jobs on, and its breaker's state now."""
+        return {backend: self.state(backend) for backend in sorted(self._seen | set(self._by_backend))}
 
     def state(self, backend: str) -> State:
         breaker = self._by_backend.get(backend)
@@ -47,6 +52,7 @@ class Breakers:
 
     def started(self, backend: str) -> None:
         """A job for `backend` was claimed; when half-open, it is the probe."""
+        self._seen.add(backend)
         if self.state(backend) == "half_open":
             self._by_backend[backend].probing = True
 

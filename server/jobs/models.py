@@ -109,6 +109,23 @@ class JobError(Model):
     message: str
 
 
+class TimelineEvent(Model):
+    at: str
+    event: str = Field(
+        description="admitted, held, asked, approved, denied, claimed, retry, running, requeued, handed_back, "
+        "succeeded, failed, cancelled, rejected or expired."
+    )
+    code: str | None = Field(default=None, description="The error code of a refusal or failure.")
+    detail: str | None = Field(default=None, description="What happened: a retry's provider code and wait, a cost.")
+
+
+class Timeline(Model):
+    events: list[TimelineEvent] = Field(description="The job's events, oldest first.")
+    omitted: int = Field(
+        default=0, description="Events left out of the middle to keep this short (`qpu-gateway jobs show` has all)."
+    )
+
+
 class JobResult(Model):
     counts: list[dict[str, dict[str, int]]] = Field(
         description="Per circuit, in submission order: classical register name -> {bitstring: count}."
@@ -127,8 +144,26 @@ def _inline_nullable(model: type[BaseModel]) -> WithJsonSchema:
     that work. The Python SDK's client validated a get_job result in 133-135 us with the nested
     models as pydantic writes them, 98-106 us written out (the same schema).
     """
-    schema = model.model_json_schema()
+    schema = _resolved(model.model_json_schema())
     return WithJsonSchema({**schema, "type": ["object", "null"]})
+
+
+def _resolved(schema: dict[str, Any]) -> dict[str, Any]:
+    """`schema` with each `$ref` to its own `$defs` written out in place, and no `$defs` left."""
+    defs = schema.get("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return inline(defs[ref.removeprefix("#/$defs/")])
+            return {key: inline(value) for key, value in node.items() if key != "$defs"}
+        if isinstance(node, list):
+            return [inline(item) for item in node]
+        return node
+
+    resolved: dict[str, Any] = inline(schema)
+    return resolved
 
 
 class JobView(Model):
@@ -152,6 +187,9 @@ class JobView(Model):
     attempts: int = Field(description="Provider submissions tried, retries included.")
     error: Annotated[JobError | None, _inline_nullable(JobError)] = None
     result: Annotated[JobResult | None, _inline_nullable(JobResult)] = None
+    timeline: Annotated[Timeline | None, _inline_nullable(Timeline)] = Field(
+        default=None, description="The job's events in order, when get_job was asked for them (timeline: true)."
+    )
     uri: str
 
 

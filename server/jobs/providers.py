@@ -66,6 +66,13 @@ class Providers:
         provider, _, _ = backend_id.partition("/")
         return self.adapters.get(provider)
 
+    def listed(self, backend_id: str) -> bool:
+        """Whether a listing of its provider, as last read here, named `backend_id` (no I/O): a metric
+        labels only backends that exist, so a caller naming new ones cannot grow the label set."""
+        provider, _, _ = backend_id.partition("/")
+        cached = self._cache.get(provider)
+        return cached is not None and isinstance(cached[1], list) and any(b.id == backend_id for b in cached[1])
+
     async def _provider_backends(self, name: str) -> tuple[list[Backend] | str, float]:
         """The provider's backends, or why it could not list them; and how long that answer holds."""
         lock = self._locks.setdefault(name, anyio.Lock())

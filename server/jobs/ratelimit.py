@@ -156,7 +156,7 @@ class RateLimiter:
                 f"This call counts {cost} against the limit {rule.limit} ({rule.per}), which can never admit it. "
                 "Split the job.",
                 retry_after_s=None,
-            )
+            ).by_rule(rule.id)
         deadline = time.monotonic() + rule.max_wait_s
         waited = 0
         while True:
@@ -176,7 +176,7 @@ class RateLimiter:
                     f"Rate limit {rule.limit} per {rule.per} reached (rule {rule.id}). Retry after "
                     f"{math.ceil(retry_after)} s; if you are looping, stop and check your earlier results.",
                     retry_after_s=retry_after,
-                )
+                ).by_rule(rule.id)
             waited += 1
             if progress is not None:
                 await progress(waited, f"waiting {retry_after:.1f} s for rate limit {rule.limit} per {rule.per}")

@@ -24,6 +24,8 @@ from qpu_gateway.policy.file import Policy
 from qpu_gateway.policy.storm import StormWatch
 from qpu_gateway.store import Store, StoreError, open_store
 from qpu_gateway.store.records import AuditEntry
+from qpu_gateway.telemetry.metrics import GatewayMetrics
+from qpu_gateway.telemetry.snapshots import Publisher
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +42,16 @@ class Gateway:
         self.policy_source = PolicySource(config.policy_path)
         self.audit_spool = AuditSpool()
         self.storms = StormWatch()
+        self.metrics = GatewayMetrics(backend_known=self.providers.listed, breakers=self._breaker_states)
+        self.events.listen(self.metrics)
         self._store: Store | None = None
         self._workers: Workers | None = None
         self._rate_limiter: RateLimiter | None = None
         self._processes: ProcessReporter | None = None
+
+    def _breaker_states(self) -> dict[str, str]:
+        workers = getattr(self, "_workers", None)  # asked once while __init__ runs, before workers exist
+        return dict(workers.breakers.states()) if workers is not None else {}
 
     @property
     def policy(self) -> Policy:
@@ -85,7 +93,7 @@ class Gateway:
         store = await open_store(self.config.database)
         await self._say_which_database(store)
         self._store = store
-        self._workers = Workers(self.config, store, self.providers, self.events, lambda: self.policy)
+        self._workers = Workers(self.config, store, self.providers, self.events, lambda: self.policy, self.metrics)
         self._rate_limiter = RateLimiter(rate_storage, namespace=store.rate_namespace())
         self._processes = ProcessReporter(store, self.policy_source, self._workers.owner, self.serving)
         try:
@@ -97,6 +105,7 @@ class Gateway:
                 tg.start_soon(self.policy_source.watch, CHECK_INTERVAL_S, self._audit_reload)
                 tg.start_soon(self._expire_approvals)
                 tg.start_soon(self._flush_audit_spool)
+                tg.start_soon(Publisher(store, self.metrics.registry, self._workers.owner).run)
                 log.info("gateway running", extra={"db": str(self.config.database), "worker": self._workers.owner})
                 try:
                     yield self

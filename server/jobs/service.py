@@ -25,6 +25,7 @@ from qpu_gateway.jobs.events import job_uri
 from qpu_gateway.jobs.pauses import backend_paused_message
 from qpu_gateway.jobs.runtime import Gateway
 from qpu_gateway.jobs.states import TERMINAL, JobState
+from qpu_gateway.jobs.timeline import job_timeline
 from qpu_gateway.keys import Principal
 from qpu_gateway.policy.admission import backend_allowed
 from qpu_gateway.policy.file import Policy, Quota, Rules
@@ -150,8 +151,12 @@ def _result_view(job: JobRecord, *, full: bool) -> models.JobResult:
     return models.JobResult(counts=summary, truncated=True, full_result_uri=job_uri(job.id))
 
 
-async def get_job(gw: Gateway, who: Principal, job_id: str) -> models.JobView:
-    return job_view(await owned_job(gw, who, job_id))
+async def get_job(gw: Gateway, who: Principal, job_id: str, *, timeline: bool = False) -> models.JobView:
+    job = await owned_job(gw, who, job_id)
+    view = job_view(job)
+    if timeline:
+        view.timeline = await job_timeline(gw.store, job)
+    return view
 
 
 async def wait_for_job(

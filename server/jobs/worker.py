@@ -45,12 +45,14 @@ from qpu_gateway.jobs import cancellation
 from qpu_gateway.jobs.breaker import Breakers
 from qpu_gateway.jobs.events import JobEvents
 from qpu_gateway.jobs.providers import Providers
-from qpu_gateway.jobs.states import JobState
+from qpu_gateway.jobs.states import TERMINAL, JobState
 from qpu_gateway.policy.file import Policy
 from qpu_gateway.policy.pricing import cost_of_usage, format_usd, price_for
 from qpu_gateway.policy.quotas import may_start
 from qpu_gateway.store import Store, StoreError
 from qpu_gateway.store.records import AuditEntry, Candidate, JobRecord
+from qpu_gateway.telemetry import tracing
+from qpu_gateway.telemetry.metrics import GatewayMetrics, ProviderCall
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -66,9 +68,16 @@ INTERNAL_RETRY_MAX_WAIT_S = 300.0
 
 class Workers:
     def __init__(
-        self, config: Config, store: Store, providers: Providers, events: JobEvents, policy: Callable[[], Policy]
+        self,
+        config: Config,
+        store: Store,
+        providers: Providers,
+        events: JobEvents,
+        policy: Callable[[], Policy],
+        metrics: GatewayMetrics | None = None,
     ) -> None:
         self.config = config
+        self.metrics = metrics or GatewayMetrics()
         self.policy = policy
         self.store = store
         self.providers = providers
@@ -242,7 +251,7 @@ class Workers:
 
     async def _run(self, job: JobRecord, scope: anyio.CancelScope) -> None:
         try:
-            with scope:
+            with scope, tracing.job_run(job, time.time()):
                 await self._drive(job)
         except StoreError as exc:
             # The database refused a write (busy, read-only, full), so the job's progress was not
@@ -273,10 +282,10 @@ class Workers:
         spec = JobSpec(job_id=job.id, backend=job.backend, circuits=job.circuits, shots=job.shots)
         try:
             if job.provider_ref is None:
-                ref = await self._with_retries(job, lambda: adapter.submit(spec), count_attempts=True)
+                ref = await self._with_retries(job, "submit", lambda: adapter.submit(spec))
                 if getattr(adapter, "runs_in_submit", False):
                     # It has run already: one write stores the result (none if it was cancelled meanwhile).
-                    result = await self._with_retries(job, lambda: adapter.result(ref), count_attempts=False)
+                    result = await self._with_retries(job, "result", lambda: adapter.result(ref))
                     await self._settle_success(job, result, provider_ref=ref.provider_job_id)
                     return
                 moved = await self._move(
@@ -293,9 +302,9 @@ class Workers:
                 return
             await self._settle_success(job, outcome)
         except QuotaError as exc:
-            await self._settle_failure(job, "quota_exhausted", f"The provider's quota is exhausted: {exc}")
+            await self._settle_failure(job, "quota_exhausted", f"The provider's quota is exhausted: {exc}{_said(exc)}")
         except PermanentError as exc:
-            await self._settle_failure(job, "provider_error", str(exc))
+            await self._settle_failure(job, "provider_error", f"{exc}{_said(exc)}")
         except TransientError as exc:
             if self.breakers.is_open(job.backend):
                 # The backend's breaker opened while this job retried: it waits for the backend
@@ -310,7 +319,7 @@ class Workers:
                 return
             tried = await self.store.get_job(job.id)
             attempts = tried.attempts if tried is not None else self.config.retry_max_tries
-            await self._settle_failure(job, "provider_error", f"Gave up after {attempts} attempt(s): {exc}")
+            await self._settle_failure(job, "provider_error", f"Gave up after {attempts} attempt(s): {exc}{_said(exc)}")
 
     async def _poll(self, job: JobRecord, adapter: Adapter, ref: ProviderRef) -> Result | None:
         delay = POLL_START_S
@@ -322,9 +331,9 @@ class Workers:
             left = since + cap_s - time.time()
             if left <= 0:
                 return await self._time_out(job, adapter, ref, cap_s)
-            status = await self._with_retries(job, lambda: adapter.status(ref), count_attempts=False)
+            status = await self._with_retries(job, "status", lambda: adapter.status(ref))
             if status.state is ProviderState.DONE:
-                return await self._with_retries(job, lambda: adapter.result(ref), count_attempts=False)
+                return await self._with_retries(job, "result", lambda: adapter.result(ref))
             if status.state is ProviderState.FAILED:
                 raise PermanentError(status.message or "the provider reports the job failed")
             if status.state is ProviderState.CANCELLED:
@@ -349,17 +358,17 @@ class Workers:
         log.warning("job %s passed its wall-clock cap of %d s on %s; cancelling it there", job.id, cap_s, job.backend)
         not_cancelled = None
         try:
-            await self._with_retries(job, lambda: adapter.cancel(ref), count_attempts=False)
+            await self._with_retries(job, "cancel", lambda: adapter.cancel(ref))
         except AdapterError as exc:
             not_cancelled = str(exc)[:200]
             log.warning("job %s: the provider refused the cancel: %s", job.id, exc)
         with contextlib.suppress(AdapterError):
-            status = await self._with_retries(job, lambda: adapter.status(ref), count_attempts=False)
+            status = await self._with_retries(job, "status", lambda: adapter.status(ref))
             if status.state is ProviderState.DONE:  # it finished just before the cancel reached it
-                return await self._with_retries(job, lambda: adapter.result(ref), count_attempts=False)
+                return await self._with_retries(job, "result", lambda: adapter.result(ref))
         usage: Usage | None = None
         try:
-            usage = await self._with_retries(job, lambda: adapter.usage(ref), count_attempts=False)
+            usage = await self._with_retries(job, "usage", lambda: adapter.usage(ref))
         except AdapterError as exc:
             log.warning("job %s: the provider did not say what the cancelled job used: %s", job.id, exc)
         cost, qpu_seconds, charged = self._charge_for(job, usage)
@@ -444,13 +453,20 @@ class Workers:
             log.warning("job %s runs again in %.0f s after internal failure %d of %d", job.id, wait, failures, limit)
             await self.events.announce(moved)
 
-    async def _with_retries(self, job: JobRecord, call: Callable[[], Awaitable[T]], *, count_attempts: bool) -> T:
+    async def _with_retries(self, job: JobRecord, what: ProviderCall, call: Callable[[], Awaitable[T]]) -> T:
         """Retry `TransientError` with exponential backoff and full jitter, within the caps.
 
-        With `count_attempts` each retry adds one to the job's attempts; the first was counted
-        by the claim that handed the job to this worker.
+        Each retry is a row of the job's timeline (the failed call, its provider code, the wait);
+        a retried submission also adds one to the job's attempts (the claim counted the first).
         """
         tries = 0
+        failed: tuple[AdapterError, float] | None = None  # the last failure and the wait after it
+
+        def waiting(details: Any) -> None:
+            nonlocal failed
+            if failed is not None:
+                failed = (failed[0], float(details.get("wait", 0.0)))
+            self.metrics.retry(job.backend, what)
 
         @backoff.on_exception(
             backoff.expo,
@@ -461,22 +477,37 @@ class Workers:
             factor=self.config.retry_base_s,
             max_value=30,
             giveup=lambda _: self.breakers.is_open(job.backend) or job.id in self._cancelled,
-            on_backoff=lambda details: log.info(
-                "transient provider failure, retrying",
-                extra={"job_id": job.id, "try": details["tries"], "wait_s": round(details.get("wait", 0), 3)},
-            ),
+            on_backoff=[
+                lambda details: log.info(
+                    "transient provider failure, retrying",
+                    extra={"job_id": job.id, "try": details["tries"], "wait_s": round(details.get("wait", 0), 3)},
+                ),
+                waiting,
+            ],
             logger=None,
         )
         async def attempt() -> T:
-            nonlocal tries
+            nonlocal tries, failed
             tries += 1
-            if count_attempts and tries > 1:
-                await self.store.record_attempt(job.id, self.owner)
-            try:
-                value = await call()
-            except TransientError:
-                self.breakers.failure(job.backend)
-                raise
+            if failed is not None:
+                entry = _retry_entry(job, what, tries, *failed)
+                if what == "submit":
+                    await self.store.record_attempt(job.id, self.owner, entry)
+                else:
+                    await self.store.append_audit(entry, time.time())
+                failed = None
+            self.metrics.provider_call(job.backend, what)
+            with tracing.provider_span(job, what, tries) as span:
+                try:
+                    value = await call()
+                except AdapterError as exc:
+                    kind = _KINDS.get(type(exc), "permanent")
+                    self.metrics.provider_error(job.backend, kind, exc.code)
+                    span.failed(kind, exc.code)
+                    if isinstance(exc, TransientError):
+                        self.breakers.failure(job.backend)
+                        failed = (exc, 0.0)
+                    raise
             self.breakers.success(job.backend)
             return value
 
@@ -484,7 +515,8 @@ class Workers:
         return result
 
     async def _move(self, job: JobRecord, state: JobState, **fields: Any) -> JobRecord | None:
-        moved = await self.store.transition(job.id, state, time.time(), owner=self.owner, fields=fields, held=job)
+        with tracing.span("job.settle" if state in TERMINAL else f"job.{state.value}", qpu_gateway__state=state.value):
+            moved = await self.store.transition(job.id, state, time.time(), owner=self.owner, fields=fields, held=job)
         if moved is not None:
             await self.events.announce(moved)
         return moved
@@ -512,25 +544,48 @@ class Workers:
     ) -> None:
         """End the job `failed`; its reservation is released, or committed with `charge` (at the
         actual figures in `fields`, else the estimate)."""
-        moved = await self.store.transition(
-            job.id,
-            JobState.FAILED,
-            time.time(),
-            owner=self.owner,
-            fields={
-                "error_code": code,
-                "error_message": message,
-                "finished_at": time.time(),
-                "lease_owner": None,
-                "lease_expires": None,
-                **fields,
-            },
-            audit=AuditEntry(tool="job.failed", decision="event", error_code=code, detail=message[:500]),
-            charge=charge,
-            held=job,
-        )
+        with tracing.span("job.settle", qpu_gateway__state="failed", error__type=code):
+            moved = await self.store.transition(
+                job.id,
+                JobState.FAILED,
+                time.time(),
+                owner=self.owner,
+                fields={
+                    "error_code": code,
+                    "error_message": message,
+                    "finished_at": time.time(),
+                    "lease_owner": None,
+                    "lease_expires": None,
+                    **fields,
+                },
+                audit=AuditEntry(tool="job.failed", decision="event", error_code=code, detail=message[:500]),
+                charge=charge,
+                held=job,
+            )
         if moved is not None:
             await self.events.announce(moved)
+
+
+_KINDS: dict[type[AdapterError], str] = {TransientError: "transient", QuotaError: "quota", PermanentError: "permanent"}
+
+
+def _said(exc: AdapterError) -> str:
+    """The provider's code for a failure, for a message, where it gave one."""
+    return f" (provider code {exc.code})" if exc.code else ""
+
+
+def _retry_entry(job: JobRecord, what: ProviderCall, tries: int, failure: AdapterError, wait_s: float) -> AuditEntry:
+    """The timeline row of one retry: which call failed how, and how long the worker waited."""
+    code = f", provider code {failure.code}" if failure.code else ""
+    return AuditEntry(
+        tool="job.retry",
+        decision="event",
+        agent=job.agent,
+        project=job.project,
+        job_id=job.id,
+        detail=f"{what} try {tries - 1} failed (transient{code}): {str(failure)[:200]}; "
+        f"try {tries} after {wait_s:.2f} s",
+    )
 
 
 def _duration(seconds: int) -> str:

@@ -148,6 +148,15 @@ async def ask_approval(
     return not_asked if question is None else Elicit(question, ApprovalAnswer)
 
 
+async def served_names(server: MCPServer[Gateway]) -> frozenset[str]:
+    """The tools, resources, resource templates and prompts `server` serves: the call metrics' labels."""
+    names = {tool.name for tool in await server.list_tools()}
+    names |= {str(resource.uri) for resource in await server.list_resources()}
+    names |= {template.uri_template for template in await server.list_resource_templates()}
+    names |= {prompt.name for prompt in await server.list_prompts()}
+    return frozenset(names)
+
+
 def build_server(
     gateway: Gateway,
     key_source: KeySource,
@@ -163,7 +172,8 @@ def build_server(
     calls = Calls(gateway, key_source, key_hint=key_hint)
 
     @asynccontextmanager
-    async def lifespan(_: MCPServer[Gateway]) -> AsyncIterator[Gateway]:
+    async def lifespan(server: MCPServer[Gateway]) -> AsyncIterator[Gateway]:
+        gateway.metrics.names = await served_names(server)
         async with gateway.ensure_running():
             yield gateway
 
@@ -279,13 +289,28 @@ def build_server(
         return await calls.tool("submit", run, progress=_progress(ctx))
 
     @mcp.tool(title="Get a job", annotations=READ_ONLY)
-    async def get_job(job_id: JobIdArg, ctx: Context) -> Annotated[CallToolResult, models.JobView]:
+    async def get_job(
+        job_id: JobIdArg,
+        ctx: Context,
+        timeline: Annotated[
+            bool,
+            Field(
+                description="Also list the job's events in order: admitted, held/approved, claimed, each retried "
+                "provider call with its provider code and wait, running, the end with what it cost."
+            ),
+        ] = False,
+    ) -> Annotated[CallToolResult, models.JobView]:
         """Read one of your jobs now: state, timestamps, attempts, error, and the counts once it succeeded.
 
         Large results are summarised to the most frequent outcomes, with `full_result_uri` for all.
+        With `timeline`, the job's history too (why it waited, what failed and was retried).
         """
         current_call().job_id = job_id[:64]
-        return await calls.tool("read", lambda who, _: service.get_job(gateway, who, job_id), progress=_progress(ctx))
+        return await calls.tool(
+            "read",
+            lambda who, _: service.get_job(gateway, who, job_id, timeline=timeline),
+            progress=_progress(ctx),
+        )
 
     @mcp.tool(title="Wait for a job", annotations=READ_ONLY)
     async def wait_for_job(

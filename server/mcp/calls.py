@@ -33,10 +33,11 @@ from qpu_gateway.errors import (
     InternalError,
     InvalidArguments,
     NotFound,
+    RateLimited,
     Unauthorized,
     Unavailable,
 )
-from qpu_gateway.jobs.events import job_id_of
+from qpu_gateway.jobs.events import JOB_URI_PREFIX, job_id_of
 from qpu_gateway.jobs.pauses import agent_paused
 from qpu_gateway.jobs.ratelimit import applicable
 from qpu_gateway.jobs.runtime import Gateway
@@ -68,6 +69,7 @@ AUDITED_METHODS = frozenset(
 )
 BACKEND_TOOLS = frozenset({"submit_job", "estimate_job"})
 STATIC_RESOURCES = frozenset({"qpu://backends", "qpu://usage", "qpu://policy"})
+JOB_TEMPLATE_URI = JOB_URI_PREFIX + "{job_id}"
 _UNEXPECTED = "The gateway failed unexpectedly; the operator's log has the details. Try again later."
 
 
@@ -91,6 +93,8 @@ class CallState:
     log_levels: frozenset[str] = frozenset()  # what the caller asked to be told (server/mcp/session_logs.py)
     send_log: Send | None = None
     follows: Callable[[str], bool] = lambda _job_id: False  # jobs whose changes reach the caller anyway
+    started: float = field(default_factory=time.perf_counter)
+    rate_rule: str | None = None  # the rate-limit rule that refused the call
 
     def require(self, scope: str) -> Principal:
         if self.principal is None:
@@ -105,6 +109,8 @@ class CallState:
         return self.principal
 
     def refuse(self, error: GatewayError) -> None:
+        if isinstance(error, RateLimited):
+            self.rate_rule = error.rule
         self.decision = "error" if isinstance(error, InternalError | Unavailable) else "refused"
         self.error_code = error.code
         self.job_id = self.job_id or error.job_id
@@ -229,6 +235,7 @@ class Calls:
             _CURRENT.reset(token)
             for job_id in watched:
                 self.gateway.events.unwatch(job_id)
+            self._count(state)
             if not state.audited:
                 with anyio.CancelScope(shield=True):
                     await self._audit(state)
@@ -310,6 +317,23 @@ class Calls:
         kept = {key: value for key, value in result.items() if key != "structuredContent"}
         return {**kept, "content": wire["content"]}
 
+    def _count(self, state: CallState) -> None:
+        """The call in this process's metrics: by method, target and code; a refused submit_job by
+        who and where; a rate-limit refusal by its rule."""
+        metrics = self.gateway.metrics
+        metrics.call(
+            state.method, call_target(state.method, state.name), state.error_code, time.perf_counter() - state.started
+        )
+        if state.rate_rule is not None:
+            metrics.rate_limit(state.rate_rule)
+        held = state.error_code == "approval_required" and state.job_id is not None  # admitted, waiting for a yes
+        if state.name == "submit_job" and state.decision in ("refused", "error") and state.error_code and not held:
+            who = state.principal
+            backend = state.arguments.get("backend", DEFAULT_BACKEND)
+            metrics.submit_refused(
+                state.error_code, who.agent if who else None, who.project if who else None, str(backend)[:100]
+            )
+
     async def _audit(self, state: CallState) -> None:
         now = time.time()
         await self.gateway.audit_spool.write(self.gateway.store, state.entry(), now)
@@ -322,6 +346,7 @@ class Calls:
         storm = self.gateway.storms.refused(who.agent, code, now, rule)
         if storm is None:
             return
+        self.gateway.metrics.storm(who.agent)
         log.warning(
             "agent storm: %s from agent %s",
             storm.describe(),
@@ -441,6 +466,15 @@ def _name_and_hash(method: str, params: dict[str, Any]) -> tuple[str, str]:
         asked = {key: params.get(key) for key in ("ref", "argument", "context")}
         return f"{method}:{str(target)[:200]}", args_hash(asked)
     return f"{method}:{str(params.get('uri', ''))[:200]}", args_hash({"uri": params.get("uri")})
+
+
+def call_target(method: str, name: str) -> str:
+    """What a call acted on, as a metric label: a tool or prompt name, a resource URI (one job's
+    as the template), or '' for a method with no target."""
+    target = name.removeprefix(f"{method}:")
+    if target.startswith(JOB_URI_PREFIX):
+        return JOB_TEMPLATE_URI
+    return "" if target == method else target
 
 
 def store_failure(exc: StoreError) -> GatewayError:

@@ -37,6 +37,8 @@ from qpu_gateway.mcp.app import build_server
 from qpu_gateway.mcp.calls import store_failure
 from qpu_gateway.store import StoreError
 from qpu_gateway.store.records import AuditEntry, Pause
+from qpu_gateway.telemetry import tracing
+from qpu_gateway.telemetry.endpoint import MetricsEndpoint, process_exposition
 
 log = logging.getLogger(__name__)
 
@@ -277,9 +279,10 @@ async def serve_http(gateway: Gateway, *, transport: str, host: str, port: int) 
             request_state=await shared_request_state(gateway),
         )
         if transport == "http":
-            app = KeyGate(mcp.streamable_http_app(host=host), verifier, ("/mcp",))
+            gated = KeyGate(mcp.streamable_http_app(host=host), verifier, ("/mcp",))
         else:
-            app = KeyGate(mcp.sse_app(host=host), verifier, ("/sse", "/messages/"))
+            gated = KeyGate(mcp.sse_app(host=host), verifier, ("/sse", "/messages/"))
+        app = MetricsEndpoint(gated, process_exposition(gateway))
         config = uvicorn.Config(app, host=host, port=port, log_level="warning", log_config=None, lifespan="on")
         server = uvicorn.Server(config)
 
@@ -309,7 +312,11 @@ def _url_host(host: str) -> str:
 
 
 def run(gateway: Gateway, *, transport: str, host: str, port: int) -> None:
-    if transport == "stdio":
-        anyio.run(serve_stdio, gateway)
-    else:
-        anyio.run(lambda: serve_http(gateway, transport=transport, host=host, port=port))
+    tracing.configure()
+    try:
+        if transport == "stdio":
+            anyio.run(serve_stdio, gateway)
+        else:
+            anyio.run(lambda: serve_http(gateway, transport=transport, host=host, port=port))
+    finally:
+        tracing.shutdown()

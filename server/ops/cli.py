@@ -727,20 +727,46 @@ def cmd_processes(args: argparse.Namespace) -> int:
     return 0 if differs is None else 1
 
 
+def cmd_metrics_show(args: argparse.Namespace) -> int:
+    """Print what `metrics serve` would answer a scrape with now (every process's counts, summed)."""
+    from qpu_gateway.jobs.policy_source import PolicySource
+    from qpu_gateway.telemetry.endpoint import installation_exposition
+
+    config = _config(args)
+    source = PolicySource(config.policy_path)
+
+    async def action(store: Store) -> bytes:
+        return await installation_exposition(store, lambda: source.current)()
+
+    sys.stdout.write(_with_store(config, action).decode())
+    return 0
+
+
+def cmd_metrics_serve(args: argparse.Namespace) -> int:
+    """Serve GET /metrics for the whole installation (every process on this database), for Prometheus."""
+    from qpu_gateway.telemetry.exporter import serve_installation_metrics
+
+    config = _config(args)
+    anyio.run(lambda: serve_installation_metrics(config, host=args.host, port=args.port))
+    return 0
+
+
 def cmd_jobs_show(args: argparse.Namespace) -> int:
     from qpu_gateway.jobs.service import job_view
+    from qpu_gateway.jobs.timeline import job_timeline
 
     async def action(store: Store) -> Any:
         job = await store.get_job(args.id)
         if job is None:
             return None
-        return job, await store.audit_tail(limit=1000, job_id=job.id)
+        return job, await store.audit_tail(limit=1000, job_id=job.id), await job_timeline(store, job, whole=True)
 
     found = _with_store(_config(args), action)
     if found is None:
         raise CliError(f"No job {args.id!r}.")
-    job, audit = found
+    job, audit, timeline = found
     view = job_view(job, full=True).model_dump(mode="json")
+    view["timeline"] = timeline.model_dump(mode="json")["events"]
     view.update(
         agent=job.agent,
         project=job.project,
@@ -1093,6 +1119,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_processes)
+
+    metrics = sub.add_parser("metrics", parents=[common], help="Prometheus metrics of every process on this database")
+    msub = metrics.add_subparsers(dest="metrics_command", required=True, metavar="ACTION")
+    p = msub.add_parser("show", parents=[common], help="print the exposition once (counters summed over processes)")
+    p.set_defaults(func=cmd_metrics_show)
+    p = msub.add_parser(
+        "serve", parents=[common], help="serve GET /metrics for Prometheus (installations of stdio servers)"
+    )
+    p.add_argument("--host", default=DEFAULT_HOST, help=f"bind address (default {DEFAULT_HOST})")
+    p.add_argument("--port", type=int, default=9464, help="port (default 9464)")
+    p.set_defaults(func=cmd_metrics_serve)
 
     audit = sub.add_parser("audit", parents=[common], help="read the audit log")
     asub = audit.add_subparsers(dest="audit_command", required=True, metavar="ACTION")

@@ -7,7 +7,8 @@ the same schema to replicas on several machines. `open_store` picks one from the
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable, Iterable, Mapping
+from collections import Counter
+from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable, Collection, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -25,7 +26,9 @@ from qpu_gateway.store.records import (
     JobRecord,
     KeyRecord,
     LedgerTotals,
+    LiveJobs,
     MayRun,
+    MetricSnapshot,
     NewJob,
     Pause,
     ProcessReport,
@@ -42,9 +45,15 @@ class StoreError(Exception):
     read-only, full): the call may succeed later, and agents are told when to try again.
     """
 
-    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+    def __init__(self, message: str, *, retry_after_s: float | None = None, kind: str = "error") -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+        self.kind = kind  # busy | read_only | full | unavailable | aborted | refused | error: a metric label
+        ERRORS[kind] += 1
+
+
+# StoreErrors raised in this process, by kind (the metric qpu_gateway_store_errors_total).
+ERRORS: Counter[str] = Counter()
 
 
 class Store(Protocol):
@@ -113,6 +122,22 @@ class Store(Protocol):
 
     async def processes(self, seen_after: float) -> list[ProcessReport]:
         """The processes that reported after `seen_after`, oldest first."""
+        ...
+
+    async def publish_metrics(self, owner: str, samples: str, now: float) -> None:
+        """Store this process's counters (JSON), replacing what it stored before."""
+        ...
+
+    async def metric_snapshots(self) -> list[MetricSnapshot]:
+        """Every process's stored counters, and the retired sum (owner RETIRED_METRICS)."""
+        ...
+
+    async def retire_metrics(
+        self, stale_before: float, keep: Collection[str], merge: Callable[[list[str]], str], now: float
+    ) -> int:
+        """In one transaction, add the snapshots last written before `stale_before` by processes not in
+        `keep` (those still alive) into the retired row (`merge` sums JSON snapshots, the retired one
+        first) and delete them; how many there were."""
         ...
 
     async def shared_secret(self, name: str, candidate: bytes) -> bytes:
@@ -200,7 +225,9 @@ class Store(Protocol):
         """Extend leases; return the ids this owner still holds."""
         ...
 
-    async def record_attempt(self, job_id: str, owner: str) -> None: ...
+    async def record_attempt(self, job_id: str, owner: str, audit: AuditEntry | None = None) -> None:
+        """One more provider call tried for the job (its worker still holds it), with its timeline row."""
+        ...
 
     async def transition(
         self,
@@ -248,6 +275,10 @@ class Store(Protocol):
         ...
 
     async def usage_by_state(self, agent: str) -> list[StateUsage]: ...
+
+    async def live_jobs(self) -> list[LiveJobs]:
+        """Jobs not yet ended, by state and backend, with the oldest one's time (metrics, at a scrape)."""
+        ...
 
     async def active_job_counts(self, column: Literal["agent", "backend"]) -> dict[str, tuple[int, int]]:
         """(waiting, running) jobs per agent or backend that has any: waiting is queued or held for approval."""

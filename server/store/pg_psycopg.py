@@ -181,7 +181,7 @@ class PsycopgConnector:
             # pool holds idle are probably as dead, so have them checked now, not at their next use.
             log.warning("database unavailable: %s", redact(str(exc)).strip())
             self._suspect = True
-            raise StoreError(UNAVAILABLE, retry_after_s=UNAVAILABLE_RETRY_S) from None
+            raise StoreError(UNAVAILABLE, retry_after_s=UNAVAILABLE_RETRY_S, kind="unavailable") from None
         except psycopg.Error as exc:
             raise StoreError(f"database error: {redact(str(exc)).strip()}") from None
 
@@ -233,7 +233,7 @@ def probe(url: str, query: str, *, timeout_s: float) -> list[tuple[Any, ...]] | 
         if _missing(exc):
             return None
         log.warning("cannot reach the database: %s", redact(str(exc)).strip())
-        raise StoreError(UNAVAILABLE, retry_after_s=UNAVAILABLE_RETRY_S) from None
+        raise StoreError(UNAVAILABLE, retry_after_s=UNAVAILABLE_RETRY_S, kind="unavailable") from None
 
 
 def create_database(url: str, *, timeout_s: float) -> bool:

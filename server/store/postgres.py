@@ -34,7 +34,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Literal, TypeVar
@@ -48,6 +48,7 @@ from qpu_gateway.store import StoreError, observer
 from qpu_gateway.store.pg_connector import Connector, Retry, Row, Statement, Tx
 from qpu_gateway.store.records import (
     INSTALLATION_TABLES,
+    RETIRED_METRICS,
     AdmissionFacts,
     AuditEntry,
     AuditRecord,
@@ -56,7 +57,9 @@ from qpu_gateway.store.records import (
     JobRecord,
     KeyRecord,
     LedgerTotals,
+    LiveJobs,
     MayRun,
+    MetricSnapshot,
     NewJob,
     Pause,
     ProcessReport,
@@ -98,6 +101,7 @@ _SETTABLE = (
     "approved_by",
     "cancelled_by",
     "submitted_at",
+    "queued_at",
 )
 _SETTABLE_TYPES = {
     "started_at": "float8",
@@ -113,6 +117,7 @@ _SETTABLE_TYPES = {
     "approved_by": "text",
     "cancelled_by": "text",
     "submitted_at": "float8",
+    "queued_at": "float8",
 }
 # Each settable column takes a (set it?, value) pair of parameters, in _SETTABLE order.
 _TRANSITION_SET = (  # composed of this module's constants only
@@ -163,6 +168,12 @@ _ACTIVE = (
     "SELECT {column} AS name, count(*) FILTER (WHERE state IN ('queued', 'pending_approval')) AS waiting, "
     "count(*) FILTER (WHERE state IN ('submitting', 'running')) AS running "
     "FROM jobs WHERE state IN ('queued', 'pending_approval', 'submitting', 'running') GROUP BY {column}"
+)
+# Jobs not yet ended by state and backend, with the oldest one's time (an index range on state).
+_LIVE_JOBS = (
+    "SELECT state, backend, count(*) AS jobs, min(CASE WHEN state = 'queued' THEN coalesce(queued_at, created_at) "
+    "ELSE created_at END) AS oldest_at FROM jobs "
+    "WHERE state IN ('pending_approval', 'queued', 'submitting', 'running') GROUP BY state, backend"
 )
 _ACTIVE_BY = {"agent": _ACTIVE.replace("{column}", "agent"), "backend": _ACTIVE.replace("{column}", "backend")}
 # As SQLite's claim: a queued job once its not_before has passed, a leased one once its lease has
@@ -224,10 +235,12 @@ _INSERT_JOB = (
     "qubits, depth, two_qubit_gates, fingerprint, estimate_micro_usd, state, created_at, updated_at, "
     "priority, idempotency_key, payload_hash, dry_run_of, simulator, pricing_known, "
     "qpu_seconds_estimate, approval_level, approval_expires_at, approved_by, "
+    "queued_at, trace_parent, "
     "ledger_status, ledger_day, ledger_month, ledger_micro_usd, ledger_shots, ledger_qpu_millis) "
     "VALUES (%s, %s, %s, %s, %s::text, %s, %s::int8, %s, %s::int8, %s::int8, %s::int8, %s::int8, %s, %s::int8, "
     "%s, %s::float8, %s::float8, %s::int8, %s::text, %s::text, %s::text, %s::bool, %s::bool, %s::float8, "
-    "%s::text, %s::float8, %s::text, 'reserved', %s, %s, %s::int8, %s::int8, %s::int8) RETURNING *"
+    "%s::text, %s::float8, %s::text, %s::float8, %s::text, 'reserved', %s, %s, %s::int8, %s::int8, %s::int8) "
+    "RETURNING *"
 )
 # Admission's locks, project before agent (the order every admission takes them in: no deadlock),
 # in one statement; its select list is evaluated left to right.
@@ -604,6 +617,51 @@ class PostgresStore:
         )
         return [ProcessReport(**row) for row in rows]
 
+    async def publish_metrics(self, owner: str, samples: str, now: float) -> None:
+        await self._alone(
+            lambda tx: tx.run(
+                "INSERT INTO metric_snapshots (owner, updated_at, samples) VALUES (%s, %s, %s) "
+                "ON CONFLICT (owner) DO UPDATE SET updated_at = EXCLUDED.updated_at, samples = EXCLUDED.samples",
+                (owner, now, samples),
+            )
+        )
+
+    async def metric_snapshots(self) -> list[MetricSnapshot]:
+        rows = await self._read(
+            lambda tx: tx.all("SELECT owner, updated_at, samples FROM metric_snapshots ORDER BY owner")
+        )
+        return [MetricSnapshot(str(r["owner"]), float(r["updated_at"]), str(r["samples"])) for r in rows]
+
+    async def retire_metrics(
+        self, stale_before: float, keep: Collection[str], merge: Callable[[list[str]], str], now: float
+    ) -> int:
+        async def work(tx: Tx) -> int:
+            # The retired row, made first and locked, serialises two processes retiring at once.
+            await tx.run(
+                "INSERT INTO metric_snapshots (owner, updated_at, samples) VALUES (%s, %s, '{}') "
+                "ON CONFLICT (owner) DO NOTHING",
+                (RETIRED_METRICS, now),
+            )
+            kept = await tx.one("SELECT samples FROM metric_snapshots WHERE owner = %s FOR UPDATE", (RETIRED_METRICS,))
+            stale = await tx.all(
+                "SELECT owner, samples FROM metric_snapshots WHERE updated_at < %s AND owner != %s "
+                "AND NOT (owner = ANY(%s::text[])) FOR UPDATE",
+                (stale_before, RETIRED_METRICS, sorted(keep)),
+            )
+            if not stale:
+                return 0
+            merged = merge(([str(kept["samples"])] if kept else []) + [str(row["samples"]) for row in stale])
+            await tx.run(
+                "UPDATE metric_snapshots SET updated_at = %s, samples = %s WHERE owner = %s",
+                (now, merged, RETIRED_METRICS),
+            )
+            await tx.run(
+                "DELETE FROM metric_snapshots WHERE owner = ANY(%s::text[])", ([str(row["owner"]) for row in stale],)
+            )
+            return len(stale)
+
+        return await self._write(work)
+
     async def shared_secret(self, name: str, candidate: bytes) -> bytes:
         async def work(tx: Tx) -> bytes:
             # The first writer's value wins; a loser's INSERT does nothing and the SELECT reads the winner's.
@@ -810,12 +868,24 @@ class PostgresStore:
         )
         return {row["id"] for row in rows}
 
-    async def record_attempt(self, job_id: str, owner: str) -> None:
-        await self._alone(
-            lambda tx: tx.run(
-                "UPDATE jobs SET attempts = attempts + 1 WHERE id = %s AND lease_owner = %s", (job_id, owner)
+    async def record_attempt(self, job_id: str, owner: str, audit: AuditEntry | None = None) -> None:
+        if audit is None:
+            await self._alone(
+                lambda tx: tx.run(
+                    "UPDATE jobs SET attempts = attempts + 1 WHERE id = %s AND lease_owner = %s", (job_id, owner)
+                )
             )
-        )
+            return
+
+        async def work(tx: Tx) -> None:
+            row = await tx.one(
+                "UPDATE jobs SET attempts = attempts + 1 WHERE id = %s AND lease_owner = %s RETURNING 1 AS moved",
+                (job_id, owner),
+            )
+            if row is not None:  # the row tells of an attempt that happened: not if the job was taken away
+                await _append(tx, audit, time.time())
+
+        await self._write(work)
 
     async def transition(
         self,
@@ -1009,6 +1079,10 @@ class PostgresStore:
         )
         return {row["id"]: (int(row["version"]), JobState(row["state"])) for row in rows}
 
+    async def live_jobs(self) -> list[LiveJobs]:
+        rows = await self._read(lambda tx: tx.all(_LIVE_JOBS))
+        return [LiveJobs(JobState(r["state"]), str(r["backend"]), int(r["jobs"]), float(r["oldest_at"])) for r in rows]
+
     async def active_job_counts(self, column: Literal["agent", "backend"]) -> dict[str, tuple[int, int]]:
         rows = await self._read(lambda tx: tx.all(_ACTIVE_BY[column]))
         return {row["name"]: (int(row["waiting"]), int(row["running"])) for row in rows}
@@ -1121,7 +1195,7 @@ class PostgresStore:
                 held = await tx.one(_ROW_COUNTS)
                 assert held is not None
                 if any(int(n) for n in held.values()):
-                    raise StoreError(not_empty({table: int(n) for table, n in held.items()}))
+                    raise StoreError(not_empty({table: int(n) for table, n in held.items()}), kind="refused")
                 columns: dict[str, set[str]] = {table: set() for table in INSTALLATION_TABLES}
                 for row in await tx.all(
                     "SELECT table_name, column_name FROM information_schema.columns "
@@ -1147,7 +1221,9 @@ class PostgresStore:
                 if audit is not None:
                     await _append(tx, audit(counts), now)
         except Retry as exc:
-            raise StoreError(f"the database aborted the copy: {exc}; nothing was written", retry_after_s=1.0) from None
+            raise StoreError(
+                f"the database aborted the copy: {exc}; nothing was written", retry_after_s=1.0, kind="aborted"
+            ) from None
         return counts
 
 
@@ -1312,7 +1388,9 @@ async def _retrying(run: Callable[[], Awaitable[T]], what: str) -> T:
             return await run()
         except Retry as exc:
             if attempt == _RETRIES - 1:
-                raise StoreError(f"the database kept aborting the {what}: {exc}", retry_after_s=1.0) from None
+                raise StoreError(
+                    f"the database kept aborting the {what}: {exc}", retry_after_s=1.0, kind="aborted"
+                ) from None
             await anyio.sleep(0.01 * 2**attempt)
     raise AssertionError("unreachable")
 
@@ -1390,6 +1468,8 @@ def _job_params(job: NewJob, now: float) -> tuple[Any, ...]:
         job.approval_level,
         job.approval_expires_at,
         job.approved_by,
+        now if job.state is JobState.QUEUED else None,
+        job.trace_parent,
     )
 
 

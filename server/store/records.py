@@ -66,6 +66,7 @@ class NewJob:
     approval_level: str | None = None
     approval_expires_at: float | None = None
     approved_by: str | None = None
+    trace_parent: str | None = None  # the submitting call's W3C traceparent (tracing on), for the worker's spans
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +140,8 @@ class JobRecord:
     ledger_shots: int | None = None
     ledger_qpu_millis: int | None = None
     settled_at: float | None = None
+    queued_at: float | None = None  # when it last entered the queue at admission or approval (not a requeue)
+    trace_parent: str | None = None  # the submitting call's W3C traceparent, when tracing was on
 
     @classmethod
     def from_row(cls, row: Any) -> JobRecord:
@@ -216,6 +219,29 @@ class StateUsage:
     state: JobState
     jobs: int
     shots: int
+
+
+@dataclass(frozen=True, slots=True)
+class LiveJobs:
+    """Jobs not yet ended in one state on one backend: how many, and the oldest one's start in that
+    state (a queued job's entry into the queue; otherwise its admission)."""
+
+    state: JobState
+    backend: str
+    jobs: int
+    oldest_at: float
+
+
+RETIRED_METRICS = "~retired"  # the metric_snapshots row that sums the processes gone
+
+
+@dataclass(frozen=True, slots=True)
+class MetricSnapshot:
+    """One process's counters as it last wrote them (server/telemetry/snapshots.py), or the retired sum."""
+
+    owner: str
+    updated_at: float
+    samples: str  # JSON
 
 
 @dataclass(frozen=True, slots=True)

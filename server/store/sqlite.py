@@ -18,7 +18,7 @@ import sqlite3
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable, Collection, Iterable, Iterator, Mapping
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from importlib import resources
@@ -34,6 +34,7 @@ from qpu_gateway.policy.decisions import Refusal
 from qpu_gateway.store import StoreError, observer
 from qpu_gateway.store.records import (
     INSTALLATION_TABLES,
+    RETIRED_METRICS,
     AdmissionFacts,
     AuditEntry,
     AuditRecord,
@@ -42,7 +43,9 @@ from qpu_gateway.store.records import (
     JobRecord,
     KeyRecord,
     LedgerTotals,
+    LiveJobs,
     MayRun,
+    MetricSnapshot,
     NewJob,
     Pause,
     ProcessReport,
@@ -85,6 +88,7 @@ _SETTABLE = (
     "approved_by",
     "cancelled_by",
     "submitted_at",
+    "queued_at",
 )
 # Each settable column takes a (set it?, value) pair of parameters, in _SETTABLE order.
 _TRANSITION = """
@@ -102,6 +106,7 @@ UPDATE jobs SET state = ?, version = version + 1, updated_at = ?,
     approved_by = CASE WHEN ? THEN ? ELSE approved_by END,
     cancelled_by = CASE WHEN ? THEN ? ELSE cancelled_by END,
     submitted_at = CASE WHEN ? THEN ? ELSE submitted_at END,
+    queued_at = CASE WHEN ? THEN ? ELSE queued_at END,
     {settle}
 WHERE id = ? AND state IN (SELECT value FROM json_each(?)) AND (? IS NULL OR lease_owner = ?)
 RETURNING *
@@ -247,8 +252,9 @@ _INSERT_JOB = (
     "qubits, depth, two_qubit_gates, fingerprint, estimate_micro_usd, state, created_at, updated_at, "
     "priority, idempotency_key, payload_hash, dry_run_of, simulator, pricing_known, "
     "qpu_seconds_estimate, approval_level, approval_expires_at, approved_by, "
+    "queued_at, trace_parent, "
     "ledger_status, ledger_day, ledger_month, ledger_micro_usd, ledger_shots, ledger_qpu_millis) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
     "'reserved', ?, ?, ?, ?, ?) RETURNING *"
 )
 # A key with its agent's pause, if any: one indexed query per call whether or not anyone is paused.
@@ -257,6 +263,13 @@ _KEYS = (
     "LEFT JOIN pauses p ON p.kind = 'agent' AND p.name = k.agent"
 )
 _PAUSE = "SELECT * FROM pauses WHERE kind = ? AND name = ?"
+# Jobs not yet ended by state and backend, and the oldest one's time: an index range over the live
+# states only, however many ended jobs the table holds.
+_LIVE_JOBS = (
+    "SELECT state, backend, count(*), min(CASE WHEN state = 'queued' THEN coalesce(queued_at, created_at) "
+    "ELSE created_at END) FROM jobs WHERE state IN ('pending_approval', 'queued', 'submitting', 'running') "
+    "GROUP BY state, backend"
+)
 _BY_IDEMPOTENCY_KEY = "SELECT * FROM jobs WHERE agent = ? AND idempotency_key = ?"
 _NO_CURSOR = 2**62
 _LIST_JOBS = {
@@ -385,24 +398,26 @@ def _as_store_errors() -> Iterator[None]:
     try:
         yield
     except Busy:
-        raise StoreError(_BUSY, retry_after_s=1.0) from None
+        raise StoreError(_BUSY, retry_after_s=1.0, kind="busy") from None
     except sqlite3.Error as exc:
         raise _store_error(exc) from None
 
 
 def _store_error(exc: sqlite3.Error) -> StoreError:
     if would_wait(exc):
-        return StoreError(_BUSY, retry_after_s=1.0)
+        return StoreError(_BUSY, retry_after_s=1.0, kind="busy")
     text = str(exc).lower()
     if "readonly" in text or "read-only" in text:
         return StoreError(
             "The gateway database is read-only; nothing was written. The operator must make its disk or file writable.",
             retry_after_s=60.0,
+            kind="read_only",
         )
     if "full" in text:
         return StoreError(
             "The disk holding the gateway database is full; nothing was written. The operator must free space.",
             retry_after_s=60.0,
+            kind="full",
         )
     return StoreError(f"database error: {exc}")
 
@@ -652,6 +667,46 @@ class SqliteStore:
         )
         return [ProcessReport(*row) for row in rows]
 
+    async def publish_metrics(self, owner: str, samples: str, now: float) -> None:
+        await self._write(
+            _run(
+                "INSERT OR REPLACE INTO metric_snapshots (owner, updated_at, samples) VALUES (?, ?, ?)",
+                (owner, now, samples),
+            ),
+            single_statement=True,
+        )
+
+    async def metric_snapshots(self) -> list[MetricSnapshot]:
+        rows = await self._read(_all("SELECT owner, updated_at, samples FROM metric_snapshots ORDER BY owner"))
+        return [MetricSnapshot(str(r[0]), float(r[1]), str(r[2])) for r in rows]
+
+    async def retire_metrics(
+        self, stale_before: float, keep: Collection[str], merge: Callable[[list[str]], str], now: float
+    ) -> int:
+        alive = set(keep)
+
+        def work(db: sqlite3.Connection) -> int:
+            stale = [
+                row
+                for row in db.execute(
+                    "SELECT owner, samples FROM metric_snapshots WHERE updated_at < ? AND owner != ?",
+                    (stale_before, RETIRED_METRICS),
+                ).fetchall()
+                if row[0] not in alive
+            ]
+            if not stale:
+                return 0
+            kept = db.execute("SELECT samples FROM metric_snapshots WHERE owner = ?", (RETIRED_METRICS,)).fetchone()
+            merged = merge(([str(kept[0])] if kept else []) + [str(row[1]) for row in stale])
+            db.execute(
+                "INSERT OR REPLACE INTO metric_snapshots (owner, updated_at, samples) VALUES (?, ?, ?)",
+                (RETIRED_METRICS, now, merged),
+            )
+            db.executemany("DELETE FROM metric_snapshots WHERE owner = ?", [(row[0],) for row in stale])
+            return len(stale)
+
+        return await self._write(work)
+
     async def shared_secret(self, name: str, candidate: bytes) -> bytes:
         def work(db: sqlite3.Connection) -> bytes:
             db.execute(
@@ -815,11 +870,22 @@ class SqliteStore:
         )
         return {row[0] for row in rows}
 
-    async def record_attempt(self, job_id: str, owner: str) -> None:
-        await self._write(
-            _run("UPDATE jobs SET attempts = attempts + 1 WHERE id = ? AND lease_owner = ?", (job_id, owner)),
-            single_statement=True,
-        )
+    async def record_attempt(self, job_id: str, owner: str, audit: AuditEntry | None = None) -> None:
+        if audit is None:
+            await self._write(
+                _run("UPDATE jobs SET attempts = attempts + 1 WHERE id = ? AND lease_owner = ?", (job_id, owner)),
+                single_statement=True,
+            )
+            return
+
+        def work(db: sqlite3.Connection) -> None:
+            moved = db.execute(
+                "UPDATE jobs SET attempts = attempts + 1 WHERE id = ? AND lease_owner = ?", (job_id, owner)
+            ).rowcount
+            if moved:  # the row tells of an attempt that happened: not if the job was taken from this worker
+                _insert_audit(db, audit, time.time())
+
+        await self._write(work)
 
     async def transition(
         self,
@@ -985,6 +1051,10 @@ class SqliteStore:
         )
         return {row[0]: (int(row[1]), JobState(row[2])) for row in rows}
 
+    async def live_jobs(self) -> list[LiveJobs]:
+        rows = await self._read(_all(_LIVE_JOBS))
+        return [LiveJobs(JobState(r[0]), str(r[1]), int(r[2]), float(r[3])) for r in rows]
+
     async def active_job_counts(self, column: Literal["agent", "backend"]) -> dict[str, tuple[int, int]]:
         rows = await self._read(_all(_ACTIVE_BY[column]))
         return {row[0]: (int(row[1]), int(row[2])) for row in rows}
@@ -1102,7 +1172,7 @@ class SqliteStore:
                 db.execute("BEGIN IMMEDIATE")
                 held = dict(zip(INSTALLATION_TABLES, db.execute(_ROW_COUNTS).fetchone(), strict=True))
                 if any(held.values()):
-                    raise StoreError(not_empty(held))
+                    raise StoreError(not_empty(held), kind="refused")
                 return {
                     table: {row[1] for row in db.execute(f"PRAGMA table_info({table})")}  # constants
                     for table in INSTALLATION_TABLES
@@ -1265,6 +1335,8 @@ def _job_params(job: NewJob, now: float) -> tuple[Any, ...]:
         job.approval_level,
         job.approval_expires_at,
         job.approved_by,
+        now if job.state is JobState.QUEUED else None,
+        job.trace_parent,
     )
 
 
