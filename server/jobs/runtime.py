@@ -14,6 +14,7 @@ from qpu_gateway.audit.operators import operator_entry, operator_name
 from qpu_gateway.audit.spool import AuditSpool
 from qpu_gateway.config import Config
 from qpu_gateway.jobs.events import JobEvents
+from qpu_gateway.jobs.pacing import Pacing
 from qpu_gateway.jobs.policy_source import CHECK_INTERVAL_S, PolicySource, Reload
 from qpu_gateway.jobs.processes import ProcessReporter
 from qpu_gateway.jobs.providers import Providers
@@ -40,6 +41,7 @@ class Gateway:
         self.policy_source = PolicySource(config.policy_path)
         self.audit_spool = AuditSpool()
         self.storms = StormWatch()
+        self.pacing = Pacing()
         self._store: Store | None = None
         self._workers: Workers | None = None
         self._rate_limiter: RateLimiter | None = None
