@@ -2,7 +2,8 @@
 
 Levels: `[defaults]`, then `[projects.NAME]`, then `[agents.NAME]`; the most specific level
 wins key by key (tables merge, lists and values replace). `[prices."pattern"]` entries replace
-or add to the shipped price table. See `policy.example.toml` for every key.
+or add to the shipped price table; `[adaptive_admission]` is one table for every agent (it paces
+backends, not agents). See `policy.example.toml` for every key.
 """
 
 from __future__ import annotations
@@ -144,6 +145,18 @@ class StormAlert(_Strict):
     window_seconds: StrictInt = Field(default=60, ge=1)
 
 
+class AdaptiveAdmission(_Strict):
+    """How fast new jobs to an unhealthy backend are admitted (see policy/adaptive.py)."""
+
+    enabled: StrictBool = True
+    window: Duration = 60  # the error rate is over the calls of the last `window`
+    error_rate_threshold: float = Field(default=0.5, gt=0, le=1)
+    min_calls: StrictInt = Field(default=10, ge=1)  # fewer calls in the window: no rate is judged
+    error_rate_interval: Duration = 2  # between new jobs at the threshold; longer as the rate rises
+    half_open_interval: Duration = 10
+    open_interval: Duration = 30
+
+
 class Rules(_Strict):
     """The rules that apply to one agent; every key is optional in the file."""
 
@@ -219,6 +232,7 @@ class Policy:
         self._projects: dict[str, dict[str, Any]] = dict(levels.get("projects") or {})
         self._agents: dict[str, dict[str, Any]] = dict(levels.get("agents") or {})
         self.prices: dict[str, Price] = {**shipped_prices(), **(prices or {})}
+        self.adaptive_admission = AdaptiveAdmission.model_validate(levels.get("adaptive_admission") or {})
         self._cache: dict[tuple[str, str], Rules] = {}
         self.defaults = Rules.model_validate(self._defaults)
 
@@ -269,7 +283,7 @@ def default_policy_text() -> str:
     return resources.files("qpu_gateway.policy").joinpath("default_policy.toml").read_text(encoding="utf-8")
 
 
-_TOP_LEVEL = {"defaults", "projects", "agents", "prices"}
+_TOP_LEVEL = {"defaults", "projects", "agents", "prices", "adaptive_admission"}
 
 
 def parse_policy(text: str, *, path: str = "<policy>", overrides: dict[str, Any] | None = None) -> Policy:
@@ -287,6 +301,13 @@ def parse_policy(text: str, *, path: str = "<policy>", overrides: dict[str, Any]
         raise PolicyFileError(
             path, f"{_line_of(text, [name])}unknown section or key {name!r} (use {', '.join(sorted(_TOP_LEVEL))})"
         )
+    adaptive = raw.get("adaptive_admission", {})
+    try:
+        AdaptiveAdmission.model_validate(adaptive)
+    except ValidationError as exc:
+        err = exc.errors(include_url=False)[0]
+        loc = ["adaptive_admission", *(str(p) for p in err["loc"])]
+        raise PolicyFileError(path, f"{_line_of(text, loc)}{'.'.join(loc)}: {err['msg']}") from None
     levels: list[tuple[list[str], Any]] = [(["defaults"], raw.get("defaults", {}))]
     for section in ("projects", "agents"):
         table = raw.get(section, {})

@@ -148,4 +148,7 @@ BY_CODE: dict[str, type[GatewayError]] = {
 def from_refusal(refusal: Refusal, *, job_id: str | None = None) -> GatewayError:
     """The agent-facing error for a policy refusal."""
     cls = BY_CODE.get(refusal.code, Forbidden)
-    return cls(refusal.message, retry_after_s=refusal.retry_after_s, job_id=job_id)
+    error = cls(refusal.message, retry_after_s=refusal.retry_after_s, job_id=job_id)
+    if isinstance(error, RateLimited) and refusal.rule:
+        error.rule = refusal.rule  # the rate-limit refusals metric's label
+    return error

@@ -338,6 +338,9 @@ async def _submit_job(
             return _replay(earlier, request, a)
     if (refusal := a.refusal or _max_cost_refusal(a)) is not None:
         raise from_refusal(refusal)
+    paced = not request.dry_run  # a dry run runs on Aer here, whatever the health of its target
+    if paced:  # before the shot limits count it; taken for good below, by the store write
+        gw.pacing.check(gw.policy.adaptive_admission, gw.workers.breakers, a.run_on)
     shot_rules = applicable(a.rules, "submit_job", cost="shots")
     if shot_rules:
         await gw.rate_limiter.enforce(shot_rules, who, backend=request.backend, cost=a.amounts.shots)
@@ -419,6 +422,7 @@ async def _submit_job(
         error_code="approval_required" if state is JobState.PENDING_APPROVAL else None,
         detail=f"approved by {approved_by}" if approved_by else None,
     )
+    slot = gw.pacing.take(gw.policy.adaptive_admission, gw.workers.breakers, job.backend) if paced else None
     # Aer in this process may claim the job the moment it is stored: hand it the parsed circuits first.
     local = gw.providers.adapter_for(job.backend)
     keeper = local if isinstance(local, AerAdapter) and state is JobState.QUEUED else None
@@ -430,8 +434,11 @@ async def _submit_job(
             job, entry, time.time(), loop_window_s=rules.loop_guard.window_minutes * 60, decide=decide
         )
     finally:
-        if keeper is not None and (outcome is None or isinstance(outcome, Refusal) or not outcome[1]):
-            keeper.forget_parsed(job.id)  # not queued after all
+        if outcome is None or isinstance(outcome, Refusal) or not outcome[1]:  # not queued after all
+            if keeper is not None:
+                keeper.forget_parsed(job.id)
+            if slot is not None:
+                gw.pacing.give_back(slot)
     if isinstance(outcome, Refusal):
         raise from_refusal(outcome)
     stored, created = outcome

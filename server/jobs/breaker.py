@@ -4,7 +4,8 @@ closed: jobs run. After `threshold` transient failures in a row the breaker open
 stops claiming jobs for that backend (they wait in the queue; none fails because of it) and a
 job mid-retry is handed back. After `cooldown_s` it is half-open: one job goes through as a
 probe; its success closes the breaker, its failure opens it again. Each process keeps its own
-breakers (they describe what this process has seen of the provider).
+breakers (they describe what this process has seen of the provider), and beside them each
+backend's recent error rate (`rates`, for adaptive admission).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from typing import Literal
+
+from qpu_gateway.jobs.error_rate import ErrorRates
 
 State = Literal["closed", "open", "half_open"]
 
@@ -29,6 +32,7 @@ class Breakers:
         self.cooldown_s = cooldown_s
         self._by_backend: dict[str, _Breaker] = {}
         self._seen: set[str] = set()  # every backend this process ran a job on: its breaker is a metric
+        self.rates = ErrorRates()
 
     def states(self) -> dict[str, State]:
         """Each backend this process has run jobs on, and its breaker's state now."""
@@ -56,10 +60,17 @@ class Breakers:
         if self.state(backend) == "half_open":
             self._by_backend[backend].probing = True
 
+    def failures(self, backend: str) -> int:
+        """Transient failures in a row since the backend last answered."""
+        breaker = self._by_backend.get(backend)
+        return 0 if breaker is None else breaker.failures
+
     def success(self, backend: str) -> None:
         self._by_backend.pop(backend, None)
+        self.rates.record(backend, failed=False, now=time.monotonic())
 
     def failure(self, backend: str) -> None:
+        self.rates.record(backend, failed=True, now=time.monotonic())
         breaker = self._by_backend.setdefault(backend, _Breaker())
         breaker.failures += 1
         if breaker.probing or breaker.failures >= self.threshold:

@@ -14,6 +14,7 @@ from qpu_gateway.audit.operators import operator_entry, operator_name
 from qpu_gateway.audit.spool import AuditSpool
 from qpu_gateway.config import Config
 from qpu_gateway.jobs.events import JobEvents
+from qpu_gateway.jobs.pacing import Pacing
 from qpu_gateway.jobs.policy_source import CHECK_INTERVAL_S, PolicySource, Reload
 from qpu_gateway.jobs.processes import ProcessReporter
 from qpu_gateway.jobs.providers import Providers
@@ -44,6 +45,7 @@ class Gateway:
         self.storms = StormWatch()
         self.metrics = GatewayMetrics(backend_known=self.providers.listed, breakers=self._breaker_states)
         self.events.listen(self.metrics)
+        self.pacing = Pacing()
         self._store: Store | None = None
         self._workers: Workers | None = None
         self._rate_limiter: RateLimiter | None = None
