@@ -10,6 +10,7 @@ breakers (they describe what this process has seen of the provider).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -28,6 +29,9 @@ class Breakers:
         self.threshold = threshold
         self.cooldown_s = cooldown_s
         self._by_backend: dict[str, _Breaker] = {}
+        # Told of each opening from closed and each closing (not of a failed probe's reopening, which
+        # would repeat every cooldown while a provider stays down): the outbox's breaker events.
+        self.on_change: Callable[[str, State], None] | None = None
 
     def state(self, backend: str) -> State:
         breaker = self._by_backend.get(backend)
@@ -51,13 +55,18 @@ class Breakers:
             self._by_backend[backend].probing = True
 
     def success(self, backend: str) -> None:
-        self._by_backend.pop(backend, None)
+        breaker = self._by_backend.pop(backend, None)
+        if breaker is not None and breaker.opened_at is not None and self.on_change is not None:
+            self.on_change(backend, "closed")
 
     def failure(self, backend: str) -> None:
         breaker = self._by_backend.setdefault(backend, _Breaker())
         breaker.failures += 1
         if breaker.probing or breaker.failures >= self.threshold:
+            opened = breaker.opened_at is None
             breaker.opened_at, breaker.probing = time.monotonic(), False
+            if opened and self.on_change is not None:
+                self.on_change(backend, "open")
 
     def is_open(self, backend: str) -> bool:
         return self.state(backend) == "open"
