@@ -94,7 +94,8 @@ def receiver() -> Iterator[Receiver]:
 
 def hook(name: str, url: str, *, format: str = "json", events: str = '["breaker"]', signed: bool = True) -> str:
     secret = f'secret_env = "{SECRET_ENV}"\n' if signed else ""
-    return f'[[notifications.webhooks]]\nname = "{name}"\nurl = "{url}"\nformat = "{format}"\nevents = {events}\n{secret}'
+    head = f'[[notifications.webhooks]]\nname = "{name}"\nurl = "{url}"\n'
+    return head + f'format = "{format}"\nevents = {events}\n{secret}'
 
 
 def fast(config: Config, hooks: str, *, policy: str = TEST_POLICY, **overrides: Any) -> Config:
@@ -134,11 +135,12 @@ async def test_a_delivery_arrives_signed_with_no_secret_and_is_audited(
 
         await eventually(arrived, within_s=20, every=0.02)
         rows, audit = await outbox(gateway.store), await notify_audit(gateway.store)
-    path, headers, payload = receiver.got[0]
+    _, headers, payload = receiver.got[0]
     stamp = headers[notifications.TIMESTAMP_HEADER]
     expected = "sha256=" + hmac.new(SECRET.encode(), stamp.encode() + b"." + payload, hashlib.sha256).hexdigest()
     assert hmac.compare_digest(headers[notifications.SIGNATURE_HEADER], expected)
-    assert headers[notifications.EVENT_HEADER] == "breaker" and headers[notifications.DELIVERY_HEADER] == str(rows[0].id)
+    assert headers[notifications.EVENT_HEADER] == "breaker"
+    assert headers[notifications.DELIVERY_HEADER] == str(rows[0].id)
     sent = json.loads(payload)
     assert sent["event"] == "breaker" and sent["details"]["backend"] == "faulty/qpu" and sent["at"].endswith("Z")
     assert "faulty/qpu" in sent["summary"]
@@ -290,7 +292,8 @@ async def test_two_gateways_on_one_database_deliver_each_row_once(
 
 # -- a held job over MCP ------------------------------------------------------------------------------
 
-PRICED_HELD = TEST_POLICY.replace('model = "free"', 'model = "per_task_shot"\nper_task_usd = "6.00"\nper_shot_usd = "0"')
+PRICED = 'model = "per_task_shot"\nper_task_usd = "6.00"\nper_shot_usd = "0"'
+PRICED_HELD = TEST_POLICY.replace('model = "free"', PRICED)
 PRICED_HELD = PRICED_HELD.replace("[defaults]\n", '[defaults]\noperator_above_usd = "5.00"\n', 1)
 
 
