@@ -223,6 +223,82 @@ class Rules(_Strict):
         return None if value is None else to_micro_usd(value)
 
 
+NotificationEvent = Literal["approval_needed", "storm", "budget", "breaker"]
+NOTIFICATION_EVENTS: tuple[NotificationEvent, ...] = ("approval_needed", "storm", "budget", "breaker")
+_HOOK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,59}$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+
+
+class Webhook(_Strict):
+    """One receiver of the gateway's notifications: where, in which shape, which events, signed how."""
+
+    name: str = Field(description="Names the hook in the outbox, the log and the audit (never its URL).")
+    url: str = Field(description="http(s) URL POSTed to; it may hold a secret (Slack's do): never shown whole.")
+    format: Literal["json", "slack"] = "json"
+    events: tuple[NotificationEvent, ...] = NOTIFICATION_EVENTS
+    secret_env: str | None = Field(
+        default=None, description="The environment variable holding the HMAC-SHA256 signing secret."
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _HOOK_NAME.match(value):
+            raise ValueError("a webhook name is 1-60 letters, digits, '.', '_' or '-'")
+        return value
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        scheme, _, rest = value.partition("://")
+        if scheme not in ("http", "https") or not rest.split("/", 1)[0]:
+            raise ValueError("a webhook url is http:// or https:// with a host")  # the URL itself is not repeated
+        return value
+
+    @field_validator("secret_env")
+    @classmethod
+    def _env_name(cls, value: str | None) -> str | None:
+        if value is not None and not _ENV_NAME.match(value):
+            raise ValueError("secret_env names an environment variable (the secret itself never goes in the file)")
+        return value
+
+
+class Notifications(_Strict):
+    """`[notifications]`: the webhooks, and the fractions of a cost cap whose crossing is an event."""
+
+    webhooks: tuple[Webhook, ...] = ()
+    budget_thresholds: tuple[Decimal, ...] = (Decimal("0.8"), Decimal("1"))
+
+    @field_validator("webhooks")
+    @classmethod
+    def _unique(cls, hooks: tuple[Webhook, ...]) -> tuple[Webhook, ...]:
+        names = [hook.name for hook in hooks]
+        if len(set(names)) != len(names):
+            raise ValueError("two webhooks have the same name")
+        return hooks
+
+    @field_validator("budget_thresholds", mode="before")
+    @classmethod
+    def _fractions(cls, values: Any) -> Any:
+        if not isinstance(values, list | tuple):
+            raise ValueError("a list of fractions of a cap, like [0.8, 1.0]")
+        out = []
+        for value in values:
+            if isinstance(value, bool) or not isinstance(value, int | float | str | Decimal):
+                raise ValueError("a threshold is a number")
+            number = Decimal(str(value))
+            if not number.is_finite() or not 0 < number <= 10:
+                raise ValueError("a threshold is a fraction of the cap above 0 (1.0 is the cap itself)")
+            out.append(number)
+        return tuple(sorted(set(out)))
+
+    def hook(self, name: str) -> Webhook | None:
+        return next((hook for hook in self.webhooks if hook.name == name), None)
+
+    def hooks_for(self, event: str) -> list[Webhook]:
+        return [hook for hook in self.webhooks if event in hook.events]
+
+
 class Policy:
     """The parsed file: raw levels (merged per agent on demand) and the price table."""
 
@@ -235,6 +311,7 @@ class Policy:
         self.adaptive_admission = AdaptiveAdmission.model_validate(levels.get("adaptive_admission") or {})
         self._cache: dict[tuple[str, str], Rules] = {}
         self.defaults = Rules.model_validate(self._defaults)
+        self.notifications = Notifications.model_validate(levels.get("notifications") or {})
 
     def rules_for(self, *, agent: str, project: str) -> Rules:
         """The merged rules for one agent: defaults, then its project's, then its own."""
@@ -283,7 +360,7 @@ def default_policy_text() -> str:
     return resources.files("qpu_gateway.policy").joinpath("default_policy.toml").read_text(encoding="utf-8")
 
 
-_TOP_LEVEL = {"defaults", "projects", "agents", "prices", "adaptive_admission"}
+_TOP_LEVEL = {"defaults", "projects", "agents", "prices", "adaptive_admission", "notifications"}
 
 
 def parse_policy(text: str, *, path: str = "<policy>", overrides: dict[str, Any] | None = None) -> Policy:
@@ -332,6 +409,16 @@ def parse_policy(text: str, *, path: str = "<policy>", overrides: dict[str, Any]
             raise PolicyFileError(path, f"{_line_of(text, loc)}{'.'.join(loc)}: {err['msg']}") from None
         except (PriceError, ValueError) as exc:
             raise PolicyFileError(path, f"{_line_of(text, where)}{'.'.join(where)}: {exc}") from None
+    notifications = raw.get("notifications", {})
+    if not isinstance(notifications, dict):
+        raise PolicyFileError(path, "[notifications] must be a table")
+    try:
+        Notifications.model_validate(notifications)
+    except ValidationError as exc:
+        err = exc.errors(include_url=False)[0]
+        loc = ["notifications", *(str(p) for p in err["loc"])]
+        # pydantic's message only: its `input` would repeat a URL, which may hold a secret.
+        raise PolicyFileError(path, f"{_line_of(text, loc)}{'.'.join(loc)}: {err['msg']}") from None
     try:
         prices = parse_price_table(raw.get("prices", {}))
         policy = Policy(raw, prices)

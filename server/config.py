@@ -23,6 +23,9 @@ ENV_SECONDS = {
     "QPU_GATEWAY_POLL_S": "poll_interval_s",
     "QPU_GATEWAY_RETRY_BASE_S": "retry_base_s",
     "QPU_GATEWAY_BREAKER_COOLDOWN_S": "breaker_cooldown_s",
+    "QPU_GATEWAY_NOTIFY_RETRY_BASE_S": "notify_retry_base_s",
+    "QPU_GATEWAY_NOTIFY_TIMEOUT_S": "notify_timeout_s",
+    "QPU_GATEWAY_NOTIFY_POLL_S": "notify_poll_s",
 }
 
 
@@ -142,6 +145,16 @@ class Config:
     # so a passing fault costs a few seconds and a lasting one cannot loop a job for ever.
     internal_retry_max: int = 5
     internal_retry_base_s: float = 2.0
+    # Webhook deliveries from the outbox: a failed one is tried again after about 5 s, 10 s, 20 s, ...
+    # (each wait between half and all of the doubling, at most 10 minutes), and is given up (kept,
+    # marked dead) at its 10th failure: some 40 minutes in all, enough for a receiver's restart or
+    # a short outage, and a dead receiver does not keep a row retrying for ever.
+    notify_retry_base_s: float = 5.0
+    notify_retry_max_s: float = 600.0
+    notify_max_attempts: int = 10
+    notify_timeout_s: float = 10.0  # one delivery, connect to answer; a slow receiver holds only its own rows
+    notify_poll_s: float = 2.0  # how often the loop looks for rows other processes wrote, or now due
+    notify_in_flight: int = 8  # deliveries under way at once per process
     extra: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

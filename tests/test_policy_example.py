@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qpu_gateway.policy.file import AdaptiveAdmission, Quota, Rules, default_policy_text, parse_policy
+from qpu_gateway.policy.file import (
+    AdaptiveAdmission,
+    Notifications,
+    Quota,
+    Rules,
+    Webhook,
+    default_policy_text,
+    parse_policy,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -12,7 +20,13 @@ REPO = Path(__file__).resolve().parents[1]
 def test_the_example_policy_is_valid_and_names_every_key() -> None:
     text = (REPO / "policy.example.toml").read_text(encoding="utf-8")
     policy = parse_policy(text, path="policy.example.toml")
-    for key in [*Rules.model_fields, *Quota.model_fields, *AdaptiveAdmission.model_fields]:
+    for key in [
+        *Rules.model_fields,
+        *Quota.model_fields,
+        *AdaptiveAdmission.model_fields,
+        *Notifications.model_fields,
+        *Webhook.model_fields,
+    ]:
         assert key in text, f"policy.example.toml does not mention {key}"
     research = policy.rules_for(agent="someone", project="research")
     assert research.priority_ceiling == "high" and research.allowed_backends == ("aer/*", "ibm/*")
@@ -20,6 +34,7 @@ def test_the_example_policy_is_valid_and_names_every_key() -> None:
     assert bot.allowed_backends == ("aer/*",) and bot.agent_quota.running_jobs == 2
     assert bot.agent_quota.queued_jobs == 200  # merged from [defaults]: tables merge key by key
     assert policy.adaptive_admission == AdaptiveAdmission()  # the example spells out the defaults
+    assert [hook.name for hook in policy.notifications.hooks_for("approval_needed")] == ["ops-slack"]
 
 
 def test_the_default_policy_is_safe_out_of_the_box() -> None:

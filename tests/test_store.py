@@ -50,9 +50,16 @@ MIGRATIONS = [
     "0006_processes.sql",
     "0007_ledger_in_jobs.sql",
     "0008_telemetry.sql",
+    "0009_notifications.sql",
 ]
 # PostgreSQL's audit head keeps the hash its last row chained to (one-statement appends); SQLite's needs no head.
-POSTGRES_MIGRATIONS = [*MIGRATIONS[:6], "0007_audit_head_prev.sql", "0008_ledger_in_jobs.sql", "0009_telemetry.sql"]
+POSTGRES_MIGRATIONS = [
+    *MIGRATIONS[:6],
+    "0007_audit_head_prev.sql",
+    "0008_ledger_in_jobs.sql",
+    "0009_telemetry.sql",
+    "0010_notifications.sql",
+]
 
 
 def new_job(

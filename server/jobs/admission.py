@@ -429,9 +429,10 @@ async def _submit_job(
     if keeper is not None:
         keeper.keep_parsed(job.id, a.parsed)
     outcome: tuple[JobRecord, bool] | Refusal | None = None
+    notify = gw.outbox.for_admission(job, rules, amounts.cost)  # its rows go in the admission's transaction
     try:
         outcome = await gw.store.admit(
-            job, entry, time.time(), loop_window_s=rules.loop_guard.window_minutes * 60, decide=decide
+            job, entry, time.time(), loop_window_s=rules.loop_guard.window_minutes * 60, decide=decide, notify=notify
         )
     finally:
         if outcome is None or isinstance(outcome, Refusal) or not outcome[1]:  # not queued after all
@@ -445,6 +446,8 @@ async def _submit_job(
     if not created:  # another call with the same key won the race
         return _replay(stored, request, a)
     gw.workers.wake()
+    if notify is not None:
+        gw.outbox.wake()
     await gw.events.announce(stored)
     if stored.state is JobState.PENDING_APPROVAL:
         who_approves = "an operator" if level == "operator" else "a person"

@@ -11,6 +11,7 @@ backend's recent error rate (`rates`, for adaptive admission).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -33,6 +34,9 @@ class Breakers:
         self._by_backend: dict[str, _Breaker] = {}
         self._seen: set[str] = set()  # every backend this process ran a job on: its breaker is a metric
         self.rates = ErrorRates()
+        # Told of each opening from closed and each closing (not of a failed probe's reopening, which
+        # would repeat every cooldown while a provider stays down): the outbox's breaker events.
+        self.on_change: Callable[[str, State], None] | None = None
 
     def states(self) -> dict[str, State]:
         """Each backend this process has run jobs on, and its breaker's state now."""
@@ -66,15 +70,20 @@ class Breakers:
         return 0 if breaker is None else breaker.failures
 
     def success(self, backend: str) -> None:
-        self._by_backend.pop(backend, None)
+        breaker = self._by_backend.pop(backend, None)
         self.rates.record(backend, failed=False, now=time.monotonic())
+        if breaker is not None and breaker.opened_at is not None and self.on_change is not None:
+            self.on_change(backend, "closed")
 
     def failure(self, backend: str) -> None:
         self.rates.record(backend, failed=True, now=time.monotonic())
         breaker = self._by_backend.setdefault(backend, _Breaker())
         breaker.failures += 1
         if breaker.probing or breaker.failures >= self.threshold:
+            opened = breaker.opened_at is None
             breaker.opened_at, breaker.probing = time.monotonic(), False
+            if opened and self.on_change is not None:
+                self.on_change(backend, "open")
 
     def is_open(self, backend: str) -> bool:
         return self.state(backend) == "open"

@@ -26,6 +26,7 @@ from qpu_gateway.policy.storm import StormWatch
 from qpu_gateway.store import Store, StoreError, open_store
 from qpu_gateway.store.records import AuditEntry
 from qpu_gateway.telemetry.metrics import GatewayMetrics
+from qpu_gateway.telemetry.outbox import Outbox
 from qpu_gateway.telemetry.snapshots import Publisher
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ class Gateway:
         self.metrics = GatewayMetrics(backend_known=self.providers.listed, breakers=self._breaker_states)
         self.events.listen(self.metrics)
         self.pacing = Pacing()
+        self.outbox = Outbox(config, lambda: self.policy)
         self._store: Store | None = None
         self._workers: Workers | None = None
         self._rate_limiter: RateLimiter | None = None
@@ -98,10 +100,13 @@ class Gateway:
         self._workers = Workers(self.config, store, self.providers, self.events, lambda: self.policy, self.metrics)
         self._rate_limiter = RateLimiter(rate_storage, namespace=store.rate_namespace())
         self._processes = ProcessReporter(store, self.policy_source, self._workers.owner, self.serving)
+        self._workers.breakers.on_change = self.outbox.breaker_changed
+        self._workers.on_settled = lambda job: self.outbox.after_settle(store, job)
         try:
             async with anyio.create_task_group() as tg:
                 if workers:
                     tg.start_soon(self._workers.run)
+                    tg.start_soon(self.outbox.run, store, self._workers.owner)
                 tg.start_soon(self._processes.run)
                 tg.start_soon(self.events.watch_foreign_changes, store, self.config.poll_interval_s, self._workers.wake)
                 tg.start_soon(self.policy_source.watch, CHECK_INTERVAL_S, self._audit_reload)

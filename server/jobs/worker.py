@@ -93,6 +93,7 @@ class Workers:
         # everything there was, and new work wakes it (a submit here) or is found by its poll.
         self._backlog = False
         self.breakers = Breakers(threshold=config.breaker_threshold, cooldown_s=config.breaker_cooldown_s)
+        self.on_settled: Callable[[JobRecord], Awaitable[None]] | None = None  # a job this worker ended
 
     def wake(self) -> None:
         """Look for work now (a job was just queued here) instead of at the next poll."""
@@ -519,6 +520,8 @@ class Workers:
             moved = await self.store.transition(job.id, state, time.time(), owner=self.owner, fields=fields, held=job)
         if moved is not None:
             await self.events.announce(moved)
+            if moved.state is JobState.SUCCEEDED and self.on_settled is not None:
+                await self.on_settled(moved)
         return moved
 
     async def _settle_success(self, job: JobRecord, result: Result, **fields: Any) -> None:

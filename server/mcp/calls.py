@@ -45,6 +45,7 @@ from qpu_gateway.keys import Principal, authenticate
 from qpu_gateway.mcp.session_logs import Send, SessionLogs
 from qpu_gateway.store import StoreError
 from qpu_gateway.store.records import AuditEntry
+from qpu_gateway.telemetry import notifications
 from qpu_gateway.telemetry.logs import redact
 
 log = logging.getLogger(__name__)
@@ -363,6 +364,7 @@ class Calls:
             detail=storm.describe(),
         )
         await self.gateway.audit_spool.write(self.gateway.store, entry, now)
+        await self.gateway.outbox.emit(self.gateway.store, notifications.storm_alert(storm, project=who.project))
 
     # -- handler wrappers -------------------------------------------------------------------
 

@@ -8,7 +8,7 @@ the same schema to replicas on several machines. `open_store` picks one from the
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable, Collection, Iterable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -22,6 +22,7 @@ from qpu_gateway.store.records import (
     AdmissionFacts,
     AuditEntry,
     AuditRecord,
+    DeliveryOutcome,
     JobChange,
     JobRecord,
     KeyRecord,
@@ -30,6 +31,8 @@ from qpu_gateway.store.records import (
     MayRun,
     MetricSnapshot,
     NewJob,
+    NewNotification,
+    NotificationRecord,
     Pause,
     ProcessReport,
     SchemaState,
@@ -154,9 +157,11 @@ class Store(Protocol):
         *,
         loop_window_s: float,
         decide: Callable[[AdmissionFacts], Refusal | None],
+        notify: Callable[[AdmissionFacts], Sequence[NewNotification]] | None = None,
     ) -> tuple[JobRecord, bool] | Refusal:
         """Admit a job in one transaction: read the facts, let `decide` judge them, then store the job,
-        its reservation in the ledger and its audit row together.
+        its reservation in the ledger and its audit row together, with the outbox rows `notify` makes
+        of the same facts.
 
         With an idempotency key already used by this agent, the earlier job is returned with False
         and nothing is written. A refusal from `decide` is returned and nothing is written.
@@ -305,6 +310,33 @@ class Store(Protocol):
 
     async def audit_highest_seq(self) -> int:
         """The highest seq the audit log ever assigned; deleting the last rows does not lower it."""
+        ...
+
+    # the notifications outbox (`server/telemetry/outbox.py` delivers it)
+    async def enqueue_notifications(self, rows: Sequence[NewNotification], now: float) -> int:
+        """Store `rows`, due now; a row whose dedup key is stored already is skipped. Returns the rows stored."""
+        ...
+
+    async def claim_notifications(
+        self, owner: str, lease_until: float, now: float, limit: int
+    ) -> list[NotificationRecord]:
+        """Take up to `limit` pending rows due at `now` for `owner` until `lease_until`, counting an
+        attempt on each; a row is claimed by one process at a time (a lapsed claim may be taken again)."""
+        ...
+
+    async def finish_notification(
+        self, notification_id: int, owner: str, outcome: DeliveryOutcome, now: float, audit: AuditEntry
+    ) -> bool:
+        """Record a delivery's outcome with its audit row in one transaction, if `owner` still holds
+        the row; False (and nothing written) otherwise."""
+        ...
+
+    async def release_notifications(self, owner: str, now: float) -> int:
+        """Give back the rows `owner` holds (shutdown mid-delivery), due at once, their attempt uncounted."""
+        ...
+
+    async def notifications(self, *, status: str | None = None, limit: int = 100) -> list[NotificationRecord]:
+        """The newest `limit` outbox rows (of one status), newest first."""
         ...
 
     # moving an installation (`qpu-gateway db copy`): the tables are records.INSTALLATION_TABLES

@@ -53,6 +53,7 @@ from qpu_gateway.store.records import (
     AuditEntry,
     AuditRecord,
     Candidate,
+    DeliveryOutcome,
     JobChange,
     JobRecord,
     KeyRecord,
@@ -61,6 +62,8 @@ from qpu_gateway.store.records import (
     MayRun,
     MetricSnapshot,
     NewJob,
+    NewNotification,
+    NotificationRecord,
     Pause,
     ProcessReport,
     SchemaState,
@@ -262,6 +265,28 @@ _KEYS = (
     "LEFT JOIN pauses p ON p.kind = 'agent' AND p.name = k.agent"
 )
 _PAUSE = "SELECT kind, name, reason, paused_by, paused_at FROM pauses WHERE kind = %s AND name = %s"
+# The outbox (migration 0010). A claimed row's next_attempt_at is its lease's end: a claimer that dies
+# leaves the row due again then, and another replica takes it (at least once, never lost).
+_INSERT_NOTIFICATION = (
+    "INSERT INTO notifications (hook, event, dedup_key, agent, project, job_id, body, created_at, next_attempt_at) "
+    "VALUES (%s, %s, %s::text, %s::text, %s::text, %s::text, %s, %s::float8, %s::float8) "
+    "ON CONFLICT (dedup_key) DO NOTHING"
+)
+_CLAIM_NOTIFICATIONS = (
+    "UPDATE notifications SET lease_owner = %s, next_attempt_at = %s::float8, attempts = attempts + 1 WHERE id IN "
+    "(SELECT id FROM notifications WHERE status = 'pending' AND next_attempt_at <= %s::float8 "
+    "ORDER BY next_attempt_at, id LIMIT %s FOR UPDATE SKIP LOCKED) RETURNING *"
+)
+_FINISH_NOTIFICATION = (
+    "UPDATE notifications SET status = %s::text, next_attempt_at = %s::float8, last_error = %s::text, "
+    "lease_owner = NULL, finished_at = CASE WHEN %s::text = 'pending' THEN NULL ELSE %s::float8 END "
+    "WHERE id = %s AND lease_owner = %s AND status = 'pending'"
+)
+_RELEASE_NOTIFICATIONS = (
+    "UPDATE notifications SET lease_owner = NULL, next_attempt_at = %s::float8, "
+    "attempts = greatest(attempts - 1, 0) WHERE lease_owner = %s AND status = 'pending' RETURNING id"
+)
+_NOTIFICATIONS = "SELECT * FROM notifications WHERE (%s::text IS NULL OR status = %s::text) ORDER BY id DESC LIMIT %s"
 _BY_IDEMPOTENCY_KEY = "SELECT * FROM jobs WHERE agent = %s AND idempotency_key = %s"
 _NO_CURSOR = 2**62
 _LIST_JOBS = {
@@ -686,6 +711,7 @@ class PostgresStore:
         *,
         loop_window_s: float,
         decide: Callable[[AdmissionFacts], Refusal | None],
+        notify: Callable[[AdmissionFacts], Sequence[NewNotification]] | None = None,
     ) -> tuple[JobRecord, bool] | Refusal:
         day, month = ledger_periods(now)
         facts: list[Statement] = [
@@ -727,6 +753,10 @@ class PostgresStore:
             refusal = decide(decision)
             if refusal is not None:
                 return refusal
+            # Outbox rows before the audit row, which locks the chain's head: a row waiting on another
+            # transaction's same dedup key must not hold the head meanwhile. Sent without waiting.
+            for outgoing in notify(decision) if notify is not None else ():
+                await tx.run(_INSERT_NOTIFICATION, _notification_params(outgoing, now))
             # The job, its reservation and its audit row: one statement.
             row = await tx.one(
                 _ADMIT, (*_job_params(job, now), *reservation(job, day, month), *_audit_params(audit, now))
@@ -1099,6 +1129,50 @@ class PostgresStore:
 
     # -- audit ------------------------------------------------------------------------------
 
+    # -- notifications outbox ------------------------------------------------------------
+
+    async def enqueue_notifications(self, rows: Sequence[NewNotification], now: float) -> int:
+        if not rows:
+            return 0
+
+        async def work(tx: Tx) -> int:
+            stored = await tx.many(
+                [(_INSERT_NOTIFICATION + " RETURNING id", _notification_params(r, now)) for r in rows]
+            )
+            return sum(len(ids) for ids in stored)
+
+        return await self._write(work)
+
+    async def claim_notifications(
+        self, owner: str, lease_until: float, now: float, limit: int
+    ) -> list[NotificationRecord]:
+        # SKIP LOCKED: replicas claiming at once take different rows; the UPDATE commits by itself.
+        rows = await _retrying(
+            lambda: self._alone(lambda tx: tx.all(_CLAIM_NOTIFICATIONS, (owner, lease_until, now, limit))), "statement"
+        )
+        return sorted((NotificationRecord.from_row(r) for r in rows), key=lambda n: n.id)
+
+    async def finish_notification(
+        self, notification_id: int, owner: str, outcome: DeliveryOutcome, now: float, audit: AuditEntry
+    ) -> bool:
+        params = (outcome.status, outcome.next_attempt_at or now, outcome.error, outcome.status, now)
+
+        async def work(tx: Tx) -> bool:
+            changed = await tx.all(_FINISH_NOTIFICATION + " RETURNING id", (*params, notification_id, owner))
+            if changed:
+                await _append(tx, audit, now)
+            return bool(changed)
+
+        return await self._write(work)
+
+    async def release_notifications(self, owner: str, now: float) -> int:
+        rows = await self._alone(lambda tx: tx.all(_RELEASE_NOTIFICATIONS, (now, owner)))
+        return len(rows)
+
+    async def notifications(self, *, status: str | None = None, limit: int = 100) -> list[NotificationRecord]:
+        rows = await self._read(lambda tx: tx.all(_NOTIFICATIONS, (status, status, limit)))
+        return [NotificationRecord.from_row(r) for r in rows]
+
     async def append_audit(self, entry: AuditEntry, now: float) -> None:
         # One statement: committed by itself, with no BEGIN/COMMIT of its own.
         await self._alone(lambda tx: _append(tx, entry, now))
@@ -1335,6 +1409,10 @@ class _Claimer:
                 continue
             return _job(claimed), index
         return None
+
+
+def _notification_params(row: NewNotification, now: float) -> tuple[Any, ...]:
+    return (row.hook, row.event, row.dedup_key, row.agent, row.project, row.job_id, row.body, now, now)
 
 
 async def _append(tx: Tx, entry: AuditEntry, now: float) -> None:

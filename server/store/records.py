@@ -353,3 +353,54 @@ def not_empty(held: Mapping[str, int]) -> str:
     """Why a copy refuses a target that holds rows (`held`: rows per table)."""
     rows = ", ".join(f"{table} {n}" for table, n in held.items() if n)
     return f"the database is not empty ({rows}): a copy goes only into an empty database; nothing was written"
+
+
+# -- the notifications outbox (migrations sqlite 0009, postgres 0010) ---------------------------
+# Not in INSTALLATION_TABLES: an outbox describes deliveries in flight to the webhooks of the policy
+# in force, which a move ends like the processes' reports.
+
+
+@dataclass(frozen=True, slots=True)
+class NewNotification:
+    """One event for one webhook, as the outbox stores it: the body is what is sent, signed at send time."""
+
+    hook: str  # the webhook's name in the policy (its URL and secret stay in the policy and the environment)
+    event: str  # approval_needed | storm | budget | breaker
+    body: str  # the JSON text POSTed
+    agent: str | None = None
+    project: str | None = None
+    job_id: str | None = None
+    # Sent at most once per hook: a second row with the same key is not stored (a budget crossing).
+    dedup_key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NotificationRecord:
+    id: int
+    hook: str
+    event: str
+    dedup_key: str | None
+    agent: str | None
+    project: str | None
+    job_id: str | None
+    body: str
+    created_at: float
+    status: str  # pending | delivered | dead
+    attempts: int  # deliveries started (a claim counts one)
+    next_attempt_at: float  # when it is due; while leased, when the lease lapses
+    lease_owner: str | None
+    last_error: str | None
+    finished_at: float | None
+
+    @classmethod
+    def from_row(cls, row: Any) -> NotificationRecord:
+        return cls(**{f.name: row[f.name] for f in fields(cls)})
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryOutcome:
+    """How one delivery ended: `delivered`, `pending` again (due at `next_attempt_at`) or `dead`."""
+
+    status: str
+    error: str | None = None
+    next_attempt_at: float | None = None

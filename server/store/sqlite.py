@@ -18,7 +18,17 @@ import sqlite3
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable, Collection, Iterable, Iterator, Mapping
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    Awaitable,
+    Callable,
+    Collection,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from importlib import resources
@@ -39,6 +49,7 @@ from qpu_gateway.store.records import (
     AuditEntry,
     AuditRecord,
     Candidate,
+    DeliveryOutcome,
     JobChange,
     JobRecord,
     KeyRecord,
@@ -47,6 +58,8 @@ from qpu_gateway.store.records import (
     MayRun,
     MetricSnapshot,
     NewJob,
+    NewNotification,
+    NotificationRecord,
     Pause,
     ProcessReport,
     SchemaState,
@@ -270,6 +283,28 @@ _LIVE_JOBS = (
     "ELSE created_at END) FROM jobs WHERE state IN ('pending_approval', 'queued', 'submitting', 'running') "
     "GROUP BY state, backend"
 )
+# The outbox (migration 0009). A claimed row's next_attempt_at is its lease's end: a claimer that dies
+# leaves the row due again then, and another process takes it (at least once, never lost).
+_INSERT_NOTIFICATION = (
+    "INSERT INTO notifications (hook, event, dedup_key, agent, project, job_id, body, created_at, next_attempt_at) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (dedup_key) DO NOTHING"
+)
+_NOTIFICATION_DUE = "SELECT 1 FROM notifications WHERE status = 'pending' AND next_attempt_at <= ? LIMIT 1"
+_CLAIM_NOTIFICATIONS = (
+    "UPDATE notifications SET lease_owner = ?, next_attempt_at = ?, attempts = attempts + 1 WHERE id IN "
+    "(SELECT id FROM notifications WHERE status = 'pending' AND next_attempt_at <= ? "
+    "ORDER BY next_attempt_at, id LIMIT ?) RETURNING *"
+)
+_FINISH_NOTIFICATION = (
+    "UPDATE notifications SET status = ?, next_attempt_at = ?, last_error = ?, lease_owner = NULL, "
+    "finished_at = CASE WHEN ? = 'pending' THEN NULL ELSE ? END "
+    "WHERE id = ? AND lease_owner = ? AND status = 'pending'"
+)
+_RELEASE_NOTIFICATIONS = (
+    "UPDATE notifications SET lease_owner = NULL, next_attempt_at = ?, attempts = max(attempts - 1, 0) "
+    "WHERE lease_owner = ? AND status = 'pending'"
+)
+_NOTIFICATIONS = "SELECT * FROM notifications WHERE (? IS NULL OR status = ?) ORDER BY id DESC LIMIT ?"
 _BY_IDEMPOTENCY_KEY = "SELECT * FROM jobs WHERE agent = ? AND idempotency_key = ?"
 _NO_CURSOR = 2**62
 _LIST_JOBS = {
@@ -727,6 +762,7 @@ class SqliteStore:
         *,
         loop_window_s: float,
         decide: Callable[[AdmissionFacts], Refusal | None],
+        notify: Callable[[AdmissionFacts], Sequence[NewNotification]] | None = None,
     ) -> tuple[JobRecord, bool] | Refusal:
         day, month = ledger_periods(now)
 
@@ -744,6 +780,8 @@ class SqliteStore:
             # The job with its reservation (its `ledger` columns), then its audit row.
             row = db.execute(_INSERT_JOB, (*_job_params(job, now), *reservation(job, day, month))).fetchone()
             self._queued_here = self._queued_here or job.state is JobState.QUEUED
+            if notify is not None:
+                _insert_notifications(db, notify(facts), now)
             _insert_audit(db, audit, now)
             return JobRecord.from_row(row), True
 
@@ -1068,6 +1106,37 @@ class SqliteStore:
             )
         )
         return [StateUsage(JobState(row[0]), int(row[1]), int(row[2])) for row in rows]
+
+    # -- notifications outbox ------------------------------------------------------------
+
+    async def enqueue_notifications(self, rows: Sequence[NewNotification], now: float) -> int:
+        if not rows:
+            return 0
+        return await self._write(lambda db: _insert_notifications(db, rows, now))
+
+    async def claim_notifications(
+        self, owner: str, lease_until: float, now: float, limit: int
+    ) -> list[NotificationRecord]:
+        # An idle outbox (the usual case) is a read, not the write lock, at every process's poll.
+        if await self._read(_first(_NOTIFICATION_DUE, (now,))) is None:
+            return []
+        # One guarded UPDATE under the write lock: two processes can never both take a row.
+        rows = await self._write(lambda db: _all(_CLAIM_NOTIFICATIONS, (owner, lease_until, now, limit))(db))
+        return sorted((NotificationRecord.from_row(r) for r in rows), key=lambda n: n.id)
+
+    async def finish_notification(
+        self, notification_id: int, owner: str, outcome: DeliveryOutcome, now: float, audit: AuditEntry
+    ) -> bool:
+        params = (outcome.status, outcome.next_attempt_at or now, outcome.error, outcome.status, now)
+        work = _run(_FINISH_NOTIFICATION, (*params, notification_id, owner))
+        return bool(await self._write(_with_audit(work, audit, now)))
+
+    async def release_notifications(self, owner: str, now: float) -> int:
+        return await self._write(_run(_RELEASE_NOTIFICATIONS, (now, owner)), single_statement=True)
+
+    async def notifications(self, *, status: str | None = None, limit: int = 100) -> list[NotificationRecord]:
+        rows = await self._read(_all(_NOTIFICATIONS, (status, status, limit)))
+        return [NotificationRecord.from_row(r) for r in rows]
 
     # -- audit ------------------------------------------------------------------------------
 
@@ -1411,6 +1480,14 @@ def _insert_audit(db: sqlite3.Connection, entry: AuditEntry, now: float) -> None
     caller holds the write lock from BEGIN IMMEDIATE, so no other writer comes between)."""
     params = {name: getattr(entry, name) for name in _AUDIT_TEXT}
     db.execute(_INSERT_AUDIT, {**params, "at": float(now), "genesis": GENESIS})
+
+
+def _insert_notifications(db: sqlite3.Connection, rows: Sequence[NewNotification], now: float) -> int:
+    stored = 0
+    for n in rows:
+        params = (n.hook, n.event, n.dedup_key, n.agent, n.project, n.job_id, n.body, now, now)
+        stored += db.execute(_INSERT_NOTIFICATION, params).rowcount
+    return stored
 
 
 def _key(row: Any) -> KeyRecord:
