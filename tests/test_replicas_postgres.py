@@ -338,6 +338,10 @@ async def test_agents_take_turns_across_replicas_and_each_job_is_claimed_once(cl
     assert Counter(states.values()) == {"succeeded": 83}
 
     claims = [c for c in cluster.claims() if c[2] in ("hog", "polite")]
+    twice = sorted(j for j, n in Counter(job_id for _, job_id, _, _ in claims).items() if n > 1)
+    # A second claim is a lease that lapsed (a replica stalled over lease_s): its rows say which run.
+    history = [cluster.rows("SELECT at, tool, detail FROM audit WHERE job_id = %s ORDER BY seq", (j,)) for j in twice]
+    assert not twice, history
     assert Counter(job_id for _, job_id, _, _ in claims) == dict.fromkeys(hog_ids + polite_ids, 1)
     runs = cluster.provider_runs()
     assert all(runs[j] == 1 for j in hog_ids + polite_ids)
