@@ -54,7 +54,7 @@ def anyio_backend() -> str:
 
 @pytest.fixture(scope="module")
 async def browser() -> AsyncIterator[Any]:
-    if not Path(CHROMIUM).exists():
+    if not await anyio.Path(CHROMIUM).exists():
         pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)")
     async with playwright.async_playwright() as pw:
         launched = await pw.chromium.launch(executable_path=CHROMIUM, headless=True)
@@ -101,7 +101,7 @@ async def sign_in(page: Any, name: str, password: str = PASSWORD) -> Any:
 
 
 async def shot(page: Any, name: str) -> None:
-    SHOTS.mkdir(parents=True, exist_ok=True)
+    await anyio.Path(SHOTS).mkdir(parents=True, exist_ok=True)
     await page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
 
 
@@ -154,7 +154,7 @@ async def test_an_approver_sees_a_held_job_appear_and_approving_it_ends_the_agen
     assert [r.decision for r in await audit_rows(config, "console.login")] == ["ok"]
 
     # Every other page, as an admin sees it.
-    await page.goto(f"/console/jobs?agent=alice&state=succeeded")
+    await page.goto("/console/jobs?agent=alice&state=succeeded")
     assert job_id in await page.locator("table").inner_text()
     await shot(page, "jobs")
     await page.get_by_role("link", name=job_id).click()
@@ -172,7 +172,7 @@ async def test_an_approver_sees_a_held_job_appear_and_approving_it_ends_the_agen
     await shot(page, "audit")
     async with page.expect_download() as download:
         await page.get_by_role("link", name="Export every row as JSON lines").click()
-    exported = Path(await (await download.value).path()).read_text(encoding="utf-8")
+    exported = await anyio.Path(await (await download.value).path()).read_text(encoding="utf-8")
     assert '"tool":"approvals.approve"' in exported
     await page.goto("/console/policy")
     assert "Last reload error" in await page.locator("dl").inner_text()

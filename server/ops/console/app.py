@@ -277,7 +277,6 @@ def build_app(console: Console) -> Starlette:
         events = table(
             ["At", "Event", "Code", "Detail"],
             ([h(e.at), h(e.event), h(e.code or ""), h(e.detail or "")] for e in timeline.events),
-            caption="Timeline",
         )
         charts = ""
         for i, circuit in enumerate(job.result or ()):
@@ -386,7 +385,7 @@ def build_app(console: Console) -> Starlette:
                     viewer,
                     f"/console/agents/{agent}/pause",
                     "Pause",
-                    fields=pages.text_input("reason", "Reason", uid=agent),
+                    fields=pages.text_input("reason", f"Reason to pause {agent}", uid=agent),
                     danger=True,
                 )
             elif admin:
@@ -514,7 +513,7 @@ def build_app(console: Console) -> Starlette:
                         viewer,
                         f"/console/backends/{backend}/pause",
                         "Pause",
-                        fields=pages.text_input("reason", "Reason", uid=backend.replace("/", "-")),
+                        fields=pages.text_input("reason", f"Reason to pause {backend}", uid=backend.replace("/", "-")),
                         danger=True,
                     )
                 else:
@@ -614,7 +613,6 @@ def build_app(console: Console) -> Starlette:
         prices = table(
             ["Backends", "Price model"],
             ([h(p.pattern), h(p.describe())] for p in source.current.prices.values()),
-            caption="Prices",
         )
         processes = await console.store.processes(time.time() - LIVE_FOR_S)
         procs = table(
@@ -629,10 +627,12 @@ def build_app(console: Console) -> Starlette:
                 ]
                 for p in processes
             ),
-            caption="Gateway processes on this database",
             empty="No gateway process reported in the last 15 s.",
         )
-        body = f"{dl}<h2>Defaults in force</h2><pre>{h(defaults)}</pre>{prices}{procs}"
+        body = (
+            f'{dl}<h2>Defaults in force</h2><pre class="json">{h(defaults)}</pre><h2>Prices</h2>{prices}'
+            f"<h2>Gateway processes on this database</h2>{procs}"
+        )
         return html(pages.layout("Policy", body, viewer=viewer_of(who), current="policy"))
 
     # -- static files --------------------------------------------------------------------------

@@ -97,7 +97,8 @@ def text_input(name: str, label: str, *, required: bool = False, value: str = ""
     req = " required" if required else ""
     return (
         f'<label for="{h(ident)}">{h(label)}</label>'
-        f'<input id="{h(ident)}" name="{h(name)}" value="{h(value)}" maxlength=500{req}>'
+        f'<input id="{h(ident)}" name="{h(name)}" value="{h(value)}" maxlength=500{req}'
+        f"{f' placeholder={chr(34)}{h(label)}{chr(34)}' if uid else ''}>"
     )
 
 
@@ -114,9 +115,9 @@ def login_page(token: str, *, message: str = "", name: str = "") -> str:
         f'{error}<form method="post" action="/console/login" class="login">'
         f'<input type="hidden" name="csrf" value="{h(token)}">'
         f'<label for="name">Operator name</label><input id="name" name="name" value="{h(name)}" '
-        'autocomplete="username" required autofocus>'
+        f'autocomplete="username" required{"" if name else " autofocus"}>'
         '<label for="password">Password</label><input id="password" name="password" type="password" '
-        'autocomplete="current-password" required>'
+        f'autocomplete="current-password" required{" autofocus" if name else ""}>'
         "<button type=submit>Sign in</button></form>"
         '<p class="hint">Operators are made with <code>qpu-gateway operators create NAME --role ROLE</code>.</p>'
     )
