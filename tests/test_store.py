@@ -27,7 +27,9 @@ from qpu_gateway.store.records import (
     KeyRecord,
     LedgerTotals,
     NewJob,
+    OperatorRecord,
     ProcessReport,
+    SessionRecord,
     StateUsage,
 )
 
@@ -51,6 +53,7 @@ MIGRATIONS = [
     "0007_ledger_in_jobs.sql",
     "0008_telemetry.sql",
     "0009_notifications.sql",
+    "0010_operators.sql",
 ]
 # PostgreSQL's audit head keeps the hash its last row chained to (one-statement appends); SQLite's needs no head.
 POSTGRES_MIGRATIONS = [
@@ -59,6 +62,7 @@ POSTGRES_MIGRATIONS = [
     "0008_ledger_in_jobs.sql",
     "0009_telemetry.sql",
     "0010_notifications.sql",
+    "0011_operators.sql",
 ]
 
 
@@ -1030,3 +1034,43 @@ async def test_a_shared_secret_is_the_first_processes_and_every_process_gets_it(
 
     assert first == again == b"1" * 32
     assert await other_store.shared_secret("another", b"3" * 32) == b"3" * 32
+
+
+# -- the console's operators and sessions --------------------------------------------------------
+
+
+async def test_an_operator_is_stored_once_with_its_audit_row_and_disabling_ends_its_sessions(store: Store) -> None:
+    olga = OperatorRecord("olga", "approver", "scrypt$1$1$1$00$00", T0)
+    act = AuditEntry(tool="operators.create", decision="ok", operator="root")
+
+    assert await store.insert_operator(olga, act) is True
+    assert await store.insert_operator(OperatorRecord("olga", "admin", "x", T0), act) is False  # name taken
+    await store.start_session(SessionRecord("a" * 64, "olga", T0, T0), idle_before=T0 - 1800)
+    await store.start_session(SessionRecord("b" * 64, "olga", T0 + 5, T0 + 5), idle_before=T0 - 1800)
+    found = await store.session("a" * 64)
+    await store.touch_session("a" * 64, T0 + 60)
+    touched = await store.session("a" * 64)
+
+    assert found == (SessionRecord("a" * 64, "olga", T0, T0), olga)
+    assert touched is not None and touched[0].seen_at == T0 + 60
+    assert await store.list_operators() == [olga]
+
+    off = AuditEntry(tool="operators.disable", decision="ok", operator="root")
+    assert await store.disable_operator("olga", T0 + 100, off) is True
+    assert await store.disable_operator("olga", T0 + 200, off) is False  # once only
+    assert await store.session("a" * 64) is None and await store.session("b" * 64) is None
+    assert (await store.operator("olga")) == OperatorRecord("olga", "approver", "scrypt$1$1$1$00$00", T0, T0 + 100)
+    assert [r.tool for r in await store.audit_tail(limit=10)] == ["operators.create", "operators.disable"]
+
+
+async def test_a_new_session_sweeps_idle_ones_and_an_ended_one_is_gone(store: Store) -> None:
+    await store.insert_operator(
+        OperatorRecord("ann", "viewer", "h", T0), AuditEntry(tool="operators.create", decision="ok")
+    )
+    await store.start_session(SessionRecord("c" * 64, "ann", T0, T0), idle_before=T0 - 1800)
+    await store.start_session(SessionRecord("d" * 64, "ann", T0 + 3600, T0 + 3600), idle_before=T0 + 1800)
+    await store.end_session("d" * 64)
+
+    assert await store.session("c" * 64) is None  # idle for an hour: swept
+    assert await store.session("d" * 64) is None  # signed out
+    assert await store.session(INJECTION) is None

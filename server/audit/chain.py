@@ -13,10 +13,12 @@ it; `--anchor SEQ:HASH` checks it) or by the rows already shipped with `audit ex
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from qpu_gateway.store.records import AuditRecord
@@ -218,3 +220,9 @@ def args_hash(value: Any) -> str:
     """sha256 of the canonical JSON of a call's arguments: what was asked, without storing it."""
     canonical = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
     return hashlib.sha256(canonical.encode("utf-8", errors="replace")).hexdigest()
+
+
+def exported(row: AuditRecord) -> dict[str, Any]:
+    """One audit row as a SIEM reads it: every stored field, its hashes, and the time in ISO 8601."""
+    when = datetime.fromtimestamp(row.at, UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    return {"seq": row.seq, "at": row.at, "time": when, **dataclasses.asdict(row)}

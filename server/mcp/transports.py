@@ -19,6 +19,7 @@ import signal
 import time
 from collections.abc import Callable
 from contextvars import ContextVar
+from typing import TypeAlias
 
 import anyio
 from mcp.server.auth.middleware.auth_context import get_access_token
@@ -58,6 +59,10 @@ UNCHECKED_KEY = (
 # The key the gate checked for this request and what it found, so the SDK's verifier (asked next,
 # for the same request) does not read the store again.
 _CHECKED: ContextVar[tuple[str, AccessToken] | None] = ContextVar("qpu_gateway_checked_key", default=None)
+
+# What the caller puts in front of the HTTP app (the operator console, from server/ops/): given to
+# `run` rather than imported here, so the MCP face does not reach up into the operator tools.
+Front: TypeAlias = Callable[[ASGIApp, Gateway], ASGIApp]
 
 
 class GatewayTokenVerifier:
@@ -258,7 +263,7 @@ async def serve_stdio(gateway: Gateway) -> None:
         tg.cancel_scope.cancel()
 
 
-async def serve_http(gateway: Gateway, *, transport: str, host: str, port: int) -> None:
+async def serve_http(gateway: Gateway, *, transport: str, host: str, port: int, front: Front | None = None) -> None:
     """Serve Streamable HTTP (`/mcp`) or SSE (`/sse`) on host:port until interrupted."""
     import uvicorn
 
@@ -282,7 +287,9 @@ async def serve_http(gateway: Gateway, *, transport: str, host: str, port: int) 
             gated = KeyGate(mcp.streamable_http_app(host=host), verifier, ("/mcp",))
         else:
             gated = KeyGate(mcp.sse_app(host=host), verifier, ("/sse", "/messages/"))
-        app = MetricsEndpoint(gated, process_exposition(gateway))
+        app: ASGIApp = MetricsEndpoint(gated, process_exposition(gateway))
+        if front is not None:
+            app = front(app, gateway)
         config = uvicorn.Config(app, host=host, port=port, log_level="warning", log_config=None, lifespan="on")
         server = uvicorn.Server(config)
 
@@ -311,12 +318,12 @@ def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
-def run(gateway: Gateway, *, transport: str, host: str, port: int) -> None:
+def run(gateway: Gateway, *, transport: str, host: str, port: int, front: Front | None = None) -> None:
     tracing.configure()
     try:
         if transport == "stdio":
             anyio.run(serve_stdio, gateway)
         else:
-            anyio.run(lambda: serve_http(gateway, transport=transport, host=host, port=port))
+            anyio.run(lambda: serve_http(gateway, transport=transport, host=host, port=port, front=front))
     finally:
         tracing.shutdown()

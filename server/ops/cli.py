@@ -9,7 +9,6 @@ running this command.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import hashlib
 import json
@@ -27,13 +26,13 @@ from typing import Any, TypeVar
 import anyio
 
 from qpu_gateway import __version__
+from qpu_gateway.audit.chain import exported
 from qpu_gateway.audit.operators import operator_entry, operator_name
 from qpu_gateway.config import ENV_DB, ENV_KEY, ENV_POLICY, Config
 from qpu_gateway.jobs.states import JobState
 from qpu_gateway.keys import SCOPES, create_key, parse_scopes
 from qpu_gateway.policy.file import PolicyFileError, default_policy_text
 from qpu_gateway.store import Store, StoreError, open_store, store_initialised
-from qpu_gateway.store.records import AuditRecord
 from qpu_gateway.telemetry import logs
 
 T = TypeVar("T")
@@ -210,7 +209,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from None
     if args.transport != "stdio":
         _print_connect(config, args)
-    transports.run(gateway, transport=args.transport, host=args.host, port=args.port)
+    from qpu_gateway.ops.console.serve import in_front
+
+    transports.run(gateway, transport=args.transport, host=args.host, port=args.port, front=in_front)
     return 0
 
 
@@ -319,6 +320,71 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
             raise CliError(f"{exc} (see `qpu-gateway keys list`).") from None
 
     print(_with_store(_config(args), action))
+    return 0
+
+
+def cmd_operators_create(args: argparse.Namespace) -> int:
+    """`operators create NAME --role ROLE`: the password from a prompt (twice), or one line of stdin."""
+    from qpu_gateway.ops.console.auth import create_operator
+
+    if sys.stdin.isatty():
+        import getpass
+
+        password = getpass.getpass(f"Password for operator {args.name}: ")
+        if getpass.getpass("The same again: ") != password:
+            raise CliError("the two passwords differ; nothing was created")
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+
+    async def action(store: Store) -> None:
+        try:
+            await create_operator(store, args.name, args.role, password, by=operator_name())
+        except ValueError as exc:
+            raise CliError(str(exc)) from None
+
+    _with_store(_config(args), action)
+    print(f"Operator {args.name} ({args.role}) created; they sign in at /console.")
+    return 0
+
+
+def cmd_operators_list(args: argparse.Namespace) -> int:
+    operators = _with_store(_config(args), lambda store: store.list_operators())
+    listed = [
+        {"name": o.name, "role": o.role, "created_at": o.created_at, "disabled_at": o.disabled_at} for o in operators
+    ]
+    if args.json:
+        print(json.dumps(listed, indent=1))
+        return 0
+    rows = [
+        [o.name, o.role, _when(o.created_at), "disabled " + _when(o.disabled_at) if o.disabled_at else "enabled"]
+        for o in operators
+    ]
+    print(_table(rows, ["name", "role", "created", "status"]))
+    return 0
+
+
+def cmd_operators_disable(args: argparse.Namespace) -> int:
+    from qpu_gateway.ops.console.auth import disable_operator
+
+    async def action(store: Store) -> None:
+        try:
+            await disable_operator(store, args.name, by=operator_name())
+        except ValueError as exc:
+            raise CliError(str(exc)) from None
+
+    _with_store(_config(args), action)
+    print(f"Operator {args.name} is disabled: no more sign-ins, and their sessions have ended.")
+    return 0
+
+
+def cmd_console_serve(args: argparse.Namespace) -> int:
+    """Serve the operator console alone (installations of stdio servers only)."""
+    from qpu_gateway.ops.console.serve import serve_console
+
+    config = _config(args)
+    if not store_initialised(config.database):
+        raise CliError(not_initialised(config))
+    anyio.run(lambda: serve_console(config, host=args.host, port=args.port))
     return 0
 
 
@@ -852,7 +918,7 @@ def cmd_audit_export(args: argparse.Namespace) -> int:
         async with aclosing(store.audit_pages(after_seq=after_seq)) as pages:
             async for page in pages:
                 lines = [
-                    json.dumps(_exported(row), separators=(",", ":")) + "\n"
+                    json.dumps(exported(row), separators=(",", ":")) + "\n"
                     for row in page
                     if from_time is None or row.at >= from_time
                 ]
@@ -863,12 +929,6 @@ def cmd_audit_export(args: argparse.Namespace) -> int:
 
     _with_store(_config(args), action)
     return 0
-
-
-def _exported(row: AuditRecord) -> dict[str, Any]:
-    """One audit row as a SIEM reads it: every stored field, its hashes, and the time in ISO 8601."""
-    when = datetime.fromtimestamp(row.at, UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
-    return {"seq": row.seq, "at": row.at, "time": when, **dataclasses.asdict(row)}
 
 
 def _since(text: str) -> tuple[int, float | None]:
@@ -1018,6 +1078,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = ksub.add_parser("rotate", parents=[common], help="new secret for a key; the old one stops now")
     p.add_argument("id")
     p.set_defaults(func=cmd_keys_rotate)
+
+    ops = sub.add_parser("operators", parents=[common], help="people who sign in to the console, and their roles")
+    osub = ops.add_subparsers(dest="operators_command", required=True, metavar="ACTION")
+    p = osub.add_parser("create", parents=[common], help="a new operator; the password from a prompt or stdin")
+    p.add_argument("name")
+    p.add_argument("--role", required=True, choices=["viewer", "approver", "admin"])
+    p.set_defaults(func=cmd_operators_create)
+    p = osub.add_parser("list", parents=[common], help="operators and their roles (never a password)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_operators_list)
+    p = osub.add_parser("disable", parents=[common], help="no more sign-ins; their sessions end now")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_operators_disable)
+
+    con = sub.add_parser("console", parents=[common], help="the operator console in a browser")
+    csub = con.add_subparsers(dest="console_command", required=True, metavar="ACTION")
+    p = csub.add_parser("serve", parents=[common], help="serve /console alone (for installations of stdio servers)")
+    p.add_argument("--host", default=DEFAULT_HOST, help=f"bind address (default {DEFAULT_HOST})")
+    p.add_argument("--port", type=int, default=8766, help="port (default 8766)")
+    p.set_defaults(func=cmd_console_serve)
 
     pol = sub.add_parser("policy", parents=[common], help="check a policy file, show an agent's effective policy")
     psub = pol.add_subparsers(dest="policy_command", required=True, metavar="ACTION")

@@ -33,9 +33,11 @@ from qpu_gateway.store.records import (
     NewJob,
     NewNotification,
     NotificationRecord,
+    OperatorRecord,
     Pause,
     ProcessReport,
     SchemaState,
+    SessionRecord,
     StateUsage,
     TablePage,
 )
@@ -115,6 +117,29 @@ class Store(Protocol):
 
     async def pauses(self, kind: str | None = None) -> list[Pause]: ...
     async def pause_of(self, kind: str, name: str) -> Pause | None: ...
+
+    # the console's operators and their sessions (an operator's change passes `audit`, written with it)
+    async def insert_operator(self, operator: OperatorRecord, audit: AuditEntry) -> bool:
+        """Store a new operator with its audit row; False (and nothing written) if the name is taken."""
+        ...
+
+    async def operator(self, name: str) -> OperatorRecord | None: ...
+    async def list_operators(self) -> list[OperatorRecord]: ...
+
+    async def disable_operator(self, name: str, now: float, audit: AuditEntry) -> bool:
+        """Disable an enabled operator and end its sessions, with its audit row; False if none was enabled."""
+        ...
+
+    async def start_session(self, session: SessionRecord, idle_before: float) -> None:
+        """Store a new session, deleting every session last seen before `idle_before`."""
+        ...
+
+    async def session(self, id_hash: str) -> tuple[SessionRecord, OperatorRecord] | None:
+        """The session and its operator (read together), or None."""
+        ...
+
+    async def touch_session(self, id_hash: str, now: float) -> None: ...
+    async def end_session(self, id_hash: str) -> None: ...
 
     # processes sharing the database (replicas), and what they must share
     async def report_process(self, report: ProcessReport) -> None:

@@ -64,9 +64,11 @@ from qpu_gateway.store.records import (
     NewJob,
     NewNotification,
     NotificationRecord,
+    OperatorRecord,
     Pause,
     ProcessReport,
     SchemaState,
+    SessionRecord,
     StateUsage,
     TablePage,
     ledger_periods,
@@ -265,6 +267,7 @@ _KEYS = (
     "LEFT JOIN pauses p ON p.kind = 'agent' AND p.name = k.agent"
 )
 _PAUSE = "SELECT kind, name, reason, paused_by, paused_at FROM pauses WHERE kind = %s AND name = %s"
+_OPERATOR = "SELECT name, role, password_hash, created_at, disabled_at FROM operators"
 # The outbox (migration 0010). A claimed row's next_attempt_at is its lease's end: a claimer that dies
 # leaves the row due again then, and another replica takes it (at least once, never lost).
 _INSERT_NOTIFICATION = (
@@ -613,6 +616,77 @@ class PostgresStore:
     async def pause_of(self, kind: str, name: str) -> Pause | None:
         row = await self._read(lambda tx: tx.one(_PAUSE, (kind, name)))
         return _pause(row) if row is not None else None
+
+    # -- the console's operators and sessions -----------------------------------------------
+
+    async def insert_operator(self, operator: OperatorRecord, audit: AuditEntry) -> bool:
+        async def work(tx: Tx) -> bool:
+            inserted = await tx.all(
+                "INSERT INTO operators (name, role, password_hash, created_at) VALUES (%s, %s, %s, %s::float8) "
+                "ON CONFLICT (name) DO NOTHING RETURNING name",
+                (operator.name, operator.role, operator.password_hash, operator.created_at),
+            )
+            if inserted:
+                await _append(tx, audit, operator.created_at)
+            return bool(inserted)
+
+        return await self._write(work)
+
+    async def operator(self, name: str) -> OperatorRecord | None:
+        row = await self._read(lambda tx: tx.one(_OPERATOR + " WHERE name = %s", (name,)))
+        return _operator(row) if row is not None else None
+
+    async def list_operators(self) -> list[OperatorRecord]:
+        return [_operator(row) for row in await self._read(lambda tx: tx.all(_OPERATOR + " ORDER BY name"))]
+
+    async def disable_operator(self, name: str, now: float, audit: AuditEntry) -> bool:
+        async def work(tx: Tx) -> bool:
+            changed = await tx.all(
+                "UPDATE operators SET disabled_at = %s::float8 WHERE name = %s AND disabled_at IS NULL RETURNING name",
+                (now, name),
+            )
+            if not changed:
+                return False
+            await tx.run("DELETE FROM operator_sessions WHERE operator = %s", (name,))
+            await _append(tx, audit, now)
+            return True
+
+        return await self._write(work)
+
+    async def start_session(self, session: SessionRecord, idle_before: float) -> None:
+        async def work(tx: Tx) -> None:
+            await tx.run("DELETE FROM operator_sessions WHERE seen_at < %s::float8", (idle_before,))
+            await tx.run(
+                "INSERT INTO operator_sessions (id_hash, operator, created_at, seen_at) "
+                "VALUES (%s, %s, %s::float8, %s::float8)",
+                (session.id_hash, session.operator, session.created_at, session.seen_at),
+            )
+
+        await self._write(work)
+
+    async def session(self, id_hash: str) -> tuple[SessionRecord, OperatorRecord] | None:
+        row = await self._read(
+            lambda tx: tx.one(
+                "SELECT s.id_hash, s.operator, s.created_at AS session_created_at, s.seen_at, o.name, o.role, "
+                "o.password_hash, o.created_at, o.disabled_at FROM operator_sessions s "
+                "JOIN operators o ON o.name = s.operator WHERE s.id_hash = %s",
+                (id_hash,),
+            )
+        )
+        if row is None:
+            return None
+        session = SessionRecord(
+            str(row["id_hash"]), str(row["operator"]), float(row["session_created_at"]), float(row["seen_at"])
+        )
+        return session, _operator(row)
+
+    async def touch_session(self, id_hash: str, now: float) -> None:
+        await self._alone(
+            lambda tx: tx.run("UPDATE operator_sessions SET seen_at = %s::float8 WHERE id_hash = %s", (now, id_hash))
+        )
+
+    async def end_session(self, id_hash: str) -> None:
+        await self._alone(lambda tx: tx.run("DELETE FROM operator_sessions WHERE id_hash = %s", (id_hash,)))
 
     # -- processes sharing the database ------------------------------------------------------
 
@@ -1557,6 +1631,17 @@ def _job(row: Row) -> JobRecord:
     data["state"] = JobState(data["state"])
     data["result"] = None if data["result"] is None else tuple(json.loads(data["result"]))
     return JobRecord(**data)
+
+
+def _operator(row: Row) -> OperatorRecord:
+    disabled = row["disabled_at"]
+    return OperatorRecord(
+        str(row["name"]),
+        str(row["role"]),
+        str(row["password_hash"]),
+        float(row["created_at"]),
+        None if disabled is None else float(disabled),
+    )
 
 
 def _pause(row: Row) -> Pause:

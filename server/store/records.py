@@ -286,6 +286,30 @@ class ProcessReport:
         return self.policy_sha256, self.overrides_sha256
 
 
+# -- the console's operators and sessions (migrations sqlite 0010, postgres 0011) ---------------
+
+
+@dataclass(frozen=True, slots=True)
+class OperatorRecord:
+    """A person who signs in to the console; never an agent (operators hold no gateway key)."""
+
+    name: str
+    role: str  # viewer | approver | admin
+    password_hash: str  # scrypt$N$r$p$salt_hex$hash_hex: never the password
+    created_at: float
+    disabled_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRecord:
+    """A signed-in browser: stored by the sha256 of its id, which only the operator's cookie holds."""
+
+    id_hash: str
+    operator: str
+    created_at: float
+    seen_at: float
+
+
 # The tables that make an installation, in the order `qpu-gateway db copy` moves them, each with the
 # columns its rows are read in order of. What stays behind: `schema_migrations` (the target applies
 # its own), PostgreSQL's `installation` id (a new database keeps its own rate-limit namespace) and

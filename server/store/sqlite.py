@@ -60,9 +60,11 @@ from qpu_gateway.store.records import (
     NewJob,
     NewNotification,
     NotificationRecord,
+    OperatorRecord,
     Pause,
     ProcessReport,
     SchemaState,
+    SessionRecord,
     StateUsage,
     TablePage,
     ledger_periods,
@@ -276,6 +278,7 @@ _KEYS = (
     "LEFT JOIN pauses p ON p.kind = 'agent' AND p.name = k.agent"
 )
 _PAUSE = "SELECT * FROM pauses WHERE kind = ? AND name = ?"
+_OPERATOR = "SELECT name, role, password_hash, created_at, disabled_at FROM operators"
 # Jobs not yet ended by state and backend, and the oldest one's time: an index range over the live
 # states only, however many ended jobs the table holds.
 _LIVE_JOBS = (
@@ -677,6 +680,71 @@ class SqliteStore:
     async def pause_of(self, kind: str, name: str) -> Pause | None:
         row = await self._read(_first(_PAUSE, (kind, name)))
         return Pause(*row) if row is not None else None
+
+    # -- the console's operators and sessions -----------------------------------------------
+
+    async def insert_operator(self, operator: OperatorRecord, audit: AuditEntry) -> bool:
+        params = (operator.name, operator.role, operator.password_hash, operator.created_at)
+        changed = await self._write(
+            _with_audit(
+                _run(
+                    "INSERT OR IGNORE INTO operators (name, role, password_hash, created_at) VALUES (?, ?, ?, ?)",
+                    params,
+                ),
+                audit,
+                operator.created_at,
+            )
+        )
+        return changed == 1
+
+    async def operator(self, name: str) -> OperatorRecord | None:
+        row = await self._read(_first(_OPERATOR + " WHERE name = ?", (name,)))
+        return OperatorRecord(*row) if row is not None else None
+
+    async def list_operators(self) -> list[OperatorRecord]:
+        return [OperatorRecord(*row) for row in await self._read(_all(_OPERATOR + " ORDER BY name"))]
+
+    async def disable_operator(self, name: str, now: float, audit: AuditEntry) -> bool:
+        def work(db: sqlite3.Connection) -> bool:
+            changed = db.execute(
+                "UPDATE operators SET disabled_at = ? WHERE name = ? AND disabled_at IS NULL", (now, name)
+            ).rowcount
+            if not changed:
+                return False
+            db.execute("DELETE FROM operator_sessions WHERE operator = ?", (name,))
+            _insert_audit(db, audit, now)
+            return True
+
+        return await self._write(work)
+
+    async def start_session(self, session: SessionRecord, idle_before: float) -> None:
+        def work(db: sqlite3.Connection) -> None:
+            db.execute("DELETE FROM operator_sessions WHERE seen_at < ?", (idle_before,))
+            db.execute(
+                "INSERT INTO operator_sessions (id_hash, operator, created_at, seen_at) VALUES (?, ?, ?, ?)",
+                dataclasses.astuple(session),
+            )
+
+        await self._write(work)
+
+    async def session(self, id_hash: str) -> tuple[SessionRecord, OperatorRecord] | None:
+        row = await self._read(
+            _first(
+                "SELECT s.id_hash, s.operator, s.created_at, s.seen_at, o.name, o.role, o.password_hash, "
+                "o.created_at, o.disabled_at FROM operator_sessions s JOIN operators o ON o.name = s.operator "
+                "WHERE s.id_hash = ?",
+                (id_hash,),
+            )
+        )
+        return None if row is None else (SessionRecord(*row[:4]), OperatorRecord(*row[4:]))
+
+    async def touch_session(self, id_hash: str, now: float) -> None:
+        await self._write(
+            _run("UPDATE operator_sessions SET seen_at = ? WHERE id_hash = ?", (now, id_hash)), single_statement=True
+        )
+
+    async def end_session(self, id_hash: str) -> None:
+        await self._write(_run("DELETE FROM operator_sessions WHERE id_hash = ?", (id_hash,)), single_statement=True)
 
     # -- processes --------------------------------------------------------------------------
 

@@ -1,0 +1,1 @@
+"""The operator console: approvals, jobs, spend, agents, backends, audit and policy in a browser."""
