@@ -280,7 +280,7 @@ def test_a_source_at_an_older_schema_is_refused_with_what_to_run(tmp_path: Path)
 
     pending = (
         "0005_worker_retries_and_timeouts.sql, 0006_processes.sql, 0007_ledger_in_jobs.sql, 0008_telemetry.sql, "
-        "0009_notifications.sql"
+        "0009_notifications.sql, 0010_operators.sql"
     )
     assert f"{pending} not applied" in refused.stderr
     assert f"qpu-gateway db migrate --db {source}" in refused.stderr

@@ -502,8 +502,14 @@ def build_app(console: Console) -> Starlette:
         ids += sorted((set(paused) | set(counts)) - set(ids))
         by_id = {b.id: b for b in listed}
         rows = []
+        reasons: list[str] = []  # why backends are unavailable, each once (many share one: no credentials)
         for backend in ids:
             b = by_id.get(backend)
+            status = "not listed" if b is None else b.status
+            if b is not None and b.reason:
+                if b.reason not in reasons:
+                    reasons.append(b.reason)
+                status += f" [{reasons.index(b.reason) + 1}]"
             pause = paused.get(backend)
             waiting, running = counts.get(backend, (0, 0))
             control = ""
@@ -521,7 +527,7 @@ def build_app(console: Console) -> Starlette:
             rows.append(
                 [
                     h(backend),
-                    h(b.status if b else "not listed"),
+                    h(status),
                     h("unknown here" if breakers is None else breakers.get(backend, "closed")),
                     h("-" if b is None or b.queue_depth is None else b.queue_depth),
                     h(waiting),
@@ -532,6 +538,9 @@ def build_app(console: Console) -> Starlette:
             )
         header = ["Backend", "Status", "Breaker", "Provider queue", "Waiting here", "Running", "Pause", ""]
         body = table(header, rows, empty="No backends.")
+        if reasons:  # an unavailable backend says why (no credentials, provider unreachable): what to fix
+            notes = "".join(f"<li>{h(reason)}</li>" for reason in reasons)
+            body += f'<h2>Why backends are unavailable</h2><ol class="notes">{notes}</ol>'
         return html(pages.layout("Backends", body, viewer=viewer, current="backends", flash=_flash(request)))
 
     # -- audit ---------------------------------------------------------------------------------

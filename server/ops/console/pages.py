@@ -93,12 +93,13 @@ def button_form(viewer: Viewer, action: str, label: str, *, fields: str = "", da
 
 
 def text_input(name: str, label: str, *, required: bool = False, value: str = "", uid: str = "") -> str:
+    """A labelled input; in a table row (`uid`), the label is for screen readers and its first word shows."""
     ident = f"{name}-{uid}" if uid else name
     req = " required" if required else ""
     return (
         f'<label for="{h(ident)}">{h(label)}</label>'
         f'<input id="{h(ident)}" name="{h(name)}" value="{h(value)}" maxlength=500{req}'
-        f"{f' placeholder={chr(34)}{h(label)}{chr(34)}' if uid else ''}>"
+        f"{f' placeholder={chr(34)}{h(label.split(maxsplit=1)[0])}{chr(34)}' if uid else ''}>"
     )
 
 
