@@ -16,15 +16,28 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import playwright.async_api as playwright
 import pytest
+from mcp import Client
 
 from qpu_gateway.config import Config
 from qpu_gateway.ops.console.auth import create_operator
 from qpu_gateway.store import open_store
 
-from .support import BELL2, HttpServer, body, gateway_cmd, http_client, new_key, start_http_server
-
-playwright = pytest.importorskip("playwright.async_api")
+from .support import (
+    BELL2,
+    HttpServer,
+    body,
+    free_port,
+    gateway_cmd,
+    http_client,
+    location_of,
+    new_key,
+    start_http_server,
+    stdio_params,
+    stop_process,
+    wait_listening,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -55,7 +68,7 @@ def anyio_backend() -> str:
 @pytest.fixture(scope="module")
 async def browser() -> AsyncIterator[Any]:
     if not await anyio.Path(CHROMIUM).exists():
-        pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)")
+        pytest.fail(f"{CHROMIUM} is missing: .ci/run installs Debian's chromium package (apt-get install chromium)")
     async with playwright.async_playwright() as pw:
         launched = await pw.chromium.launch(executable_path=CHROMIUM, headless=True)
         try:
@@ -312,3 +325,36 @@ def test_operators_are_made_listed_and_disabled_from_the_cli_with_the_password_o
     assert disabled.returncode == 0 and '"disabled_at": null' not in after.stdout
     for done in (made, short, again, listed, disabled, after):
         assert PASSWORD not in done.stdout + done.stderr
+
+
+async def test_console_serve_alone_approves_a_job_a_stdio_agent_waits_for(config: Config, browser: Any) -> None:
+    """An installation of stdio servers only: the console runs on its own, on the same database."""
+    config.policy_path.write_text(POLICY, encoding="utf-8")
+    await operator(config, "olga", "approver")
+    key = await new_key(config.database, "alice")
+    port = free_port()
+    command = gateway_cmd("console", "serve", "--port", str(port), "--db", location_of(config.database))
+
+    def start() -> subprocess.Popen[bytes]:
+        started = subprocess.Popen([*command, "--policy", str(config.policy_path)])
+        wait_listening(started, port, what="console")
+        return started
+
+    console = await anyio.to_thread.run_sync(start)
+    try:
+        async with Client(stdio_params(config, key, QPU_GATEWAY_FAULTS="ok")) as agent:
+            job_id = body(await agent.call_tool("submit_job", PRICED))["job_id"]
+            context = await browser.new_context(base_url=f"http://127.0.0.1:{port}")
+            try:
+                page = await sign_in(await context.new_page(), "olga")
+                card = page.locator(f'article[data-job="{job_id}"]')
+                async with page.expect_navigation():
+                    await card.get_by_role("button", name="Approve").click()
+            finally:
+                await context.close()
+            waited = body(await agent.call_tool("wait_for_job", {"job_id": job_id, "timeout_s": 60}))
+    finally:
+        await anyio.to_thread.run_sync(stop_process, console)
+    assert waited["state"] == "succeeded"
+    approved = await audit_rows(config, "approvals.approve")
+    assert [(r.job_id, r.operator) for r in approved] == [(job_id, "olga (console)")]

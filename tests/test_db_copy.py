@@ -28,6 +28,7 @@ import pytest
 from qpu_gateway.config import Config, Database
 from qpu_gateway.jobs import pauses
 from qpu_gateway.jobs.runtime import Gateway
+from qpu_gateway.ops.console.auth import create_operator
 from qpu_gateway.store import open_store
 
 from .conftest import TEST_POLICY
@@ -37,7 +38,7 @@ from .support import BELL2, body, eventually, gateway_cmd, in_memory, new_key
 pytestmark = pytest.mark.anyio
 
 SECRET = "c0py-Pa55word"
-TABLES = ("keys", "pauses", "jobs", "ledger", "agent_turns", "audit")
+TABLES = ("keys", "pauses", "jobs", "ledger", "agent_turns", "audit", "operators")
 # What a copy reports moving, table by table: `ledger` is a view of the jobs' reservations, which
 # move with the jobs, and is compared row for row with the rest.
 MOVED = tuple(table for table in TABLES if table != "ledger")
@@ -127,6 +128,7 @@ async def installation(tmp_path: Path) -> Installation:
         store = gateway.store
         await pauses.pause(store, "agent", "carol", by="ops", reason="looping")
         await pauses.pause(store, "backend", "faulty/qpu", by="ops", reason="maintenance")
+        await create_operator(store, "olga", "approver", "a long enough password", by="ops")  # console sign-in
     assert held["code"] == "approval_required" and cancelled["state"] == "cancelled"
     return Installation(
         config, alice, carol, ran["job_id"], queued["job_id"], held["job_id"], dropped["job_id"], done["result"]

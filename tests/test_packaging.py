@@ -93,6 +93,8 @@ def test_wheel_holds_the_three_source_folders_package_data_and_the_console_scrip
         "qpu_gateway/store/migrations/sqlite/0001_core.sql",
         "qpu_gateway/policy/default_policy.toml",
         "qpu_gateway/py.typed",
+        "qpu_gateway/ops/console/static/console.css",  # the console's assets: no CDN, no build step
+        "qpu_gateway/ops/console/static/console.js",
     } <= names
     assert entry_points["console_scripts"]["qpu-gateway"] == "qpu_gateway.ops.cli:main"
 

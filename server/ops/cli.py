@@ -209,9 +209,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from None
     if args.transport != "stdio":
         _print_connect(config, args)
-    from qpu_gateway.ops.console.serve import in_front
+    front: transports.Front | None = None
+    if args.transport != "stdio":  # the console is served over HTTP only: a stdio start never loads it
+        from qpu_gateway.ops.console.serve import in_front
 
-    transports.run(gateway, transport=args.transport, host=args.host, port=args.port, front=in_front)
+        front = in_front
+    transports.run(gateway, transport=args.transport, host=args.host, port=args.port, front=front)
     return 0
 
 

@@ -324,6 +324,7 @@ INSTALLATION_TABLES = {
     # columns: reserved and committed costs, so budgets carry over exactly)
     "agent_turns": "agent",  # round-robin turns, so fair share does not restart in favour of anyone
     "audit": "seq",  # the hash chain, row for row, hashes untouched
+    "operators": "name",  # the console's operators (password hashes, roles); their sessions stay behind
 }
 
 

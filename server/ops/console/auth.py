@@ -13,6 +13,7 @@ import secrets
 import time
 from dataclasses import dataclass
 
+import anyio
 import limits
 from limits.aio.strategies import MovingWindowRateLimiter
 
@@ -65,8 +66,14 @@ def password_matches(password: str, stored: str) -> bool:
 
 
 # Checked against for a name that has no operator, so a refusal takes as long either way and the
-# time of an answer does not tell which names exist.
-_NOBODY = hash_password(secrets.token_urlsafe(16))
+# time of an answer does not tell which names exist. Made at the first login, not at import (0.1 s).
+_NOBODY: list[str] = []
+
+
+def _nobody() -> str:
+    if not _NOBODY:
+        _NOBODY.append(hash_password(secrets.token_urlsafe(16)))
+    return _NOBODY[0]
 
 
 def may(role: str, needed: str) -> bool:
@@ -151,7 +158,9 @@ class Sessions:
                     429, "rate_limited", "Too many failed logins for this name or from this address: wait 15 minutes."
                 )
         operator = await self.store.operator(name)
-        right = password_matches(password, operator.password_hash if operator else _NOBODY)
+        stored = operator.password_hash if operator else _nobody()
+        # 0.1 s of scrypt, in a thread: the gateway's MCP calls share this event loop.
+        right = await anyio.to_thread.run_sync(password_matches, password, stored)
         if operator is None or not right or operator.disabled_at is not None:
             for key in keys:
                 await self.strategy.hit(LOGIN_FAILURES, *key)
