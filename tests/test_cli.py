@@ -452,6 +452,8 @@ COMMANDS = [
     ("backends", "resume"),
     ("backends", "list"),
     ("processes",),
+    ("notifications",),
+    ("notifications", "list"),
     ("metrics",),
     ("metrics", "show"),
     ("metrics", "serve"),

@@ -18,6 +18,7 @@ from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import anyio
 import pytest
 
 from qpu_gateway.config import Config
@@ -31,7 +32,7 @@ from qpu_gateway.telemetry.notifications import Event
 
 from .conftest import TEST_POLICY
 from .databases import BACKENDS
-from .support import BELL2, body, eventually, free_port, in_memory
+from .support import BELL2, body, eventually, free_port, gateway_cmd, in_memory, location_of
 
 pytestmark = pytest.mark.anyio
 
@@ -214,6 +215,13 @@ async def test_a_receiver_that_stays_down_is_given_up_and_the_row_kept_as_dead(c
     assert rows[0].attempts == 3 and rows[0].finished_at is not None and "ConnectError" in (rows[0].last_error or "")
     assert [tool for tool, _, _ in audit] == ["notify.retrying", "notify.retrying", "notify.given_up"]
     assert all(code == "delivery_failed" for _, code, _ in audit)
+    # An operator finds it with the CLI: the dead row, its tries and why.
+    listed = await anyio.run_process(
+        gateway_cmd("notifications", "list", "--status", "dead", "--json", "--db", location_of(config.database))
+    )
+    (shown,) = json.loads(listed.stdout.decode())
+    assert (shown["status"], shown["attempts"], shown["event"]) == ("dead", 3, "breaker")
+    assert "ConnectError" in shown["last_error"] and f"{port}/in" not in listed.stdout.decode()
 
 
 async def test_a_hook_whose_secret_is_not_set_is_never_sent_unsigned(config: Config, receiver: Receiver) -> None:

@@ -746,6 +746,53 @@ def _print_listing(args: argparse.Namespace, listed: list[dict[str, Any]], colum
     return 0
 
 
+def cmd_notifications_list(args: argparse.Namespace) -> int:
+    """The outbox: the newest notifications, pending, delivered or dead (given up), newest first."""
+
+    async def action(store: Store) -> Any:
+        return await store.notifications(status=args.status, limit=args.lines)
+
+    rows = _with_store(_config(args), action)
+    if args.json:
+        listed = [
+            {
+                "id": n.id,
+                "event": n.event,
+                "hook": n.hook,
+                "status": n.status,
+                "attempts": n.attempts,
+                "created_at": _when(n.created_at),
+                "next_attempt_at": _when(n.next_attempt_at) if n.status == "pending" else None,
+                "finished_at": _when(n.finished_at),
+                "agent": n.agent,
+                "project": n.project,
+                "job_id": n.job_id,
+                "last_error": n.last_error,
+            }
+            for n in rows
+        ]
+        print(json.dumps(listed, indent=1))
+    elif not rows:
+        print("No notifications" + (f" {args.status}." if args.status else "."))
+    else:
+        table = [
+            [
+                str(n.id),
+                n.event,
+                n.hook,
+                n.status,
+                str(n.attempts),
+                _when(n.created_at),
+                _when(n.next_attempt_at) if n.status == "pending" else _when(n.finished_at),
+                n.job_id or n.agent or "-",
+                (n.last_error or "")[:80],
+            ]
+            for n in rows
+        ]
+        print(_table(table, ["id", "event", "hook", "status", "tries", "created", "next/ended", "about", "last error"]))
+    return 0
+
+
 def cmd_processes(args: argparse.Namespace) -> int:
     """The gateway processes serving this database and the policy each runs; exit 1 if they differ."""
     from qpu_gateway.jobs.processes import LIVE_FOR_S, disagreement, short
@@ -1202,6 +1249,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_processes)
+
+    notes = sub.add_parser("notifications", parents=[common], help="the webhook outbox: what was sent, what waits")
+    nsub = notes.add_subparsers(dest="notifications_command", required=True, metavar="ACTION")
+    p = nsub.add_parser("list", parents=[common], help="the newest notifications, newest first")
+    p.add_argument("--status", choices=["pending", "delivered", "dead"])
+    p.add_argument("-n", "--lines", type=int, default=50)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_notifications_list)
 
     metrics = sub.add_parser("metrics", parents=[common], help="Prometheus metrics of every process on this database")
     msub = metrics.add_subparsers(dest="metrics_command", required=True, metavar="ACTION")
