@@ -188,6 +188,7 @@ def test_serve_over_http_prints_the_url_the_local_key_and_a_client_config(tmp_pa
     config = json.loads(text[text.index("{") : text.rindex("}") + 1])
     server = config["mcpServers"]["qpu-gateway"]
     assert server == {"type": "http", "url": url, "headers": {"Authorization": f"Bearer {key}"}}
+    assert f"http://127.0.0.1:{port}/console" in text and f"http://127.0.0.1:{port}/metrics" in text
 
 
 @pytest.mark.parametrize("transport", ["stdio", "http"])

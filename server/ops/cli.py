@@ -245,6 +245,9 @@ def _print_connect(config: Config, args: argparse.Namespace) -> None:
     )
     print("Client config (mcp.json, Claude Desktop, the MCP Inspector's 'Authorization' header):")
     print(json.dumps(client, indent=2))
+    base = f"http://{host}:{args.port}"
+    print(f"Operator console: {base}/console (sign-in: qpu-gateway operators create NAME --role admin)")
+    print(f"Prometheus metrics: {base}/metrics (loopback peers, or the bearer of $QPU_GATEWAY_METRICS_TOKEN)")
     print("Press Ctrl-C to stop.", flush=True)
 
 
