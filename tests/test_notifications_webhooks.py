@@ -50,6 +50,7 @@ class Receiver:
     def __init__(self, port: int = 0) -> None:
         self.got: list[tuple[str, dict[str, str], bytes]] = []
         self.slow: set[str] = set()
+        self.answers: dict[str, tuple[int, dict[str, str]]] = {}  # path -> (status, headers) instead of 200
         self.release = threading.Event()
         receiver = self
 
@@ -59,7 +60,10 @@ class Receiver:
                 if self.path in receiver.slow:
                     receiver.release.wait(10)
                 receiver.got.append((self.path, dict(self.headers.items()), payload))
-                self.send_response(200)
+                status, extra = receiver.answers.get(self.path, (200, {}))
+                self.send_response(status)
+                for name, value in extra.items():
+                    self.send_header(name, value)
                 self.send_header("Content-Length", "2")
                 self.end_headers()
                 self.wfile.write(b"ok")
@@ -222,6 +226,30 @@ async def test_a_receiver_that_stays_down_is_given_up_and_the_row_kept_as_dead(c
     (shown,) = json.loads(listed.stdout.decode())
     assert (shown["status"], shown["attempts"], shown["event"]) == ("dead", 3, "breaker")
     assert "ConnectError" in shown["last_error"] and f"{port}/in" not in listed.stdout.decode()
+
+
+async def test_a_receiver_that_says_never_is_given_up_at_once_and_one_that_says_later_is_waited_for(
+    config: Config, receiver: Receiver
+) -> None:
+    receiver.answers["/gone"] = (410, {})  # a deleted hook: retrying cannot help
+    receiver.answers["/busy"] = (429, {"Retry-After": "1"})
+    hooks = hook("gone", receiver.url("/gone"), signed=False) + hook("busy", receiver.url("/busy"), signed=False)
+    gateway = Gateway(fast(config, hooks, notify_retry_max_s=5.0))
+    async with gateway.running():
+        await gateway.outbox.emit(gateway.store, breaker_event())
+
+        async def both_answered() -> bool:
+            rows = {row.hook: row for row in await outbox(gateway.store)}
+            return rows["gone"].status == "dead" and rows["busy"].last_error is not None
+
+        await eventually(both_answered, within_s=20, every=0.02)
+        rows = {row.hook: row for row in await outbox(gateway.store)}
+    assert rows["gone"].attempts == 1 and "not retried" in (rows["gone"].last_error or "")
+    busy = rows["busy"]
+    assert busy.status == "pending" and busy.last_error == "HTTP 429"
+    # Retried no sooner than the receiver asked (1 s), though the backoff alone would be 0.05-0.1 s.
+    first = next(n for n, (path, _, _) in enumerate(receiver.got) if path == "/busy")
+    assert busy.next_attempt_at - float(receiver.got[first][1]["X-QPU-Gateway-Timestamp"]) >= 0.9
 
 
 async def test_a_hook_whose_secret_is_not_set_is_never_sent_unsigned(config: Config, receiver: Receiver) -> None:

@@ -13,6 +13,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import anyio
 import httpx2
@@ -215,8 +216,11 @@ class Outbox:
     async def _deliver(self, store: Store, client: httpx2.AsyncClient, row: NotificationRecord) -> None:
         try:
             hook = self._policy().notifications.hook(row.hook)
-            error = "the webhook is no longer in the policy" if hook is None else await self._post(client, hook, row)
-            outcome = self._outcome(row, error, gone=hook is None)
+            refused = Refused("the webhook is no longer in the policy", final=True) if hook is None else None
+            if hook is not None:
+                refused = await self._post(client, hook, row)
+            error = None if refused is None else refused.error
+            outcome = self._outcome(row, refused)
             where = f"webhook {row.hook}" + (f" ({notifications.shown_url(hook.url)})" if hook else "")
             said = _said(row, where, outcome)
             audit = AuditEntry(
@@ -240,7 +244,7 @@ class Outbox:
             self._in_flight -= 1
             self._wake.set()  # room for another, and rows may be due
 
-    async def _post(self, client: httpx2.AsyncClient, hook: Webhook, row: NotificationRecord) -> str | None:
+    async def _post(self, client: httpx2.AsyncClient, hook: Webhook, row: NotificationRecord) -> Refused | None:
         """POST the row's body, signed if the hook has a secret; None on a 2xx, else what went wrong."""
         payload = row.body.encode()
         stamp = str(int(time.time()))
@@ -254,24 +258,51 @@ class Outbox:
         if hook.secret_env is not None:
             secret = os.environ.get(hook.secret_env)
             if not secret:  # never sent unsigned to a receiver that expects a signature
-                return f"${hook.secret_env} is not set in this process, so it cannot sign"
+                return Refused(f"${hook.secret_env} is not set in this process, so it cannot sign")
             headers[notifications.SIGNATURE_HEADER] = notifications.sign(secret.encode(), stamp, payload)
         # httpx2's timeout is per phase (connect, each read); this bounds the whole exchange.
         with anyio.move_on_after(self.config.notify_timeout_s):
             try:
                 answer = await client.post(hook.url, content=payload, headers=headers)
             except httpx2.HTTPError as exc:
-                return notifications.without_urls(f"{type(exc).__name__}: {exc}")[:200]
-            return None if 200 <= answer.status_code < 300 else f"HTTP {answer.status_code}"
-        return f"no answer within {self.config.notify_timeout_s:g} s"
+                return Refused(notifications.without_urls(f"{type(exc).__name__}: {exc}")[:200])
+            return refusal_of(answer.status_code, answer.headers.get("retry-after"))
+        return Refused(f"no answer within {self.config.notify_timeout_s:g} s")
 
-    def _outcome(self, row: NotificationRecord, error: str | None, *, gone: bool) -> DeliveryOutcome:
-        if error is None:
+    def _outcome(self, row: NotificationRecord, refused: Refused | None) -> DeliveryOutcome:
+        if refused is None:
             return DeliveryOutcome("delivered")
-        if gone or row.attempts >= self.config.notify_max_attempts:
-            return DeliveryOutcome("dead", error)
+        if refused.final or row.attempts >= self.config.notify_max_attempts:
+            return DeliveryOutcome("dead", refused.error)
         wait = notifications.retry_delay(row.attempts, self.config.notify_retry_base_s, self.config.notify_retry_max_s)
-        return DeliveryOutcome("pending", error, time.time() + wait)
+        if refused.after_s is not None:  # the receiver said when: not sooner, and never past the cap
+            wait = max(wait, min(refused.after_s, self.config.notify_retry_max_s))
+        return DeliveryOutcome("pending", refused.error, time.time() + wait)
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """Why a delivery did not land: `final` when the receiver said it never will, `after_s` its Retry-After."""
+
+    error: str
+    final: bool = False
+    after_s: float | None = None
+
+
+# 4xx answers that say "later", not "never" (RFC 9110 15.5: timeout, conflict, too early, too many).
+_TRY_AGAIN_4XX = frozenset({408, 409, 425, 429})
+
+
+def refusal_of(status: int, retry_after: str | None) -> Refused | None:
+    """A receiver's answer as a delivery outcome: None for 2xx; a 4xx other than _TRY_AGAIN_4XX is
+    final (a deleted Slack hook answers 404 or 410 for ever); a Retry-After in seconds is kept."""
+    if 200 <= status < 300:
+        return None
+    after: float | None = None
+    if retry_after is not None and retry_after.strip().isdigit():
+        after = float(retry_after.strip())  # the HTTP-date form is rare for webhooks and ignored
+    final = 400 <= status < 500 and status not in _TRY_AGAIN_4XX
+    return Refused(f"HTTP {status}" + (" (the receiver refuses it: not retried)" if final else ""), final, after)
 
 
 _VERB = {"delivered": "delivered", "pending": "retrying", "dead": "given_up"}
