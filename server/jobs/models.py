@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
+
+
+def iso(ts: float | None) -> str | None:
+    """A time as every model writes it: UTC ISO 8601 to the millisecond, `Z` for the zone."""
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _nullable_as_type_list(schema: dict[str, Any]) -> None:

@@ -11,7 +11,6 @@ import binascii
 import re
 import time
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
 from typing import Literal
 
 import anyio
@@ -22,6 +21,7 @@ from qpu_gateway.errors import Conflict, InvalidArguments, NotFound
 from qpu_gateway.jobs import cancellation, models
 from qpu_gateway.jobs.cancellation import Canceller
 from qpu_gateway.jobs.events import job_uri
+from qpu_gateway.jobs.models import iso
 from qpu_gateway.jobs.pauses import backend_paused_message
 from qpu_gateway.jobs.runtime import Gateway
 from qpu_gateway.jobs.states import TERMINAL, JobState
@@ -42,12 +42,6 @@ MAX_LIST_LIMIT = 100
 # The most values one completion/complete result may carry (MCP spec, server/utilities/completion).
 MAX_COMPLETIONS = 100
 Progress = Callable[[float, str], Awaitable[None]]
-
-
-def iso(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 # -- backends ---------------------------------------------------------------------------------

@@ -9,8 +9,6 @@ TAIL, with how many were left out between (`qpu-gateway jobs show` prints them a
 
 from __future__ import annotations
 
-import time
-
 from qpu_gateway.jobs import models
 from qpu_gateway.jobs.states import TERMINAL
 from qpu_gateway.policy.pricing import format_usd
@@ -46,7 +44,7 @@ def event_of(row: AuditRecord, job: JobRecord) -> models.TimelineEvent:
         detail = "; ".join(part for part in (detail, settled(job)) if part)
     by = f"operator {row.operator}" if row.operator and (not detail or row.operator not in detail) else None
     return models.TimelineEvent(
-        at=_iso(row.at),
+        at=models.iso(row.at) or "",
         event=name,
         code=row.error_code,
         detail="; ".join(part for part in (detail, by) if part) or None,
@@ -74,7 +72,3 @@ async def job_timeline(store: Store, job: JobRecord, *, whole: bool = False) -> 
     if whole or len(events) <= HEAD + TAIL:
         return models.Timeline(events=events)
     return models.Timeline(events=events[:HEAD] + events[-TAIL:], omitted=len(events) - HEAD - TAIL)
-
-
-def _iso(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"
