@@ -114,6 +114,8 @@ class AdapterError(Exception):
     job's timeline, its trace and a metric label, so it is cut to a short token of safe characters.
     """
 
+    kind = "error"  # its class as a word: the metric label and the trace's error.type
+
     def __init__(self, message: str = "", *, code: str | None = None) -> None:
         super().__init__(message)
         self.code = provider_code(code)
@@ -130,13 +132,19 @@ def provider_code(raw: object) -> str | None:
 class TransientError(AdapterError):
     """Throttling, timeouts, 5xx, device offline: retry with backoff and jitter."""
 
+    kind = "transient"
+
 
 class QuotaError(AdapterError):
     """The provider's own quota is exhausted: surface as `quota_exhausted`, do not retry."""
 
+    kind = "quota"
+
 
 class PermanentError(AdapterError):
     """Invalid circuit, unsupported gate, auth failure: fail the job with this reason."""
+
+    kind = "permanent"
 
 
 class Adapter(Protocol):

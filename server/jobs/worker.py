@@ -502,9 +502,8 @@ class Workers:
                 try:
                     value = await call()
                 except AdapterError as exc:
-                    kind = _KINDS.get(type(exc), "permanent")
-                    self.metrics.provider_error(job.backend, kind, exc.code)
-                    span.failed(kind, exc.code)
+                    self.metrics.provider_error(job.backend, exc.kind, exc.code)
+                    span.failed(exc.kind, exc.code)
                     if isinstance(exc, TransientError):
                         self.breakers.failure(job.backend)
                         failed = (exc, 0.0)
@@ -567,9 +566,6 @@ class Workers:
             )
         if moved is not None:
             await self.events.announce(moved)
-
-
-_KINDS: dict[type[AdapterError], str] = {TransientError: "transient", QuotaError: "quota", PermanentError: "permanent"}
 
 
 def _said(exc: AdapterError) -> str:
