@@ -54,8 +54,7 @@ class Gateway:
         self._processes: ProcessReporter | None = None
 
     def _breaker_states(self) -> dict[str, str]:
-        workers = getattr(self, "_workers", None)  # asked once while __init__ runs, before workers exist
-        return dict(workers.breakers.states()) if workers is not None else {}
+        return dict(self._workers.breakers.states()) if self._workers is not None else {}
 
     @property
     def policy(self) -> Policy:

@@ -203,14 +203,22 @@ class _Breakers(Collector):
     def __init__(self, states: Callable[[], Mapping[str, str]]) -> None:
         self._states = states
 
+    def describe(self) -> Iterator[Metric]:
+        # What registering asks for: without it the registry collects, before the workers exist.
+        yield self._family()
+
     def collect(self) -> Iterator[Metric]:
-        family = Metric(
-            PREFIX + "breaker_state", "Circuit breaker per backend in this process (1: the state it is in).", "gauge"
-        )
+        family = self._family()
         for backend, now in sorted(self._states().items()):
             for state in BREAKER_STATES:
                 family.add_sample(family.name, {"backend": backend, "state": state}, 1.0 if state == now else 0.0)
         yield family
+
+    @staticmethod
+    def _family() -> Metric:
+        return Metric(
+            PREFIX + "breaker_state", "Circuit breaker per backend in this process (1: the state it is in).", "gauge"
+        )
 
 
 class _StoreErrors(Collector):
