@@ -155,7 +155,7 @@ def job_run(job: JobRecord, claimed_at: float) -> Iterator[_Span]:
     if job.runs == 1:
         entered = job.queued_at if job.queued_at is not None else job.created_at
         wait = tracer.start_span("job.queue_wait", context=parent, start_time=int(entered * 1e9))
-        wait.set_attributes({k.replace("__", "."): v for k, v in _job_attributes(job).items()})
+        _Span(wait).set(**_job_attributes(job))
         wait.end(end_time=int(max(claimed_at, entered) * 1e9))
     with tracer.start_as_current_span(f"job.run {job.backend}", context=parent, record_exception=False) as current:
         wrapped = _Span(current)
