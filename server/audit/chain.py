@@ -17,11 +17,15 @@ import dataclasses
 import hashlib
 import json
 from collections.abc import Iterable, Mapping
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from qpu_gateway.store.records import AuditRecord
+
+if TYPE_CHECKING:  # the stores import this module for its hashing
+    from qpu_gateway.store import Store
 
 GENESIS = "0" * 64  # the prev_hash of the first hashed row
 CONTENT = ("seq", "at", "agent", "project", "key_id", "tool", "decision", "error_code", "args_hash", "job_id", "detail")
@@ -220,6 +224,18 @@ def args_hash(value: Any) -> str:
     """sha256 of the canonical JSON of a call's arguments: what was asked, without storing it."""
     canonical = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
     return hashlib.sha256(canonical.encode("utf-8", errors="replace")).hexdigest()
+
+
+async def verify_log(store: Store, *, anchor: tuple[int, str] | None = None) -> ChainReport:
+    """`store`'s whole audit log checked, a page at a time, stopping at the first broken link."""
+    # The high-water mark first: rows appended while the pages are read are never taken for a cut tail.
+    highest = await store.audit_highest_seq()
+    verifier = ChainVerifier(anchor=anchor)
+    async with aclosing(store.audit_pages()) as pages:
+        async for page in pages:
+            if not verifier.feed(page):
+                break
+    return verifier.finish(highest)
 
 
 def exported(row: AuditRecord) -> dict[str, Any]:

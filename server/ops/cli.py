@@ -939,19 +939,9 @@ def cmd_audit_tail(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    from qpu_gateway.audit.chain import ChainVerifier
+    from qpu_gateway.audit.chain import verify_log
 
-    async def action(store: Store) -> Any:
-        # Read the high-water mark first: rows appended while we read are then never taken for a cut-off tail.
-        highest = await store.audit_highest_seq()
-        verifier = ChainVerifier(anchor=args.anchor)
-        async with aclosing(store.audit_pages()) as pages:
-            async for page in pages:
-                if not verifier.feed(page):
-                    break
-        return verifier.finish(highest)
-
-    report = _with_store(_config(args), action)
+    report = _with_store(_config(args), functools.partial(verify_log, anchor=args.anchor))
     if report.broken is not None:
         print(f"chain broken at seq {report.broken.seq}: {report.broken.message}")
         return 1

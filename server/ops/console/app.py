@@ -25,7 +25,7 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response, Stream
 from starlette.routing import Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from qpu_gateway.audit.chain import ChainVerifier, exported
+from qpu_gateway.audit.chain import exported, verify_log
 from qpu_gateway.jobs import approvals, pauses
 from qpu_gateway.jobs.policy_source import PolicySource
 from qpu_gateway.jobs.providers import Providers
@@ -555,7 +555,7 @@ def build_app(console: Console) -> Starlette:
         rows = await console.store.audit_tail(limit=limit if tool is None else 1000, job_id=job_id, agent=agent)
         if tool:
             rows = [r for r in rows if r.tool == tool or r.tool.startswith(tool + ".")][-limit:]
-        report = await _verify(console.store)
+        report = await verify_log(console.store)
         verdict = (
             f'<p class="ok" role="status">Chain intact: {report.rows} rows, head {report.head_seq}:'
             f"{h((report.head_hash or '')[:16])}…</p>"
@@ -789,16 +789,6 @@ async def _approval_cards(console: Console, viewer: Viewer) -> str:
             f"{' · ' + h(job.name) if job.name else ''}</h2>{dl}{drawings}{controls}</article>"
         )
     return "".join(cards)
-
-
-async def _verify(store: Store) -> Any:
-    highest = await store.audit_highest_seq()
-    verifier = ChainVerifier()
-    async with aclosing(store.audit_pages()) as pages_:
-        async for page_ in pages_:
-            if not verifier.feed(page_):
-                break
-    return verifier.finish(highest)
 
 
 class ConsoleFront:
