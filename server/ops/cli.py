@@ -863,7 +863,7 @@ def cmd_metrics_show(args: argparse.Namespace) -> int:
 
 def cmd_metrics_serve(args: argparse.Namespace) -> int:
     """Serve GET /metrics for the whole installation (every process on this database), for Prometheus."""
-    from qpu_gateway.telemetry.exporter import serve_installation_metrics
+    from qpu_gateway.ops.standalone import serve_installation_metrics
 
     config = _config(args)
     anyio.run(lambda: serve_installation_metrics(config, host=args.host, port=args.port))

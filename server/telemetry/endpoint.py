@@ -20,10 +20,12 @@ from prometheus_client import Metric
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from qpu_gateway.jobs.processes import LIVE_FOR_S
 from qpu_gateway.jobs.runtime import Gateway
+from qpu_gateway.policy.file import Policy
 from qpu_gateway.store import Store, StoreError
 from qpu_gateway.telemetry.metrics import CONTENT_TYPE, exposition_of, read_state
-from qpu_gateway.telemetry.snapshots import families, retire
+from qpu_gateway.telemetry.snapshots import REFRESH_S, RETIRE_AFTER_S, families, retire
 
 log = logging.getLogger(__name__)
 
@@ -59,14 +61,19 @@ def process_exposition(gateway: Gateway) -> Callable[[], Awaitable[bytes]]:
     return body
 
 
-def installation_exposition(store: Store, policy: Callable[[], object]) -> Callable[[], Awaitable[bytes]]:
+def installation_exposition(store: Store, policy: Callable[[], Policy]) -> Callable[[], Awaitable[bytes]]:
     """Every process's counters summed from the database, and its gauges (`qpu-gateway metrics serve`)."""
+    retired_at = 0.0
 
     async def read() -> list[Metric]:
+        nonlocal retired_at
         now = time.time()
-        await retire(store, now)
-        live = [p.id for p in await store.processes(now - 15.0)]
-        return families(await store.metric_snapshots(), live=live) + await read_state(store, policy(), now)  # type: ignore[arg-type]
+        seen = await store.processes(now - RETIRE_AFTER_S)
+        if now - retired_at >= REFRESH_S:  # as often as each process's Publisher: not a write per scrape
+            retired_at = now
+            await retire(store, now, seen)
+        live = [p.id for p in seen if p.seen_at > now - LIVE_FOR_S]  # gauges: the processes up now
+        return families(await store.metric_snapshots(), live=live) + await read_state(store, policy(), now)
 
     state = StateReads(read)
 

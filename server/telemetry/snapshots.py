@@ -21,7 +21,7 @@ import anyio
 from prometheus_client import CollectorRegistry, Metric
 
 from qpu_gateway.store import Store, StoreError
-from qpu_gateway.store.records import RETIRED_METRICS, MetricSnapshot
+from qpu_gateway.store.records import RETIRED_METRICS, MetricSnapshot, ProcessReport
 
 log = logging.getLogger(__name__)
 
@@ -128,10 +128,12 @@ class Publisher:
             log.info("cannot write this process's metrics: %s", exc)
 
 
-async def retire(store: Store, now: float) -> int:
-    """Add the rows of processes gone for RETIRE_AFTER_S into the retired row; how many."""
-    live = [p.id for p in await store.processes(now - RETIRE_AFTER_S)]
-    return await store.retire_metrics(now - RETIRE_AFTER_S, live, merge, now)
+async def retire(store: Store, now: float, seen: Iterable[ProcessReport] | None = None) -> int:
+    """Add the rows of processes gone for RETIRE_AFTER_S into the retired row; how many. `seen`:
+    the processes reported since now - RETIRE_AFTER_S, when the caller has read them already."""
+    if seen is None:
+        seen = await store.processes(now - RETIRE_AFTER_S)
+    return await store.retire_metrics(now - RETIRE_AFTER_S, [p.id for p in seen], merge, now)
 
 
-__all__ = ["RETIRED_METRICS", "Publisher", "families", "merge", "retire", "snapshot"]
+__all__ = ["REFRESH_S", "RETIRED_METRICS", "RETIRE_AFTER_S", "Publisher", "families", "merge", "retire", "snapshot"]

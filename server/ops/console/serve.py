@@ -12,11 +12,12 @@ import anyio
 from starlette.types import ASGIApp
 
 from qpu_gateway.config import Config
-from qpu_gateway.jobs.policy_source import CHECK_INTERVAL_S, PolicySource
+from qpu_gateway.jobs.policy_source import PolicySource
 from qpu_gateway.jobs.providers import Providers
 from qpu_gateway.jobs.ratelimit import RateLimiter, storage_uri_for
 from qpu_gateway.jobs.runtime import Gateway
 from qpu_gateway.ops.console.app import Console, ConsoleFront, build_app
+from qpu_gateway.ops.standalone import serve_alone
 from qpu_gateway.store import open_store
 
 log = logging.getLogger(__name__)
@@ -39,23 +40,13 @@ def in_front(app: ASGIApp, gateway: Gateway) -> ASGIApp:
 
 async def serve_console(config: Config, *, host: str, port: int) -> None:
     """Serve the console alone on host:port until interrupted."""
-    import uvicorn
-
     uri = storage_uri_for(config)  # failed logins are counted where every process counts them
     store = await open_store(config.database)
     limiter = RateLimiter(uri, namespace=store.rate_namespace())
     source = PolicySource(config.policy_path)
     try:
         console = Console.of(store, limiter.strategy, limiter.namespace, source, providers=Providers(config))
-        app = build_app(console)
-        server = uvicorn.Server(
-            uvicorn.Config(app, host=host, port=port, log_level="warning", log_config=None, lifespan="off")
-        )
-        log.info("serving the operator console on http://%s:%d/console", host, port)
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(source.watch, CHECK_INTERVAL_S)
-            await server.serve()
-            tg.cancel_scope.cancel()
+        await serve_alone(build_app(console), source, host=host, port=port, what="the operator console at /console")
     finally:
         with anyio.CancelScope(shield=True):
             await limiter.aclose()
