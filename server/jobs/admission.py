@@ -44,7 +44,7 @@ from qpu_gateway.policy.decisions import Refusal
 from qpu_gateway.policy.file import PRIORITY_RANK, Rules
 from qpu_gateway.policy.guards import check_loop, check_priority
 from qpu_gateway.policy.pricing import JobShape, estimate_cost, format_usd, price_for, to_micro_usd
-from qpu_gateway.policy.quotas import DIMENSIONS, PERIODS, Amounts, Usage, cap_units, caps_of, check_quota
+from qpu_gateway.policy.quotas import DIMENSIONS, PERIODS, Amounts, cap_units, caps_of, check_quota
 from qpu_gateway.store.records import AdmissionFacts, AuditEntry, JobRecord, LedgerTotals, NewJob
 from qpu_gateway.telemetry import tracing
 
@@ -275,25 +275,16 @@ def _max_cost_refusal(a: Assessment) -> Refusal | None:
     return None
 
 
-def _usage(totals: LedgerTotals) -> Usage:
-    return Usage(
-        committed={p: Amounts(*v) for p, v in totals.committed.items()},
-        reserved={p: Amounts(*v) for p, v in totals.reserved.items()},
-        queued_jobs=totals.queued_jobs,
-        running_jobs=totals.running_jobs,
-    )
-
-
 def _quota_refusal(rules: Rules, agent: LedgerTotals, project: LedgerTotals, job: Amounts) -> Refusal | None:
-    return check_quota(rules.agent_quota, _usage(agent), job, whose="your") or check_quota(
-        rules.project_quota, _usage(project), job, whose="your project's"
+    return check_quota(rules.agent_quota, agent.usage(), job, whose="your") or check_quota(
+        rules.project_quota, project.usage(), job, whose="your project's"
     )
 
 
 def _quota_after(rules: Rules, agent: LedgerTotals, project: LedgerTotals, job: Amounts) -> list[models.QuotaLine]:
     lines = []
     for scope, quota, totals in (("agent", rules.agent_quota, agent), ("project", rules.project_quota, project)):
-        usage = _usage(totals)
+        usage = totals.usage()
         for dimension in DIMENSIONS:
             for period in PERIODS:
                 cap = cap_units(caps_of(quota, dimension), period, dimension)

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from qpu_gateway.jobs.states import JobState
+from qpu_gateway.policy.quotas import Amounts, Usage
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,6 +253,15 @@ class LedgerTotals:
     reserved: dict[str, tuple[int, int, int]]
     queued_jobs: int
     running_jobs: int
+
+    def usage(self) -> Usage:
+        """These totals as the quota rules read them (policy/quotas.py)."""
+        return Usage(
+            committed={period: Amounts(*v) for period, v in self.committed.items()},
+            reserved={period: Amounts(*v) for period, v in self.reserved.items()},
+            queued_jobs=self.queued_jobs,
+            running_jobs=self.running_jobs,
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,9 +23,9 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, Metric, dis
 from prometheus_client.registry import Collector
 
 from qpu_gateway.jobs.states import TERMINAL, JobState
-from qpu_gateway.policy.file import Policy
+from qpu_gateway.policy.file import Policy, Quota
 from qpu_gateway.policy.pricing import MICRO_USD_PER_USD
-from qpu_gateway.policy.quotas import DIMENSIONS, PERIODS, Amounts, cap_units, caps_of
+from qpu_gateway.policy.quotas import DIMENSIONS, PERIODS, cap_units, caps_of
 from qpu_gateway.store import ERRORS as STORE_ERRORS
 from qpu_gateway.store import Store
 from qpu_gateway.store.records import JobRecord
@@ -292,7 +292,11 @@ async def _budgets(store: Store, policy: Policy, now: float) -> Metric:
     seen: set[tuple[str, str]] = set()
     for agent, project in pairs:
         rules = policy.rules_for(agent=agent, project=project)
-        for scope, name, quota in (("agent", agent, rules.agent_quota), ("project", project, rules.project_quota)):
+        scopes: tuple[tuple[Literal["agent", "project"], str, Quota], ...] = (
+            ("agent", agent, rules.agent_quota),
+            ("project", project, rules.project_quota),
+        )
+        for scope, name, quota in scopes:
             if (scope, name) in seen:
                 continue
             seen.add((scope, name))
@@ -304,11 +308,9 @@ async def _budgets(store: Store, policy: Policy, now: float) -> Metric:
             ]
             if not caps:
                 continue
-            totals = await store.ledger_totals(scope, name, now)  # type: ignore[arg-type]
+            usage = (await store.ledger_totals(scope, name, now)).usage()
             for dimension, period, cap in caps:
-                used = Amounts(*totals.committed.get(period, (0, 0, 0))).get(dimension) + Amounts(
-                    *totals.reserved.get(period, (0, 0, 0))
-                ).get(dimension)
+                used = usage.used(period, dimension)
                 labels = {"scope": scope, "name": name, "period": period, "dimension": dimension}
                 family.add_sample(family.name, labels, used / cap)
     return family

@@ -14,6 +14,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import anyio
 import httpx2
@@ -21,6 +22,7 @@ import httpx2
 from qpu_gateway.config import Config
 from qpu_gateway.jobs.states import JobState
 from qpu_gateway.policy.file import Policy, Rules, Webhook
+from qpu_gateway.policy.quotas import PERIODS
 from qpu_gateway.store import Store, StoreError
 from qpu_gateway.store.records import (
     AdmissionFacts,
@@ -141,8 +143,12 @@ class Outbox:
             return
         rules, now, events = self._policy().rules_for(agent=job.agent, project=job.project), time.time(), []
         try:
-            for scope, who in (("agent", job.agent), ("project", job.project)):
-                totals = await store.ledger_totals(scope, who, now)  # type: ignore[arg-type]
+            scopes: tuple[tuple[Literal["agent", "project"], str], ...] = (
+                ("agent", job.agent),
+                ("project", job.project),
+            )
+            for scope, who in scopes:
+                totals = await store.ledger_totals(scope, who, now)
                 events += self._budget_events(rules, scope, who, job.project, _cost_used(totals), None, now)
         except StoreError as exc:
             log.warning("cannot check budgets for notifications: %s", exc)
@@ -320,8 +326,5 @@ def _said(row: NotificationRecord, where: str, outcome: DeliveryOutcome) -> str:
 
 def _cost_used(totals: LedgerTotals) -> dict[str, int]:
     """Committed plus reserved micro-dollars per period."""
-    periods = set(totals.committed) | set(totals.reserved)
-    return {
-        p: totals.committed.get(p, (0, 0, 0))[0] + totals.reserved.get(p, (0, 0, 0))[0]
-        for p in periods | {"day", "month", "total"}
-    }
+    usage = totals.usage()
+    return {period: usage.used(period, "cost") for period in PERIODS}
